@@ -1,0 +1,1 @@
+//! NBD protocol (see issue 3).
