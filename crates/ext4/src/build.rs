@@ -1,6 +1,669 @@
-use crate::{Error, FsTree, Layout, Options};
+//! From a tree and options to a [`Layout`]: number the inodes, prepare every inode's content,
+//! pick a geometry, allocate blocks ([`crate::plan`]), then emit the metadata bytes.
+
+use std::collections::HashMap;
+
+use crate::checksum;
+use crate::dir::{self, Dirent};
+use crate::extent::{self, Extent};
+use crate::hash::seed_words;
+use crate::inode::{self, InodeFields};
+use crate::layout::{Region, RegionKind};
+use crate::plan::{Allocator, Geometry, BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
+use crate::superblock::{self, GroupDesc, Totals, FIRST_INO};
+use crate::xattr;
+use crate::{DataHandle, Error, FsTree, Layout, NodeId, NodeKind, Options, Stats, Timestamp, BLOCK_SIZE};
+
+const BS: usize = BLOCK_SIZE as usize;
+const ROOT_INO: u32 = 2;
+const LOST_FOUND_INO: u32 = FIRST_INO;
+/// ext4's link count limit; directories beyond it use `dir_nlink` (count 1).
+const LINK_MAX: u64 = 65000;
+/// Blocks mke2fs gives lost+found, so e2fsck can reconnect files without allocating.
+const LOST_FOUND_BLOCKS: usize = 4;
 
 /// Lay out `tree` as an ext4 filesystem.
-pub fn build(_tree: &FsTree, _opts: &Options) -> Result<Layout, Error> {
-    todo!("ext4 synthesizer in progress")
+pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
+    if opts.label.len() > 16 {
+        return Err(Error::LabelTooLong);
+    }
+    let prep = Prepared::new(tree, opts)?;
+    let needed_inodes = prep.max_ino as u64;
+    if let Some(n) = opts.inodes {
+        if (n as u64) < needed_inodes {
+            return Err(Error::TooManyFiles { needed: needed_inodes, available: n as u64 });
+        }
+    }
+    let min_inodes = opts.inodes.map_or(needed_inodes + needed_inodes / 4 + 64, u64::from);
+    let min_size = prep.min_size(min_inodes)?;
+    let size = opts.size.unwrap_or_else(|| Options::default_size(min_size));
+    let geo = match opts.inodes {
+        Some(n) => Geometry::new(size, n as u64)?,
+        None => Geometry::new(size, min_inodes.max(size / 16384)).or_else(|_| Geometry::new(size, needed_inodes))?,
+    };
+    if geo.inodes() < needed_inodes {
+        return Err(Error::TooManyFiles { needed: needed_inodes, available: geo.inodes() });
+    }
+    let place = prep.allocate(&geo);
+    if place.end > geo.blocks {
+        return Err(Error::TooSmall { size, needed: min_size });
+    }
+    Ok(prep.emit(&geo, &place, size, min_size))
+}
+
+/// What an inode holds besides its fields.
+enum Content {
+    /// Nothing outside `i_block` (fast symlinks, devices, fifos, sockets).
+    Inline([u8; 60]),
+    /// Generated blocks: directory blocks or a slow symlink's target.
+    Meta(Vec<Vec<u8>>),
+    /// File data: `segs` are (first logical block, block count) ranges, all backed by
+    /// consecutive blocks of the object behind `handle`. Empty for an empty file.
+    Data { handle: DataHandle, object_len: u64, segs: Vec<(u64, u64)> },
+}
+
+impl Content {
+    fn blocks(&self) -> u64 {
+        match self {
+            Content::Inline(_) => 0,
+            Content::Meta(b) => b.len() as u64,
+            Content::Data { segs, .. } => segs.iter().map(|s| s.1).sum(),
+        }
+    }
+}
+
+struct Ino {
+    ino: u32,
+    fields: InodeFields,
+    content: Content,
+    xattr_block: Option<Vec<u8>>,
+    is_dir: bool,
+}
+
+struct Prepared<'a> {
+    opts: &'a Options,
+    /// Root first, then inodes `FIRST_INO..=max_ino` in order.
+    inodes: Vec<Ino>,
+    max_ino: u32,
+}
+
+/// Where everything went.
+struct Placement {
+    block_bitmaps: Vec<u64>,
+    inode_bitmaps: Vec<u64>,
+    inode_tables: Vec<u64>,
+    /// Per entry of `Prepared::inodes`: content runs, extent-tree blocks, xattr block.
+    runs: Vec<Vec<(u64, u64)>>,
+    tree_blocks: Vec<Vec<u64>>,
+    xattr_blocks: Vec<Option<u64>>,
+    /// Every allocated range, in increasing order (superblock backups excluded).
+    used: Vec<(u64, u64)>,
+    end: u64,
+}
+
+fn file_type(kind: &NodeKind) -> u8 {
+    match kind {
+        NodeKind::File(_) => dir::FT_REG,
+        NodeKind::Dir(_) => dir::FT_DIR,
+        NodeKind::Symlink(_) => dir::FT_LNK,
+        NodeKind::CharDev { .. } => dir::FT_CHR,
+        NodeKind::BlockDev { .. } => dir::FT_BLK,
+        NodeKind::Fifo => dir::FT_FIFO,
+        NodeKind::Socket => dir::FT_SOCK,
+    }
+}
+
+/// Path of `node` for error messages, following the parent links found while numbering.
+fn path_of(tree: &FsTree, parent: &[NodeId], node: NodeId) -> String {
+    let mut parts = Vec::new();
+    let mut n = node;
+    while n != FsTree::ROOT && parent[n as usize] != NodeId::MAX {
+        let p = parent[n as usize];
+        if let NodeKind::Dir(entries) = &tree.node(p).kind {
+            if let Some(e) = entries.iter().find(|e| e.node == n) {
+                parts.push(String::from_utf8_lossy(&e.name).into_owned());
+            }
+        }
+        n = p;
+    }
+    parts.reverse();
+    format!("/{}", parts.join("/"))
+}
+
+impl<'a> Prepared<'a> {
+    fn new(tree: &FsTree, opts: &'a Options) -> Result<Prepared<'a>, Error> {
+        let nodes = tree.nodes();
+        if !matches!(nodes[0].kind, NodeKind::Dir(_)) {
+            return Err(Error::RootNotDir);
+        }
+        // Number inodes: root is 2, lost+found 11, then each directory's children in name
+        // order, directories visited depth first, so a directory's entries are neighbours.
+        let mut ino_of = vec![0u32; nodes.len()];
+        let mut parent = vec![NodeId::MAX; nodes.len()];
+        let mut links = vec![0u64; nodes.len()];
+        let mut order: Vec<NodeId> = Vec::new();
+        ino_of[0] = ROOT_INO;
+        let lost_found = tree.lookup(FsTree::ROOT, b"lost+found");
+        if let Some(lf) = lost_found {
+            if !matches!(nodes[lf as usize].kind, NodeKind::Dir(_)) {
+                return Err(Error::LostFoundNotDir);
+            }
+            ino_of[lf as usize] = LOST_FOUND_INO;
+        }
+        let mut next = LOST_FOUND_INO + 1;
+        let mut stack = vec![FsTree::ROOT];
+        let mut sorted_children: Vec<Vec<(usize, NodeId)>> = vec![Vec::new(); nodes.len()];
+        while let Some(d) = stack.pop() {
+            let NodeKind::Dir(entries) = &nodes[d as usize].kind else { unreachable!() };
+            let mut kids: Vec<usize> = (0..entries.len()).collect();
+            kids.sort_by(|&a, &b| entries[a].name.cmp(&entries[b].name));
+            let mut subdirs = Vec::new();
+            for (k, &i) in kids.iter().enumerate() {
+                let e = &entries[i];
+                let child = e.node;
+                let bad_path = || format!("{}/{}", path_of(tree, &parent, d).trim_end_matches('/'), String::from_utf8_lossy(&e.name));
+                if e.name.len() > crate::MAX_NAME_LEN {
+                    return Err(Error::NameTooLong { path: bad_path() });
+                }
+                if e.name.is_empty() || e.name == b"." || e.name == b".." || e.name.contains(&b'/') || e.name.contains(&0) {
+                    return Err(Error::InvalidName { name: bad_path() });
+                }
+                if k > 0 && entries[kids[k - 1]].name == e.name {
+                    return Err(Error::DuplicateName { path: bad_path() });
+                }
+                if child as usize >= nodes.len() || child == FsTree::ROOT {
+                    return Err(Error::DirectoryHardlink { path: bad_path() });
+                }
+                links[child as usize] += 1;
+                if links[child as usize] > 1 {
+                    if matches!(nodes[child as usize].kind, NodeKind::Dir(_)) {
+                        return Err(Error::DirectoryHardlink { path: bad_path() });
+                    }
+                    continue;
+                }
+                parent[child as usize] = d;
+                if ino_of[child as usize] == 0 {
+                    ino_of[child as usize] = next;
+                    next = next.checked_add(1).ok_or(Error::TooManyFiles { needed: u64::MAX, available: 0 })?;
+                }
+                order.push(child);
+                if matches!(nodes[child as usize].kind, NodeKind::Dir(_)) {
+                    subdirs.push(child);
+                }
+            }
+            sorted_children[d as usize] = kids.iter().map(|&i| (i, entries[i].node)).collect();
+            stack.extend(subdirs.into_iter().rev());
+        }
+        let max_ino = next - 1;
+
+        let hash_seed = seed_words(&opts.hash_seed);
+        let fs_seed = opts.checksum_seed;
+        let mut by_ino: Vec<Option<NodeId>> = vec![None; (max_ino - LOST_FOUND_INO + 1) as usize];
+        for &n in &order {
+            by_ino[(ino_of[n as usize] - LOST_FOUND_INO) as usize] = Some(n);
+        }
+
+        let dirents = |d: NodeId| -> Vec<Dirent<'_>> {
+            let NodeKind::Dir(entries) = &nodes[d as usize].kind else { unreachable!() };
+            sorted_children[d as usize]
+                .iter()
+                .map(|&(i, child)| Dirent {
+                    name: &entries[i].name,
+                    ino: ino_of[child as usize],
+                    ftype: file_type(&nodes[child as usize].kind),
+                })
+                .collect()
+        };
+
+        let make = |node: NodeId, ino: u32| -> Result<Ino, Error> {
+            let n = &nodes[node as usize];
+            let path = || path_of(tree, &parent, node);
+            let m = &n.meta;
+            let mut fields = InodeFields {
+                mode: m.mode & 0o7777,
+                uid: m.uid,
+                gid: m.gid,
+                atime: m.atime,
+                ctime: m.ctime,
+                mtime: m.mtime,
+                crtime: m.crtime,
+                links: links[node as usize].max(1) as u16,
+                ..Default::default()
+            };
+            if links[node as usize] > LINK_MAX && !matches!(n.kind, NodeKind::Dir(_)) {
+                return Err(Error::TooManyLinks { path: path(), links: links[node as usize] });
+            }
+            let content = match &n.kind {
+                NodeKind::Dir(_) => {
+                    let mut kids = dirents(node);
+                    if node == FsTree::ROOT && lost_found.is_none() {
+                        kids.push(Dirent { name: b"lost+found", ino: LOST_FOUND_INO, ftype: dir::FT_DIR });
+                    }
+                    let subdirs = kids.iter().filter(|k| k.ftype == dir::FT_DIR).count() as u64;
+                    fields.links = if subdirs + 2 >= LINK_MAX { 1 } else { (subdirs + 2) as u16 };
+                    let parent_ino = if node == FsTree::ROOT { ROOT_INO } else { ino_of[parent[node as usize] as usize] };
+                    let (blocks, indexed) =
+                        dir::build(ino, parent_ino, &kids, &hash_seed, checksum::inode_seed(fs_seed, ino, 0));
+                    fields.mode |= inode::S_IFDIR;
+                    fields.size = blocks.len() as u64 * BLOCK_SIZE;
+                    fields.flags = inode::EXT4_EXTENTS_FL | if indexed { inode::EXT4_INDEX_FL } else { 0 };
+                    Content::Meta(blocks)
+                }
+                NodeKind::Symlink(target) => {
+                    fields.mode |= inode::S_IFLNK;
+                    fields.size = target.len() as u64;
+                    if target.is_empty() || target.len() > crate::MAX_SYMLINK_LEN || target.contains(&0) {
+                        return Err(Error::SymlinkTooLong { path: path(), len: target.len() });
+                    }
+                    if target.len() < 60 {
+                        let mut blk = [0u8; 60];
+                        blk[..target.len()].copy_from_slice(target);
+                        Content::Inline(blk)
+                    } else {
+                        fields.flags = inode::EXT4_EXTENTS_FL;
+                        let mut b = vec![0u8; BS];
+                        b[..target.len()].copy_from_slice(target);
+                        Content::Meta(vec![b])
+                    }
+                }
+                NodeKind::CharDev { major, minor } => {
+                    fields.mode |= inode::S_IFCHR;
+                    Content::Inline(inode::device_block(*major, *minor))
+                }
+                NodeKind::BlockDev { major, minor } => {
+                    fields.mode |= inode::S_IFBLK;
+                    Content::Inline(inode::device_block(*major, *minor))
+                }
+                NodeKind::Fifo => {
+                    fields.mode |= inode::S_IFIFO;
+                    Content::Inline([0; 60])
+                }
+                NodeKind::Socket => {
+                    fields.mode |= inode::S_IFSOCK;
+                    Content::Inline([0; 60])
+                }
+                NodeKind::File(f) => {
+                    fields.mode |= inode::S_IFREG;
+                    fields.size = f.size;
+                    fields.flags = inode::EXT4_EXTENTS_FL;
+                    if f.size.div_ceil(BLOCK_SIZE) >= u32::MAX as u64 {
+                        return Err(Error::FileTooLarge { path: path(), size: f.size });
+                    }
+                    let segs = file_segments(f).map_err(|why| Error::BadSegments { path: path(), why })?;
+                    let object_len = match &f.segments {
+                        None => f.size,
+                        Some(s) => s.iter().map(|s| s.len).sum(),
+                    };
+                    Content::Data { handle: f.handle, object_len, segs }
+                }
+            };
+            let enc = xattr::encode(&m.xattrs, &path)?;
+            fields.inline_xattrs = enc.inline;
+            Ok(Ino { ino, fields, content, xattr_block: enc.block, is_dir: matches!(n.kind, NodeKind::Dir(_)) })
+        };
+
+        let mut inodes = Vec::with_capacity(by_ino.len() + 1);
+        inodes.push(make(FsTree::ROOT, ROOT_INO)?);
+        match lost_found {
+            Some(lf) => inodes.push(make(lf, LOST_FOUND_INO)?),
+            None => inodes.push(synthetic_lost_found(opts)),
+        }
+        for (i, n) in by_ino.iter().enumerate().skip(1) {
+            let node = n.expect("inode numbers are dense");
+            inodes.push(make(node, LOST_FOUND_INO + i as u32)?);
+        }
+        Ok(Prepared { opts, inodes, max_ino })
+    }
+
+    /// Smallest device size that holds the tree with `inodes` inodes.
+    fn min_size(&self, inodes: u64) -> Result<u64, Error> {
+        let content: u64 = self
+            .inodes
+            .iter()
+            .map(|i| i.content.blocks() + i.xattr_block.is_some() as u64)
+            .sum();
+        let mut blocks = 2 + content + (inodes * INODE_SIZE).div_ceil(BLOCK_SIZE) + 2;
+        loop {
+            let size = blocks * BLOCK_SIZE;
+            let geo = match Geometry::new(size, inodes) {
+                Ok(g) => g,
+                Err(Error::TooManyInodes { .. }) if blocks < (1 << 32) => {
+                    blocks = blocks.max(inodes.div_ceil(BLOCKS_PER_GROUP) * BLOCKS_PER_GROUP) + BLOCKS_PER_GROUP;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let end = self.allocate(&geo).end;
+            if end <= geo.blocks {
+                return Ok(size);
+            }
+            // Grow past the shortfall and past a last group too small to keep.
+            blocks = blocks.max(end) + 66 + geo.gdt_blocks;
+        }
+    }
+
+    fn extents(&self, idx: usize, runs: &[(u64, u64)]) -> Vec<Extent> {
+        let segs: Vec<(u64, u64)> = match &self.inodes[idx].content {
+            Content::Inline(_) => return Vec::new(),
+            Content::Meta(b) => vec![(0, b.len() as u64)],
+            Content::Data { segs, .. } => segs.clone(),
+        };
+        let mut out = Vec::new();
+        let mut runs = runs.iter().copied();
+        let (mut phys, mut left_in_run) = (0, 0);
+        for (mut logical, mut n) in segs {
+            while n > 0 {
+                if left_in_run == 0 {
+                    (phys, left_in_run) = runs.next().expect("runs cover the content");
+                }
+                let len = n.min(left_in_run).min(extent::MAX_LEN);
+                out.push(Extent { logical: logical as u32, len: len as u16, physical: phys });
+                logical += len;
+                phys += len;
+                n -= len;
+                left_in_run -= len;
+            }
+        }
+        out
+    }
+
+    fn allocate(&self, geo: &Geometry) -> Placement {
+        let mut a = Allocator::new(geo);
+        let mut used = Vec::new();
+        fn take(a: &mut Allocator, used: &mut Vec<(u64, u64)>, n: u64) -> u64 {
+            let at = a.contiguous(n);
+            used.push((at, n));
+            at
+        }
+        let block_bitmaps: Vec<u64> = (0..geo.groups).map(|_| take(&mut a, &mut used, 1)).collect();
+        let inode_bitmaps: Vec<u64> = (0..geo.groups).map(|_| take(&mut a, &mut used, 1)).collect();
+        let inode_tables: Vec<u64> = (0..geo.groups).map(|_| take(&mut a, &mut used, geo.itable_blocks)).collect();
+        let mut runs = Vec::with_capacity(self.inodes.len());
+        for ino in &self.inodes {
+            let r = a.runs(ino.content.blocks());
+            used.extend_from_slice(&r);
+            runs.push(r);
+        }
+        let mut tree_blocks = Vec::with_capacity(self.inodes.len());
+        for (idx, r) in runs.iter().enumerate() {
+            let n = match self.inodes[idx].content {
+                Content::Inline(_) => 0,
+                _ => extent::tree_blocks(self.extents(idx, r).len()),
+            };
+            let at = if n > 0 { take(&mut a, &mut used, n as u64) } else { 0 };
+            tree_blocks.push((0..n as u64).map(|i| at + i).collect());
+        }
+        let xattr_blocks =
+            self.inodes.iter().map(|i| i.xattr_block.as_ref().map(|_| take(&mut a, &mut used, 1))).collect();
+        used.sort_unstable();
+        Placement { block_bitmaps, inode_bitmaps, inode_tables, runs, tree_blocks, xattr_blocks, used, end: a.end() }
+    }
+
+    fn emit(&self, geo: &Geometry, place: &Placement, size: u64, min_size: u64) -> Layout {
+        let fs_seed = self.opts.checksum_seed;
+        let mut out = Emitter::default();
+        let ipg = geo.inodes_per_group;
+
+        // Inodes: final fields, content blocks, extent trees, xattr blocks.
+        let mut raw_inodes: Vec<(u32, [u8; INODE_SIZE as usize])> = Vec::with_capacity(self.inodes.len() + 1);
+        raw_inodes.push((1, bad_blocks_inode(self.opts.timestamp, fs_seed)));
+        for (idx, ino) in self.inodes.iter().enumerate() {
+            let mut f = ino.fields.clone();
+            let runs = &place.runs[idx];
+            let seed = checksum::inode_seed(fs_seed, ino.ino, 0);
+            match &ino.content {
+                Content::Inline(blk) => f.i_block = *blk,
+                content => {
+                    let extents = self.extents(idx, runs);
+                    let (root, nodes) = extent::build(&extents, &place.tree_blocks[idx], seed);
+                    f.i_block = root;
+                    for (at, b) in nodes {
+                        out.meta(at, b);
+                    }
+                    match content {
+                        Content::Meta(blocks) => {
+                            let mut it = blocks.iter();
+                            for &(start, len) in runs {
+                                let mut bytes = Vec::with_capacity(len as usize * BS);
+                                for b in it.by_ref().take(len as usize) {
+                                    bytes.extend_from_slice(b);
+                                }
+                                out.meta(start, bytes);
+                            }
+                        }
+                        Content::Data { handle, object_len, .. } => {
+                            let mut object_block = 0u64;
+                            for &(start, len) in runs {
+                                let offset = object_block * BLOCK_SIZE;
+                                let data_len = (len * BLOCK_SIZE).min(object_len - offset);
+                                out.regions.push(Region {
+                                    start,
+                                    len,
+                                    kind: RegionKind::Data { handle: *handle, offset, data_len },
+                                });
+                                object_block += len;
+                            }
+                        }
+                        Content::Inline(_) => unreachable!(),
+                    }
+                }
+            }
+            let mut blocks = ino.content.blocks() + place.tree_blocks[idx].len() as u64;
+            if let (Some(block), Some(at)) = (&ino.xattr_block, place.xattr_blocks[idx]) {
+                let mut b = block.clone();
+                xattr::seal_block(&mut b, at, fs_seed);
+                out.meta(at, b);
+                f.file_acl = at;
+                blocks += 1;
+            }
+            f.sectors = blocks * (BLOCK_SIZE / 512);
+            raw_inodes.push((ino.ino, f.encode(ino.ino, fs_seed)));
+        }
+        raw_inodes.sort_unstable_by_key(|r| r.0);
+
+        // Inode tables: only the blocks holding used inodes; the rest reads as zeros.
+        let used_in = |g: u64| (self.max_ino as u64).saturating_sub(g * ipg).min(ipg);
+        let mut raw = raw_inodes.iter().peekable();
+        for g in 0..geo.groups {
+            let used = used_in(g);
+            if used == 0 {
+                continue;
+            }
+            let mut table = vec![0u8; (used * INODE_SIZE).div_ceil(BLOCK_SIZE) as usize * BS];
+            while let Some((ino, bytes)) = raw.next_if(|r| (r.0 as u64 - 1) / ipg == g) {
+                let at = ((*ino as u64 - 1) % ipg * INODE_SIZE) as usize;
+                table[at..at + INODE_SIZE as usize].copy_from_slice(bytes);
+            }
+            out.meta(place.inode_tables[g as usize], table);
+        }
+
+        // Bitmaps and group descriptors.
+        let mut used_ranges: Vec<(u64, u64)> = place.used.clone();
+        used_ranges.extend(geo.super_ranges());
+        used_ranges.sort_unstable();
+        let mut ranges = used_ranges.iter().peekable();
+        let mut descs = Vec::with_capacity(geo.groups as usize);
+        let mut dirs_in = vec![0u32; geo.groups as usize];
+        for ino in self.inodes.iter().filter(|i| i.is_dir) {
+            dirs_in[((ino.ino as u64 - 1) / ipg) as usize] += 1;
+        }
+        let (mut free_blocks, mut free_inodes) = (0u64, 0u64);
+        for g in 0..geo.groups {
+            let (gstart, glen) = (geo.group_start(g), geo.group_len(g));
+            let mut bm = vec![0u8; BS];
+            set_bits(&mut bm, glen, BLOCKS_PER_GROUP);
+            let mut used = 0;
+            while let Some(&&(s, l)) = ranges.peek() {
+                if s >= gstart + glen {
+                    break;
+                }
+                let (from, to) = (s.max(gstart), (s + l).min(gstart + glen));
+                if from < to {
+                    set_bits(&mut bm, from - gstart, to - gstart);
+                    used += to - from;
+                }
+                if s + l > gstart + glen {
+                    break; // continues into the next group
+                }
+                ranges.next();
+            }
+            let bb_csum = checksum::crc(fs_seed, &bm);
+            out.meta_shared(place.block_bitmaps[g as usize], bm);
+
+            let iused = used_in(g);
+            let mut im = vec![0u8; BS];
+            set_bits(&mut im, 0, iused);
+            set_bits(&mut im, ipg, BLOCKS_PER_GROUP);
+            let ib_csum = checksum::crc(fs_seed, &im[..(ipg / 8) as usize]);
+            out.meta_shared(place.inode_bitmaps[g as usize], im);
+
+            let d = GroupDesc {
+                block_bitmap: place.block_bitmaps[g as usize],
+                inode_bitmap: place.inode_bitmaps[g as usize],
+                inode_table: place.inode_tables[g as usize],
+                free_blocks: (glen - used) as u32,
+                free_inodes: (ipg - iused) as u32,
+                used_dirs: dirs_in[g as usize],
+                itable_unused: (ipg - iused) as u32,
+                block_bitmap_csum: bb_csum,
+                inode_bitmap_csum: ib_csum,
+            };
+            free_blocks += glen - used;
+            free_inodes += ipg - iused;
+            descs.push(d);
+        }
+        let mut gdt = vec![0u8; (geo.gdt_blocks * BLOCK_SIZE) as usize];
+        for (g, d) in descs.iter().enumerate() {
+            d.encode(g as u32, fs_seed, &mut gdt[g * DESC_SIZE as usize..]);
+        }
+        let totals = Totals { free_blocks, free_inodes };
+        for (start, _) in geo.super_ranges() {
+            let g = start / BLOCKS_PER_GROUP;
+            let mut b = vec![0u8; BS + gdt.len()];
+            let at = if g == 0 { 1024 } else { 0 };
+            b[at..at + 1024].copy_from_slice(&superblock::encode(geo, self.opts, totals, g));
+            b[BS..].copy_from_slice(&gdt);
+            out.meta(start, b);
+        }
+
+        let metadata_bytes = out.meta.len() as u64;
+        let data_blocks = out
+            .regions
+            .iter()
+            .filter(|r| matches!(r.kind, RegionKind::Data { .. }))
+            .map(|r| r.len)
+            .sum();
+        let mut regions = out.regions;
+        regions.sort_unstable_by_key(|r| r.start);
+        Layout {
+            size: size / BLOCK_SIZE * BLOCK_SIZE,
+            regions,
+            meta: out.meta,
+            stats: Stats {
+                blocks: geo.blocks,
+                free_blocks,
+                inodes: geo.inodes(),
+                free_inodes,
+                groups: geo.groups,
+                metadata_bytes,
+                data_blocks,
+                min_size,
+            },
+        }
+    }
+}
+
+/// Data segments of a file as (first logical block, block count), validated.
+fn file_segments(f: &crate::FileData) -> Result<Vec<(u64, u64)>, &'static str> {
+    let Some(segs) = &f.segments else {
+        return Ok(if f.size == 0 { Vec::new() } else { vec![(0, f.size.div_ceil(BLOCK_SIZE))] });
+    };
+    let mut out = Vec::with_capacity(segs.len());
+    let mut prev_end = 0;
+    for s in segs {
+        let end = s.offset.checked_add(s.len).ok_or("segment overflows")?;
+        if s.offset % BLOCK_SIZE != 0 {
+            return Err("segment offset is not a multiple of 4096");
+        }
+        if s.len == 0 {
+            return Err("empty segment");
+        }
+        if s.offset < prev_end {
+            return Err("segments overlap or are out of order");
+        }
+        if end > f.size {
+            return Err("segment extends past the end of the file");
+        }
+        if s.len % BLOCK_SIZE != 0 && end != f.size {
+            return Err("segment length is not a multiple of 4096 and does not end the file");
+        }
+        out.push((s.offset / BLOCK_SIZE, s.len.div_ceil(BLOCK_SIZE)));
+        prev_end = end;
+    }
+    Ok(out)
+}
+
+fn set_bits(bm: &mut [u8], from: u64, to: u64) {
+    for bit in from..to {
+        bm[(bit / 8) as usize] |= 1 << (bit % 8);
+    }
+}
+
+fn synthetic_lost_found(opts: &Options) -> Ino {
+    let t = Timestamp { sec: opts.timestamp, nsec: 0 };
+    let seed = checksum::inode_seed(opts.checksum_seed, LOST_FOUND_INO, 0);
+    let (mut blocks, _) = dir::build(LOST_FOUND_INO, ROOT_INO, &[], &seed_words(&opts.hash_seed), seed);
+    blocks.extend((1..LOST_FOUND_BLOCKS).map(|_| dir::empty_block(seed)));
+    let fields = InodeFields {
+        mode: inode::S_IFDIR | 0o700,
+        atime: t,
+        ctime: t,
+        mtime: t,
+        crtime: t,
+        links: 2,
+        size: (LOST_FOUND_BLOCKS * BS) as u64,
+        flags: inode::EXT4_EXTENTS_FL,
+        ..Default::default()
+    };
+    Ino { ino: LOST_FOUND_INO, fields, content: Content::Meta(blocks), xattr_block: None, is_dir: true }
+}
+
+/// Inode 1 (bad blocks) as mke2fs writes it: empty, with times.
+fn bad_blocks_inode(timestamp: i64, fs_seed: u32) -> [u8; INODE_SIZE as usize] {
+    let t = Timestamp { sec: timestamp, nsec: 0 };
+    InodeFields { atime: t, ctime: t, mtime: t, ..Default::default() }.encode(1, fs_seed)
+}
+
+/// Collects regions and the metadata bytes behind them.
+#[derive(Default)]
+struct Emitter {
+    regions: Vec<Region>,
+    meta: Vec<u8>,
+    /// Identical bitmap blocks (free groups) are stored once.
+    shared: HashMap<Vec<u8>, usize>,
+}
+
+impl Emitter {
+    fn meta(&mut self, start: u64, bytes: Vec<u8>) {
+        debug_assert_eq!(bytes.len() % BS, 0);
+        let at = self.meta.len();
+        self.meta.extend_from_slice(&bytes);
+        self.regions.push(Region { start, len: (bytes.len() / BS) as u64, kind: RegionKind::Meta { at } });
+    }
+
+    fn meta_shared(&mut self, start: u64, bytes: Vec<u8>) {
+        if bytes.iter().all(|&b| b == 0) {
+            return; // reads as zeros without a region
+        }
+        let at = match self.shared.get(&bytes) {
+            Some(&at) => at,
+            None => {
+                let at = self.meta.len();
+                self.meta.extend_from_slice(&bytes);
+                self.shared.insert(bytes, at);
+                at
+            }
+        };
+        self.regions.push(Region { start, len: 1, kind: RegionKind::Meta { at } });
+    }
 }

@@ -11,9 +11,11 @@ pub enum Error {
     DuplicateName { path: String },
     #[error("node {node} is not a directory")]
     NotADirectory { node: u32 },
+    #[error("the root of the tree is not a directory")]
+    RootNotDir,
     #[error("hardlink to a directory is not allowed: {path}")]
     DirectoryHardlink { path: String },
-    #[error("symlink target too long ({len} bytes, at most 4095): {path}")]
+    #[error("symlink target of {len} bytes is empty or too long (at most 4095): {path}")]
     SymlinkTooLong { path: String, len: usize },
     #[error("extended attributes of {path} do not fit in the inode and one 4 KiB block")]
     XattrTooLarge { path: String },
@@ -23,6 +25,8 @@ pub enum Error {
     BadSegments { path: String, why: &'static str },
     #[error("file too large for ext4 with 4 KiB blocks ({size} bytes): {path}")]
     FileTooLarge { path: String, size: u64 },
+    #[error("too many hardlinks ({links}, at most 65000): {path}")]
+    TooManyLinks { path: String, links: u64 },
     #[error("/lost+found exists in the tree but is not a directory")]
     LostFoundNotDir,
     #[error("the tree needs {needed} inodes but the image has only {available}")]

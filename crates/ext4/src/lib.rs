@@ -21,6 +21,7 @@ mod extent;
 mod hash;
 mod inode;
 mod layout;
+mod le;
 mod plan;
 mod superblock;
 mod tree;
