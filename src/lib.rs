@@ -1,1 +1,12 @@
 //! tessera: ext4 block devices synthesized on the fly from a content-addressed store.
+//!
+//! Data flows import → [`store`] → [`tree`] → [`image`] → ext4 layout (`tessera_ext4`) →
+//! [`blockdev`] → frontends (NBD, raw export).
+
+pub mod blockdev;
+pub mod cli;
+pub mod demo;
+pub mod image;
+pub mod import;
+pub mod store;
+pub mod tree;

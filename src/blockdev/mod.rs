@@ -1,0 +1,164 @@
+//! The read path every frontend shares: a synthesized image as a block device.
+//!
+//! Metadata comes from the [`Layout`]; file data from store objects, memory-mapped on first
+//! use; everything else is zeros.
+
+mod export;
+
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use memmap2::Mmap;
+use tessera_ext4::{Layout, Piece};
+
+pub use export::export;
+
+use crate::image::{self, ImageError};
+use crate::store::{ObjectId, Store};
+
+/// A read-only block device over a synthesized image.
+#[derive(Debug)]
+pub struct ImageDevice {
+    layout: Arc<Layout>,
+    objects: Vec<Object>,
+}
+
+#[derive(Debug)]
+struct Object {
+    id: ObjectId,
+    path: std::path::PathBuf,
+    map: OnceLock<Mmap>,
+}
+
+/// A range of the device that is either backed by data (metadata or file contents) or zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub zero: bool,
+}
+
+impl ImageDevice {
+    /// `layout` with `objects[i]` behind `DataHandle(i)`.
+    pub fn new(store: &Store, layout: Arc<Layout>, objects: &[ObjectId]) -> Self {
+        let objects = objects
+            .iter()
+            .map(|id| Object {
+                id: *id,
+                path: store.object_path(id),
+                map: OnceLock::new(),
+            })
+            .collect();
+        ImageDevice { layout, objects }
+    }
+
+    /// Synthesize the image `name` from `store`.
+    pub fn open(store: &Store, name: &str) -> Result<Self, ImageError> {
+        let record = image::load(store, name)?;
+        let built = image::build(store, &record)?;
+        Ok(Self::new(store, Arc::new(built.layout), &built.objects))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
+    }
+
+    /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut at = 0usize;
+        for piece in self.layout.pieces(offset, buf.len() as u64) {
+            let n = piece.len() as usize;
+            let out = &mut buf[at..at + n];
+            match piece {
+                Piece::Meta(bytes) => out.copy_from_slice(bytes),
+                Piece::Zero(_) => out.fill(0),
+                Piece::Data {
+                    handle,
+                    offset: obj_offset,
+                    len,
+                } => {
+                    let object = self.objects.get(handle.0 as usize).ok_or_else(|| {
+                        io::Error::other(format!("layout names unknown data handle {}", handle.0))
+                    })?;
+                    let map = object.map()?;
+                    let src = usize::try_from(obj_offset)
+                        .ok()
+                        .and_then(|start| map.get(start..start.checked_add(len as usize)?))
+                        .ok_or_else(|| {
+                            io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!(
+                                    "object {} is {} bytes, shorter than the image needs ({} at {obj_offset}); run `tessera store verify`",
+                                    object.id,
+                                    map.len(),
+                                    len
+                                ),
+                            )
+                        })?;
+                    out.copy_from_slice(src);
+                }
+            }
+            at += n;
+        }
+        debug_assert_eq!(at, buf.len());
+        Ok(())
+    }
+
+    /// The data and zero ranges of `offset..offset + len`, adjacent ranges of one sort merged.
+    pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        for piece in self.layout.pieces(offset, len) {
+            let zero = matches!(piece, Piece::Zero(_));
+            match out.last_mut() {
+                Some(last) if last.zero == zero => last.len += piece.len(),
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: piece.len(),
+                    zero,
+                }),
+            }
+            pos += piece.len();
+        }
+        Ok(out)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is past the end of the {}-byte device",
+                    self.size()
+                ),
+            )),
+        }
+    }
+}
+
+impl Object {
+    fn map(&self) -> io::Result<&Mmap> {
+        if let Some(map) = self.map.get() {
+            return Ok(map);
+        }
+        let file = File::open(&self.path).map_err(|e| {
+            io::Error::new(e.kind(), format!("object {}: {e}", self.path.display()))
+        })?;
+        // SAFETY: store objects are immutable: they are written under tmp/, renamed into
+        // place read-only and never modified or truncated afterwards (gc only unlinks, which
+        // keeps existing mappings valid). Reads are bounds-checked against the mapping's
+        // length, fixed at map time.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| {
+            io::Error::new(e.kind(), format!("map object {}: {e}", self.path.display()))
+        })?;
+        Ok(self.map.get_or_init(|| map))
+    }
+}

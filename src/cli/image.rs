@@ -1,0 +1,115 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use super::{human, progress_bar};
+use crate::blockdev::{self, ImageDevice};
+use crate::image::{self, format_uuid, parse_size, Built, CreateOptions, ImageRecord};
+use crate::store::{ObjectId, Store};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum ImageCmd {
+    /// Create an image from trees, merged in order (later trees win). Reads manifests only
+    Create {
+        name: String,
+        /// Tree id (repeatable; later trees win)
+        #[arg(long = "tree", required = true, value_name = "ID")]
+        trees: Vec<ObjectId>,
+        /// Device size, e.g. 512M or 4G [default: what the tree needs plus headroom]
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Volume label, at most 16 bytes [default: the name, truncated]
+        #[arg(long)]
+        label: Option<String>,
+        /// Number of inodes [default: what the tree needs plus headroom]
+        #[arg(long)]
+        inodes: Option<u32>,
+    },
+    /// List images
+    List,
+    /// Show an image's record and filesystem geometry
+    Show { name: String },
+    /// Remove an image (its trees and objects stay until `store gc`)
+    Rm { name: String },
+    /// Write an image to a sparse raw file
+    Export { name: String, out: PathBuf },
+}
+
+pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCmd::Create {
+            name,
+            trees,
+            size,
+            label,
+            inodes,
+        } => {
+            let opts = CreateOptions {
+                size,
+                inodes,
+                label,
+            };
+            let (record, built) = image::create(store, &name, &trees, &opts)
+                .with_context(|| format!("cannot create image {name:?}"))?;
+            print_image(&record, &built);
+        }
+        ImageCmd::List => {
+            for name in store.list_images()? {
+                let record = image::load(store, &name)?;
+                let size = record.size.map_or_else(|| "auto".to_owned(), human);
+                println!("{name}\t{} tree(s)\tsize {size}", record.trees.len());
+            }
+        }
+        ImageCmd::Show { name } => {
+            let record =
+                image::load(store, &name).with_context(|| format!("cannot load image {name:?}"))?;
+            let built = image::build(store, &record)
+                .with_context(|| format!("cannot synthesize image {name:?}"))?;
+            print_image(&record, &built);
+        }
+        ImageCmd::Rm { name } => {
+            image::remove(store, &name).with_context(|| format!("cannot remove image {name:?}"))?;
+        }
+        ImageCmd::Export { name, out } => {
+            let dev = ImageDevice::open(store, &name)
+                .with_context(|| format!("cannot synthesize image {name:?}"))?;
+            let bar = progress_bar("exporting");
+            bar.set_length(dev.size());
+            blockdev::export(&dev, &out, |pos| bar.set_position(pos))
+                .with_context(|| format!("cannot export image {name:?} to {}", out.display()))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "wrote {} ({}) to {}",
+                name,
+                human(dev.size()),
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_image(record: &ImageRecord, built: &Built) {
+    let stats = built.layout.stats();
+    println!("name:     {}", record.name);
+    for (i, tree) in record.trees.iter().enumerate() {
+        println!("tree {i}:   {tree}");
+    }
+    println!("label:    {}", record.label);
+    println!("uuid:     {}", format_uuid(&record.uuid));
+    println!("created:  {}", record.created);
+    println!(
+        "size:     {} ({} bytes)",
+        human(built.layout.size()),
+        built.layout.size()
+    );
+    println!("inodes:   {} ({} free)", stats.inodes, stats.free_inodes);
+    println!(
+        "blocks:   {} ({} free, {} of file data)",
+        stats.blocks, stats.free_blocks, stats.data_blocks
+    );
+    println!("objects:  {}", built.objects.len());
+    println!("metadata: {}", human(stats.metadata_bytes));
+}

@@ -1,0 +1,184 @@
+//! Named images: an ordered list of trees plus the filesystem options, and the step that
+//! turns them into an ext4 [`Layout`](tessera_ext4::Layout).
+//!
+//! Composing an image reads only tree manifests, never file contents: the synthesizer sees
+//! each file as a [`DataHandle`](tessera_ext4::DataHandle) into the image's object table.
+
+mod compose;
+mod record;
+mod size;
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use compose::{build, compose, Built, Composed};
+pub use record::{derive_identity, format_uuid, ImageRecord, FORMAT};
+pub use size::{parse_size, SizeError};
+
+use crate::store::{ObjectId, Store, StoreError};
+use crate::tree::{merge, Bytes, Manifest, TreeError};
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("tree {id}: {source}")]
+    Tree {
+        id: ObjectId,
+        #[source]
+        source: TreeError,
+    },
+    #[error("image record {path}: {source}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("image record {path} has format {format}; this tessera reads format {FORMAT}")]
+    RecordFormat { path: PathBuf, format: u32 },
+    #[error("invalid image name {name:?}: use 1-128 of A-Z a-z 0-9 . _ - , not starting with '.'")]
+    BadName { name: String },
+    #[error("an image named {name:?} already exists (remove it first)")]
+    Exists { name: String },
+    #[error("an image needs at least one tree")]
+    NoTrees,
+    #[error("image {name:?}: entry {path:?}: {source}")]
+    Entry {
+        name: String,
+        path: Bytes,
+        #[source]
+        source: tessera_ext4::Error,
+    },
+    #[error("image {name:?}: {source}")]
+    Ext4 {
+        name: String,
+        #[source]
+        source: tessera_ext4::Error,
+    },
+}
+
+/// Options of `image create` besides the name and trees.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub size: Option<u64>,
+    pub inodes: Option<u32>,
+    /// Defaults to the image name, truncated to 16 bytes.
+    pub label: Option<String>,
+}
+
+pub fn validate_name(name: &str) -> Result<(), ImageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::BadName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Load and validate the manifest of tree `id`.
+pub fn load_tree(store: &Store, id: &ObjectId) -> Result<Manifest, ImageError> {
+    let bytes = store.read_tree_bytes(id)?;
+    Manifest::from_bytes(&bytes).map_err(|source| ImageError::Tree { id: *id, source })
+}
+
+/// Create the image `name` from `trees`, checking that the merged tree lays out as ext4.
+/// Reads manifests only.
+pub fn create(
+    store: &Store,
+    name: &str,
+    trees: &[ObjectId],
+    opts: &CreateOptions,
+) -> Result<(ImageRecord, Built), ImageError> {
+    validate_name(name)?;
+    if trees.is_empty() {
+        return Err(ImageError::NoTrees);
+    }
+    let _lock = store.lock(false)?;
+    if store.image_path(name).exists() {
+        return Err(ImageError::Exists {
+            name: name.to_owned(),
+        });
+    }
+    let (uuid, hash_seed, checksum_seed) = derive_identity(name, trees);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let label = opts.label.clone().unwrap_or_else(|| truncate(name, 16));
+    let record = ImageRecord {
+        format: FORMAT,
+        name: name.to_owned(),
+        trees: trees.to_vec(),
+        size: opts.size,
+        inodes: opts.inodes,
+        label,
+        created,
+        uuid,
+        hash_seed,
+        checksum_seed,
+    };
+    let built = build(store, &record)?;
+    let json = serde_json::to_vec_pretty(&record).expect("a record always serializes");
+    store.write_image_bytes(name, &json)?;
+    Ok((record, built))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Read the record of image `name`.
+pub fn load(store: &Store, name: &str) -> Result<ImageRecord, ImageError> {
+    validate_name(name)?;
+    let bytes = store.read_image_bytes(name)?;
+    parse_record(store, name, &bytes)
+}
+
+pub(crate) fn parse_record(
+    store: &Store,
+    name: &str,
+    bytes: &[u8],
+) -> Result<ImageRecord, ImageError> {
+    let path = store.image_path(name);
+    let record: ImageRecord =
+        serde_json::from_slice(bytes).map_err(|source| ImageError::Record {
+            path: path.clone(),
+            source,
+        })?;
+    if record.format != FORMAT {
+        return Err(ImageError::RecordFormat {
+            path,
+            format: record.format,
+        });
+    }
+    Ok(record)
+}
+
+/// Merge the trees of `record` in order.
+pub fn merged_entries(
+    store: &Store,
+    record: &ImageRecord,
+) -> Result<Vec<merge::Layered>, ImageError> {
+    let layers = record
+        .trees
+        .iter()
+        .map(|id| load_tree(store, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(merge::merge(layers))
+}
+
+pub fn remove(store: &Store, name: &str) -> Result<(), ImageError> {
+    validate_name(name)?;
+    Ok(store.remove_image(name)?)
+}

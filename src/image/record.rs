@@ -1,0 +1,104 @@
+//! Named image records, stored as `images/NAME.json`.
+//!
+//! # Format 1
+//!
+//! ```json
+//! {"format": 1, "name": "web", "trees": ["af13…", "09bc…"], "size": 4294967296,
+//!  "inodes": null, "label": "web", "created": 1763888400,
+//!  "uuid": "4d1e…32 hex digits", "hash_seed": "…32 hex digits", "checksum_seed": 2830213391}
+//! ```
+//!
+//! `trees` are merged in order (see [`crate::tree::merge`]). `size` and `inodes` are `null`
+//! when the synthesizer picks them. `created` (seconds since the epoch) is the filesystem's
+//! timestamp. `uuid`, `hash_seed` and `checksum_seed` derive from the BLAKE3 of the name
+//! and the trees, so the same image is the same bytes every time it is served.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::ObjectId;
+
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub format: u32,
+    pub name: String,
+    pub trees: Vec<ObjectId>,
+    pub size: Option<u64>,
+    pub inodes: Option<u32>,
+    pub label: String,
+    pub created: i64,
+    #[serde(with = "hex16")]
+    pub uuid: [u8; 16],
+    #[serde(with = "hex16")]
+    pub hash_seed: [u8; 16],
+    pub checksum_seed: u32,
+}
+
+/// Identity derived from the name and the trees: (uuid, hash seed, checksum seed).
+pub fn derive_identity(name: &str, trees: &[ObjectId]) -> ([u8; 16], [u8; 16], u32) {
+    let mut h = blake3::Hasher::new_derive_key("tessera image identity v1");
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    for t in trees {
+        h.update(&t.0);
+    }
+    let mut out = [0u8; 36];
+    h.finalize_xof().fill(&mut out);
+    let mut uuid: [u8; 16] = out[..16].try_into().expect("16 bytes");
+    // RFC 9562 version 8 (custom) and variant bits, so tools show a well-formed UUID.
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    let hash_seed = out[16..32].try_into().expect("16 bytes");
+    let checksum_seed = u32::from_le_bytes(out[32..36].try_into().expect("4 bytes"));
+    (uuid, hash_seed, checksum_seed)
+}
+
+/// Format a UUID the usual way, `8-4-4-4-12` hex digits.
+pub fn format_uuid(uuid: &[u8; 16]) -> String {
+    let h = hex::encode(uuid);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+mod hex16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(&s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_deterministic_and_depends_on_inputs() {
+        let t = [ObjectId::of(b"a")];
+        assert_eq!(derive_identity("x", &t), derive_identity("x", &t));
+        assert_ne!(derive_identity("x", &t).0, derive_identity("y", &t).0);
+        assert_ne!(derive_identity("x", &t).0, derive_identity("x", &[]).0);
+    }
+
+    #[test]
+    fn uuid_format() {
+        assert_eq!(
+            format_uuid(&[0xab; 16]),
+            "abababab-abab-abab-abab-abababababab"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::ObjectId;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("object {id} is missing from the store ({path})")]
+    MissingObject { id: ObjectId, path: PathBuf },
+    #[error("tree {id} is missing from the store")]
+    MissingTree { id: ObjectId },
+    #[error("no image named {name:?}")]
+    MissingImage { name: String },
+    #[error("content changed while being stored: expected {expected}, got {actual}")]
+    HashMismatch {
+        expected: ObjectId,
+        actual: ObjectId,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot find a store directory: none of --store, $TESSERA_STORE, $XDG_DATA_HOME or $HOME is set")]
+    NoLocation,
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        StoreError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! `tessera store gc`: remove what no image references.
+
+use std::collections::HashSet;
+use std::fs;
+
+use super::{Kind, ObjectId, Store, StoreError};
+use crate::image::{self, ImageError};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub objects: usize,
+    pub object_bytes: u64,
+    pub trees: usize,
+    pub tmp_files: usize,
+}
+
+impl Store {
+    /// Remove every tree no image names, every object no remaining tree names, and every file
+    /// in `tmp/`. Holds the store lock exclusively, so no import is writing meanwhile. Stops
+    /// without removing anything if an image or a referenced tree cannot be read: deleting on
+    /// partial knowledge could destroy live data. With `dry_run`, only counts.
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport, ImageError> {
+        let _lock = self.lock(true)?;
+        let mut live_trees = HashSet::new();
+        for name in self.list_images()? {
+            live_trees.extend(image::load(self, &name)?.trees);
+        }
+        let mut live_objects: HashSet<ObjectId> = HashSet::new();
+        for id in &live_trees {
+            let manifest = image::load_tree(self, id)?;
+            live_objects.extend(manifest.entries.iter().filter_map(|e| e.object));
+        }
+
+        let mut report = GcReport::default();
+        let (trees, _) = self.list(Kind::Tree)?;
+        for id in trees.iter().filter(|id| !live_trees.contains(id)) {
+            self.remove(&self.tree_path(id), dry_run)?;
+            report.trees += 1;
+        }
+        let (objects, _) = self.list(Kind::Object)?;
+        for id in objects.iter().filter(|id| !live_objects.contains(id)) {
+            let path = self.object_path(id);
+            report.object_bytes += fs::symlink_metadata(&path)
+                .map_err(|e| StoreError::io("stat", &path, e))?
+                .len();
+            self.remove(&path, dry_run)?;
+            report.objects += 1;
+        }
+        let tmp = self.tmp_dir();
+        for entry in fs::read_dir(&tmp).map_err(|e| StoreError::io("list", &tmp, e))? {
+            let entry = entry.map_err(|e| StoreError::io("list", &tmp, e))?;
+            self.remove(&entry.path(), dry_run)?;
+            report.tmp_files += 1;
+        }
+        Ok(report)
+    }
+
+    fn remove(&self, path: &std::path::Path, dry_run: bool) -> Result<(), StoreError> {
+        if dry_run {
+            return Ok(());
+        }
+        fs::remove_file(path).map_err(|e| StoreError::io("remove", path, e))
+    }
+}

@@ -1,0 +1,246 @@
+//! The content store: file contents, tree manifests and named images on local disk.
+//!
+//! ```text
+//! STORE/
+//! ├── lock                  flock(2): shared while writing (import, image create),
+//! │                         exclusive while collecting garbage
+//! ├── objects/ab/cdef…      file contents, named by the BLAKE3 of their bytes; mode 0444,
+//! │                         never modified once named. A sparse file's object holds only its
+//! │                         data segments, back to back (the tree entry records the segments).
+//! ├── trees/ab/cdef…        tree manifests (JSON, `"format": 1`, see [`crate::tree`]), named
+//! │                         by the BLAKE3 of their serialized bytes
+//! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
+//! └── tmp/                  files being written
+//! ```
+//!
+//! A file is written under `tmp/`, fsynced, renamed to its final name and the directory is
+//! fsynced, so a crash never leaves a partial object, tree or image under a real name; at
+//! worst it leaves a stale file in `tmp/`, which `tessera store gc` removes. Content with an
+//! existing name is not written again, so identical content is stored once.
+//!
+//! The store is located by `--store DIR`, else `$TESSERA_STORE`, else
+//! `$XDG_DATA_HOME/tessera`, else `~/.local/share/tessera` (see [`location`]).
+
+mod atomic;
+mod error;
+mod gc;
+mod id;
+pub mod location;
+mod lock;
+mod stats;
+mod verify;
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use error::StoreError;
+pub use gc::GcReport;
+pub use id::{ObjectId, ParseIdError};
+pub use lock::StoreLock;
+pub use stats::StoreStats;
+pub use verify::{Problem, VerifyReport};
+
+/// An opened store directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Names the directory (`objects` or `trees`) where content-addressed files of a kind live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Object,
+    Tree,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Object => "objects",
+            Kind::Tree => "trees",
+        }
+    }
+}
+
+impl Store {
+    /// Open the store at `root`, creating its directories if needed.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        for sub in ["objects", "trees", "images", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn content_path(&self, kind: Kind, id: &ObjectId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join(kind.dir()).join(&hex[..2]).join(&hex[2..])
+    }
+
+    pub fn object_path(&self, id: &ObjectId) -> PathBuf {
+        self.content_path(Kind::Object, id)
+    }
+
+    pub fn tree_path(&self, id: &ObjectId) -> PathBuf {
+        self.content_path(Kind::Tree, id)
+    }
+
+    fn image_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn has_object(&self, id: &ObjectId) -> bool {
+        self.object_path(id).exists()
+    }
+
+    pub fn has_tree(&self, id: &ObjectId) -> bool {
+        self.tree_path(id).exists()
+    }
+
+    /// Open an object read-only.
+    pub fn open_object(&self, id: &ObjectId) -> Result<File, StoreError> {
+        let path = self.object_path(id);
+        File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingObject { id: *id, path },
+            _ => StoreError::io("open object", &path, e),
+        })
+    }
+
+    /// Store `bytes` as an object; a no-op if it exists.
+    pub fn put_object_bytes(&self, bytes: &[u8]) -> Result<ObjectId, StoreError> {
+        let id = ObjectId::of(bytes);
+        if !self.has_object(&id) {
+            self.write_object(id, |f| {
+                io::Write::write_all(f, bytes)?;
+                Ok(id)
+            })?;
+        }
+        Ok(id)
+    }
+
+    /// Write the object `id` with `write`, which returns the BLAKE3 of what it wrote. If that
+    /// differs from `id` (the source changed under us), nothing is named and the result is
+    /// [`StoreError::HashMismatch`].
+    pub fn write_object(
+        &self,
+        id: ObjectId,
+        write: impl FnOnce(&mut File) -> io::Result<ObjectId>,
+    ) -> Result<(), StoreError> {
+        let dest = self.object_path(&id);
+        atomic::write(self, &dest, 0o444, |f| {
+            let actual = write(f)?;
+            if actual != id {
+                return Err(atomic::Abort::Store(StoreError::HashMismatch {
+                    expected: id,
+                    actual,
+                }));
+            }
+            Ok(())
+        })
+    }
+
+    /// Store a serialized tree manifest; a no-op if it exists.
+    pub fn put_tree_bytes(&self, bytes: &[u8]) -> Result<ObjectId, StoreError> {
+        let id = ObjectId::of(bytes);
+        if !self.has_tree(&id) {
+            let dest = self.tree_path(&id);
+            atomic::write(self, &dest, 0o444, |f| Ok(io::Write::write_all(f, bytes)?))?;
+        }
+        Ok(id)
+    }
+
+    /// The serialized manifest of tree `id`.
+    pub fn read_tree_bytes(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+        let path = self.tree_path(id);
+        fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingTree { id: *id },
+            _ => StoreError::io("read tree", &path, e),
+        })
+    }
+
+    pub fn image_path(&self, name: &str) -> PathBuf {
+        self.image_dir().join(format!("{name}.json"))
+    }
+
+    /// Create or replace the image record `name`.
+    pub fn write_image_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        atomic::write(self, &self.image_path(name), 0o644, |f| {
+            Ok(io::Write::write_all(f, bytes)?)
+        })
+    }
+
+    pub fn read_image_bytes(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.image_path(name);
+        fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingImage {
+                name: name.to_owned(),
+            },
+            _ => StoreError::io("read image", &path, e),
+        })
+    }
+
+    pub fn remove_image(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.image_path(name);
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingImage {
+                name: name.to_owned(),
+            },
+            _ => StoreError::io("remove image", &path, e),
+        })?;
+        atomic::sync_dir(&self.image_dir())
+    }
+
+    /// Names of all images, sorted.
+    pub fn list_images(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.image_dir();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let file_name = entry.file_name();
+            if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every content-addressed file of `kind`: the ids, and the paths of stray files whose
+    /// names are not ids.
+    pub(crate) fn list(&self, kind: Kind) -> Result<(Vec<ObjectId>, Vec<PathBuf>), StoreError> {
+        let top = self.root.join(kind.dir());
+        let mut ids = Vec::new();
+        let mut strays = Vec::new();
+        let read = |dir: &Path| fs::read_dir(dir).map_err(|e| StoreError::io("list", dir, e));
+        for fan in read(&top)? {
+            let fan = fan.map_err(|e| StoreError::io("list", &top, e))?;
+            let fan_path = fan.path();
+            let fan_name = fan.file_name().to_string_lossy().into_owned();
+            if !fan_path.is_dir() {
+                strays.push(fan_path);
+                continue;
+            }
+            for entry in read(&fan_path)? {
+                let entry = entry.map_err(|e| StoreError::io("list", &fan_path, e))?;
+                let name = format!("{fan_name}{}", entry.file_name().to_string_lossy());
+                match name.parse::<ObjectId>() {
+                    Ok(id) if entry.path() == self.content_path(kind, &id) => ids.push(id),
+                    _ => strays.push(entry.path()),
+                }
+            }
+        }
+        ids.sort();
+        Ok((ids, strays))
+    }
+}

@@ -1,0 +1,235 @@
+//! `tessera store verify`: re-hash every object, parse every tree and image, and check that
+//! every reference resolves.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use rayon::prelude::*;
+
+use super::{Kind, ObjectId, Store, StoreError};
+use crate::image;
+use crate::tree::{self, Bytes, Manifest};
+
+/// One thing wrong with a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    CorruptObject {
+        id: ObjectId,
+        actual: ObjectId,
+    },
+    UnreadableObject {
+        id: ObjectId,
+        error: String,
+    },
+    CorruptTree {
+        id: ObjectId,
+        actual: ObjectId,
+    },
+    BadTree {
+        id: ObjectId,
+        error: String,
+    },
+    BadImage {
+        name: String,
+        error: String,
+    },
+    MissingTree {
+        image: String,
+        tree: ObjectId,
+    },
+    MissingObject {
+        tree: ObjectId,
+        path: Bytes,
+        object: ObjectId,
+    },
+    WrongObjectSize {
+        tree: ObjectId,
+        path: Bytes,
+        object: ObjectId,
+        have: u64,
+        need: u64,
+    },
+    StrayFile {
+        path: std::path::PathBuf,
+    },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::CorruptObject { id, actual } => {
+                write!(f, "object {id} is corrupt: its content hashes to {actual}")
+            }
+            Problem::UnreadableObject { id, error } => {
+                write!(f, "object {id} cannot be read: {error}")
+            }
+            Problem::CorruptTree { id, actual } => {
+                write!(f, "tree {id} is corrupt: its content hashes to {actual}")
+            }
+            Problem::BadTree { id, error } => write!(f, "tree {id} is invalid: {error}"),
+            Problem::BadImage { name, error } => write!(f, "image {name:?} is invalid: {error}"),
+            Problem::MissingTree { image, tree } => {
+                write!(f, "image {image:?} names missing tree {tree}")
+            }
+            Problem::MissingObject { tree, path, object } => {
+                write!(
+                    f,
+                    "tree {tree} entry {path:?} names missing object {object}"
+                )
+            }
+            Problem::WrongObjectSize {
+                tree,
+                path,
+                object,
+                have,
+                need,
+            } => write!(
+                f,
+                "tree {tree} entry {path:?} needs {need} bytes of object {object}, which has {have}"
+            ),
+            Problem::StrayFile { path } => write!(f, "stray file {}", path.display()),
+        }
+    }
+}
+
+/// An object's actual hash and length, or why it could not be read.
+type HashResult = Result<(ObjectId, u64), String>;
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub objects: usize,
+    pub object_bytes: u64,
+    pub trees: usize,
+    pub images: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl Store {
+    /// Check the whole store; problems are reported, not returned as errors.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let _lock = self.lock(false)?;
+        let mut report = VerifyReport::default();
+        let (objects, strays) = self.list(Kind::Object)?;
+        report
+            .problems
+            .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
+        let hashed: Vec<(ObjectId, HashResult)> = objects
+            .par_iter()
+            .map(|id| {
+                let path = self.object_path(id);
+                let mut hasher = blake3::Hasher::new();
+                let result = hasher
+                    .update_mmap(&path)
+                    .map(|h| (ObjectId::from(h.finalize()), h.count()))
+                    .map_err(|e| e.to_string());
+                (*id, result)
+            })
+            .collect();
+        let mut sizes = HashMap::new();
+        for (id, result) in hashed {
+            match result {
+                Ok((actual, len)) => {
+                    if actual != id {
+                        report.problems.push(Problem::CorruptObject { id, actual });
+                    }
+                    report.object_bytes += len;
+                    sizes.insert(id, len);
+                }
+                Err(error) => report
+                    .problems
+                    .push(Problem::UnreadableObject { id, error }),
+            }
+        }
+        report.objects = objects.len();
+
+        let (trees, strays) = self.list(Kind::Tree)?;
+        report
+            .problems
+            .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
+        report.trees = trees.len();
+        let tree_problems: Vec<Vec<Problem>> = trees
+            .par_iter()
+            .map(|id| self.verify_tree(id, &sizes))
+            .collect();
+        report.problems.extend(tree_problems.into_iter().flatten());
+
+        let tree_set: HashSet<ObjectId> = trees.into_iter().collect();
+        let images = self.list_images()?;
+        report.images = images.len();
+        for name in images {
+            let record = self
+                .read_image_bytes(&name)
+                .map_err(image::ImageError::from)
+                .and_then(|bytes| image::parse_record(self, &name, &bytes));
+            match record {
+                Err(e) => report.problems.push(Problem::BadImage {
+                    name,
+                    error: e.to_string(),
+                }),
+                Ok(record) => {
+                    for tree in record.trees {
+                        if !tree_set.contains(&tree) {
+                            report.problems.push(Problem::MissingTree {
+                                image: name.clone(),
+                                tree,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn verify_tree(&self, id: &ObjectId, sizes: &HashMap<ObjectId, u64>) -> Vec<Problem> {
+        let bytes = match self.read_tree_bytes(id) {
+            Ok(b) => b,
+            Err(e) => {
+                return vec![Problem::BadTree {
+                    id: *id,
+                    error: e.to_string(),
+                }]
+            }
+        };
+        let actual = ObjectId::of(&bytes);
+        if actual != *id {
+            return vec![Problem::CorruptTree { id: *id, actual }];
+        }
+        let manifest = match Manifest::from_bytes(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                return vec![Problem::BadTree {
+                    id: *id,
+                    error: e.to_string(),
+                }]
+            }
+        };
+        let mut problems = Vec::new();
+        for e in manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == tree::Kind::File)
+        {
+            let object = e.object.expect("validated: files have an object");
+            let need = e.data_len();
+            match sizes.get(&object) {
+                None if !self.has_object(&object) => problems.push(Problem::MissingObject {
+                    tree: *id,
+                    path: e.path.clone(),
+                    object,
+                }),
+                // Present but unreadable: already reported with the objects.
+                None => {}
+                Some(&have) if have != need => problems.push(Problem::WrongObjectSize {
+                    tree: *id,
+                    path: e.path.clone(),
+                    object,
+                    have,
+                    need,
+                }),
+                Some(_) => {}
+            }
+        }
+        problems
+    }
+}
