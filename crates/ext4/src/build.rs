@@ -12,7 +12,9 @@ use crate::layout::{Region, RegionKind};
 use crate::plan::{Allocator, Geometry, BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
 use crate::superblock::{self, GroupDesc, Totals, FIRST_INO};
 use crate::xattr;
-use crate::{DataHandle, Error, FsTree, Layout, NodeId, NodeKind, Options, Stats, Timestamp, BLOCK_SIZE};
+use crate::{
+    DataHandle, Error, FsTree, Layout, NodeId, NodeKind, Options, Stats, Timestamp, BLOCK_SIZE,
+};
 
 const BS: usize = BLOCK_SIZE as usize;
 const ROOT_INO: u32 = 2;
@@ -31,22 +33,34 @@ pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
     let needed_inodes = prep.max_ino as u64;
     if let Some(n) = opts.inodes {
         if (n as u64) < needed_inodes {
-            return Err(Error::TooManyFiles { needed: needed_inodes, available: n as u64 });
+            return Err(Error::TooManyFiles {
+                needed: needed_inodes,
+                available: n as u64,
+            });
         }
     }
-    let min_inodes = opts.inodes.map_or(needed_inodes + needed_inodes / 4 + 64, u64::from);
+    let min_inodes = opts
+        .inodes
+        .map_or(needed_inodes + needed_inodes / 4 + 64, u64::from);
     let min_size = prep.min_size(min_inodes)?;
     let size = opts.size.unwrap_or_else(|| Options::default_size(min_size));
     let geo = match opts.inodes {
         Some(n) => Geometry::new(size, n as u64)?,
-        None => Geometry::new(size, min_inodes.max(size / 16384)).or_else(|_| Geometry::new(size, needed_inodes))?,
+        None => Geometry::new(size, min_inodes.max(size / 16384))
+            .or_else(|_| Geometry::new(size, needed_inodes))?,
     };
     if geo.inodes() < needed_inodes {
-        return Err(Error::TooManyFiles { needed: needed_inodes, available: geo.inodes() });
+        return Err(Error::TooManyFiles {
+            needed: needed_inodes,
+            available: geo.inodes(),
+        });
     }
     let place = prep.allocate(&geo);
     if place.end > geo.blocks {
-        return Err(Error::TooSmall { size, needed: min_size });
+        return Err(Error::TooSmall {
+            size,
+            needed: min_size,
+        });
     }
     Ok(prep.emit(&geo, &place, size, min_size))
 }
@@ -59,7 +73,11 @@ enum Content {
     Meta(Vec<Vec<u8>>),
     /// File data: `segs` are (first logical block, block count) ranges, all backed by
     /// consecutive blocks of the object behind `handle`. Empty for an empty file.
-    Data { handle: DataHandle, object_len: u64, segs: Vec<(u64, u64)> },
+    Data {
+        handle: DataHandle,
+        object_len: u64,
+        segs: Vec<(u64, u64)>,
+    },
 }
 
 impl Content {
@@ -154,18 +172,31 @@ impl<'a> Prepared<'a> {
         let mut stack = vec![FsTree::ROOT];
         let mut sorted_children: Vec<Vec<(usize, NodeId)>> = vec![Vec::new(); nodes.len()];
         while let Some(d) = stack.pop() {
-            let NodeKind::Dir(entries) = &nodes[d as usize].kind else { unreachable!() };
+            let NodeKind::Dir(entries) = &nodes[d as usize].kind else {
+                unreachable!()
+            };
             let mut kids: Vec<usize> = (0..entries.len()).collect();
             kids.sort_by(|&a, &b| entries[a].name.cmp(&entries[b].name));
             let mut subdirs = Vec::new();
             for (k, &i) in kids.iter().enumerate() {
                 let e = &entries[i];
                 let child = e.node;
-                let bad_path = || format!("{}/{}", path_of(tree, &parent, d).trim_end_matches('/'), String::from_utf8_lossy(&e.name));
+                let bad_path = || {
+                    format!(
+                        "{}/{}",
+                        path_of(tree, &parent, d).trim_end_matches('/'),
+                        String::from_utf8_lossy(&e.name)
+                    )
+                };
                 if e.name.len() > crate::MAX_NAME_LEN {
                     return Err(Error::NameTooLong { path: bad_path() });
                 }
-                if e.name.is_empty() || e.name == b"." || e.name == b".." || e.name.contains(&b'/') || e.name.contains(&0) {
+                if e.name.is_empty()
+                    || e.name == b"."
+                    || e.name == b".."
+                    || e.name.contains(&b'/')
+                    || e.name.contains(&0)
+                {
                     return Err(Error::InvalidName { name: bad_path() });
                 }
                 if k > 0 && entries[kids[k - 1]].name == e.name {
@@ -184,7 +215,10 @@ impl<'a> Prepared<'a> {
                 parent[child as usize] = d;
                 if ino_of[child as usize] == 0 {
                     ino_of[child as usize] = next;
-                    next = next.checked_add(1).ok_or(Error::TooManyFiles { needed: u64::MAX, available: 0 })?;
+                    next = next.checked_add(1).ok_or(Error::TooManyFiles {
+                        needed: u64::MAX,
+                        available: 0,
+                    })?;
                 }
                 order.push(child);
                 if matches!(nodes[child as usize].kind, NodeKind::Dir(_)) {
@@ -204,7 +238,9 @@ impl<'a> Prepared<'a> {
         }
 
         let dirents = |d: NodeId| -> Vec<Dirent<'_>> {
-            let NodeKind::Dir(entries) = &nodes[d as usize].kind else { unreachable!() };
+            let NodeKind::Dir(entries) = &nodes[d as usize].kind else {
+                unreachable!()
+            };
             sorted_children[d as usize]
                 .iter()
                 .map(|&(i, child)| Dirent {
@@ -231,29 +267,56 @@ impl<'a> Prepared<'a> {
                 ..Default::default()
             };
             if links[node as usize] > LINK_MAX && !matches!(n.kind, NodeKind::Dir(_)) {
-                return Err(Error::TooManyLinks { path: path(), links: links[node as usize] });
+                return Err(Error::TooManyLinks {
+                    path: path(),
+                    links: links[node as usize],
+                });
             }
             let content = match &n.kind {
                 NodeKind::Dir(_) => {
                     let mut kids = dirents(node);
                     if node == FsTree::ROOT && lost_found.is_none() {
-                        kids.push(Dirent { name: b"lost+found", ino: LOST_FOUND_INO, ftype: dir::FT_DIR });
+                        kids.push(Dirent {
+                            name: b"lost+found",
+                            ino: LOST_FOUND_INO,
+                            ftype: dir::FT_DIR,
+                        });
                     }
                     let subdirs = kids.iter().filter(|k| k.ftype == dir::FT_DIR).count() as u64;
-                    fields.links = if subdirs + 2 >= LINK_MAX { 1 } else { (subdirs + 2) as u16 };
-                    let parent_ino = if node == FsTree::ROOT { ROOT_INO } else { ino_of[parent[node as usize] as usize] };
-                    let (blocks, indexed) =
-                        dir::build(ino, parent_ino, &kids, &hash_seed, checksum::inode_seed(fs_seed, ino, 0));
+                    fields.links = if subdirs + 2 >= LINK_MAX {
+                        1
+                    } else {
+                        (subdirs + 2) as u16
+                    };
+                    let parent_ino = if node == FsTree::ROOT {
+                        ROOT_INO
+                    } else {
+                        ino_of[parent[node as usize] as usize]
+                    };
+                    let (blocks, indexed) = dir::build(
+                        ino,
+                        parent_ino,
+                        &kids,
+                        &hash_seed,
+                        checksum::inode_seed(fs_seed, ino, 0),
+                    );
                     fields.mode |= inode::S_IFDIR;
                     fields.size = blocks.len() as u64 * BLOCK_SIZE;
-                    fields.flags = inode::EXT4_EXTENTS_FL | if indexed { inode::EXT4_INDEX_FL } else { 0 };
+                    fields.flags =
+                        inode::EXT4_EXTENTS_FL | if indexed { inode::EXT4_INDEX_FL } else { 0 };
                     Content::Meta(blocks)
                 }
                 NodeKind::Symlink(target) => {
                     fields.mode |= inode::S_IFLNK;
                     fields.size = target.len() as u64;
-                    if target.is_empty() || target.len() > crate::MAX_SYMLINK_LEN || target.contains(&0) {
-                        return Err(Error::SymlinkTooLong { path: path(), len: target.len() });
+                    if target.is_empty()
+                        || target.len() > crate::MAX_SYMLINK_LEN
+                        || target.contains(&0)
+                    {
+                        return Err(Error::SymlinkTooLong {
+                            path: path(),
+                            len: target.len(),
+                        });
                     }
                     if target.len() < 60 {
                         let mut blk = [0u8; 60];
@@ -287,19 +350,33 @@ impl<'a> Prepared<'a> {
                     fields.size = f.size;
                     fields.flags = inode::EXT4_EXTENTS_FL;
                     if f.size.div_ceil(BLOCK_SIZE) >= u32::MAX as u64 {
-                        return Err(Error::FileTooLarge { path: path(), size: f.size });
+                        return Err(Error::FileTooLarge {
+                            path: path(),
+                            size: f.size,
+                        });
                     }
-                    let segs = file_segments(f).map_err(|why| Error::BadSegments { path: path(), why })?;
+                    let segs =
+                        file_segments(f).map_err(|why| Error::BadSegments { path: path(), why })?;
                     let object_len = match &f.segments {
                         None => f.size,
                         Some(s) => s.iter().map(|s| s.len).sum(),
                     };
-                    Content::Data { handle: f.handle, object_len, segs }
+                    Content::Data {
+                        handle: f.handle,
+                        object_len,
+                        segs,
+                    }
                 }
             };
             let enc = xattr::encode(&m.xattrs, &path)?;
             fields.inline_xattrs = enc.inline;
-            Ok(Ino { ino, fields, content, xattr_block: enc.block, is_dir: matches!(n.kind, NodeKind::Dir(_)) })
+            Ok(Ino {
+                ino,
+                fields,
+                content,
+                xattr_block: enc.block,
+                is_dir: matches!(n.kind, NodeKind::Dir(_)),
+            })
         };
 
         let mut inodes = Vec::with_capacity(by_ino.len() + 1);
@@ -312,7 +389,11 @@ impl<'a> Prepared<'a> {
             let node = n.expect("inode numbers are dense");
             inodes.push(make(node, LOST_FOUND_INO + i as u32)?);
         }
-        Ok(Prepared { opts, inodes, max_ino })
+        Ok(Prepared {
+            opts,
+            inodes,
+            max_ino,
+        })
     }
 
     /// Smallest device size that holds the tree with `inodes` inodes.
@@ -328,7 +409,8 @@ impl<'a> Prepared<'a> {
             let geo = match Geometry::new(size, inodes) {
                 Ok(g) => g,
                 Err(Error::TooManyInodes { .. }) if blocks < (1 << 32) => {
-                    blocks = blocks.max(inodes.div_ceil(BLOCKS_PER_GROUP) * BLOCKS_PER_GROUP) + BLOCKS_PER_GROUP;
+                    blocks = blocks.max(inodes.div_ceil(BLOCKS_PER_GROUP) * BLOCKS_PER_GROUP)
+                        + BLOCKS_PER_GROUP;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -357,7 +439,11 @@ impl<'a> Prepared<'a> {
                     (phys, left_in_run) = runs.next().expect("runs cover the content");
                 }
                 let len = n.min(left_in_run).min(extent::MAX_LEN);
-                out.push(Extent { logical: logical as u32, len: len as u16, physical: phys });
+                out.push(Extent {
+                    logical: logical as u32,
+                    len: len as u16,
+                    physical: phys,
+                });
                 logical += len;
                 phys += len;
                 n -= len;
@@ -375,9 +461,15 @@ impl<'a> Prepared<'a> {
             used.push((at, n));
             at
         }
-        let block_bitmaps: Vec<u64> = (0..geo.groups).map(|_| take(&mut a, &mut used, 1)).collect();
-        let inode_bitmaps: Vec<u64> = (0..geo.groups).map(|_| take(&mut a, &mut used, 1)).collect();
-        let inode_tables: Vec<u64> = (0..geo.groups).map(|_| take(&mut a, &mut used, geo.itable_blocks)).collect();
+        let block_bitmaps: Vec<u64> = (0..geo.groups)
+            .map(|_| take(&mut a, &mut used, 1))
+            .collect();
+        let inode_bitmaps: Vec<u64> = (0..geo.groups)
+            .map(|_| take(&mut a, &mut used, 1))
+            .collect();
+        let inode_tables: Vec<u64> = (0..geo.groups)
+            .map(|_| take(&mut a, &mut used, geo.itable_blocks))
+            .collect();
         let mut runs = Vec::with_capacity(self.inodes.len());
         for ino in &self.inodes {
             let r = a.runs(ino.content.blocks());
@@ -390,13 +482,29 @@ impl<'a> Prepared<'a> {
                 Content::Inline(_) => 0,
                 _ => extent::tree_blocks(self.extents(idx, r).len()),
             };
-            let at = if n > 0 { take(&mut a, &mut used, n as u64) } else { 0 };
+            let at = if n > 0 {
+                take(&mut a, &mut used, n as u64)
+            } else {
+                0
+            };
             tree_blocks.push((0..n as u64).map(|i| at + i).collect());
         }
-        let xattr_blocks =
-            self.inodes.iter().map(|i| i.xattr_block.as_ref().map(|_| take(&mut a, &mut used, 1))).collect();
+        let xattr_blocks = self
+            .inodes
+            .iter()
+            .map(|i| i.xattr_block.as_ref().map(|_| take(&mut a, &mut used, 1)))
+            .collect();
         used.sort_unstable();
-        Placement { block_bitmaps, inode_bitmaps, inode_tables, runs, tree_blocks, xattr_blocks, used, end: a.end() }
+        Placement {
+            block_bitmaps,
+            inode_bitmaps,
+            inode_tables,
+            runs,
+            tree_blocks,
+            xattr_blocks,
+            used,
+            end: a.end(),
+        }
     }
 
     fn emit(&self, geo: &Geometry, place: &Placement, size: u64, min_size: u64) -> Layout {
@@ -405,7 +513,8 @@ impl<'a> Prepared<'a> {
         let ipg = geo.inodes_per_group;
 
         // Inodes: final fields, content blocks, extent trees, xattr blocks.
-        let mut raw_inodes: Vec<(u32, [u8; INODE_SIZE as usize])> = Vec::with_capacity(self.inodes.len() + 1);
+        let mut raw_inodes: Vec<(u32, [u8; INODE_SIZE as usize])> =
+            Vec::with_capacity(self.inodes.len() + 1);
         raw_inodes.push((1, bad_blocks_inode(self.opts.timestamp, fs_seed)));
         for (idx, ino) in self.inodes.iter().enumerate() {
             let mut f = ino.fields.clone();
@@ -431,7 +540,9 @@ impl<'a> Prepared<'a> {
                                 out.meta(start, bytes);
                             }
                         }
-                        Content::Data { handle, object_len, .. } => {
+                        Content::Data {
+                            handle, object_len, ..
+                        } => {
                             let mut object_block = 0u64;
                             for &(start, len) in runs {
                                 let offset = object_block * BLOCK_SIZE;
@@ -439,7 +550,11 @@ impl<'a> Prepared<'a> {
                                 out.regions.push(Region {
                                     start,
                                     len,
-                                    kind: RegionKind::Data { handle: *handle, offset, data_len },
+                                    kind: RegionKind::Data {
+                                        handle: *handle,
+                                        offset,
+                                        data_len,
+                                    },
                                 });
                                 object_block += len;
                             }
@@ -536,7 +651,10 @@ impl<'a> Prepared<'a> {
         for (g, d) in descs.iter().enumerate() {
             d.encode(g as u32, fs_seed, &mut gdt[g * DESC_SIZE as usize..]);
         }
-        let totals = Totals { free_blocks, free_inodes };
+        let totals = Totals {
+            free_blocks,
+            free_inodes,
+        };
         for (start, _) in geo.super_ranges() {
             let g = start / BLOCKS_PER_GROUP;
             let mut b = vec![0u8; BS + gdt.len()];
@@ -576,7 +694,11 @@ impl<'a> Prepared<'a> {
 /// Data segments of a file as (first logical block, block count), validated.
 fn file_segments(f: &crate::FileData) -> Result<Vec<(u64, u64)>, &'static str> {
     let Some(segs) = &f.segments else {
-        return Ok(if f.size == 0 { Vec::new() } else { vec![(0, f.size.div_ceil(BLOCK_SIZE))] });
+        return Ok(if f.size == 0 {
+            Vec::new()
+        } else {
+            vec![(0, f.size.div_ceil(BLOCK_SIZE))]
+        });
     };
     let mut out = Vec::with_capacity(segs.len());
     let mut prev_end = 0;
@@ -610,9 +732,18 @@ fn set_bits(bm: &mut [u8], from: u64, to: u64) {
 }
 
 fn synthetic_lost_found(opts: &Options) -> Ino {
-    let t = Timestamp { sec: opts.timestamp, nsec: 0 };
+    let t = Timestamp {
+        sec: opts.timestamp,
+        nsec: 0,
+    };
     let seed = checksum::inode_seed(opts.checksum_seed, LOST_FOUND_INO, 0);
-    let (mut blocks, _) = dir::build(LOST_FOUND_INO, ROOT_INO, &[], &seed_words(&opts.hash_seed), seed);
+    let (mut blocks, _) = dir::build(
+        LOST_FOUND_INO,
+        ROOT_INO,
+        &[],
+        &seed_words(&opts.hash_seed),
+        seed,
+    );
     blocks.extend((1..LOST_FOUND_BLOCKS).map(|_| dir::empty_block(seed)));
     let fields = InodeFields {
         mode: inode::S_IFDIR | 0o700,
@@ -625,13 +756,28 @@ fn synthetic_lost_found(opts: &Options) -> Ino {
         flags: inode::EXT4_EXTENTS_FL,
         ..Default::default()
     };
-    Ino { ino: LOST_FOUND_INO, fields, content: Content::Meta(blocks), xattr_block: None, is_dir: true }
+    Ino {
+        ino: LOST_FOUND_INO,
+        fields,
+        content: Content::Meta(blocks),
+        xattr_block: None,
+        is_dir: true,
+    }
 }
 
 /// Inode 1 (bad blocks) as mke2fs writes it: empty, with times.
 fn bad_blocks_inode(timestamp: i64, fs_seed: u32) -> [u8; INODE_SIZE as usize] {
-    let t = Timestamp { sec: timestamp, nsec: 0 };
-    InodeFields { atime: t, ctime: t, mtime: t, ..Default::default() }.encode(1, fs_seed)
+    let t = Timestamp {
+        sec: timestamp,
+        nsec: 0,
+    };
+    InodeFields {
+        atime: t,
+        ctime: t,
+        mtime: t,
+        ..Default::default()
+    }
+    .encode(1, fs_seed)
 }
 
 /// Collects regions and the metadata bytes behind them.
@@ -648,7 +794,11 @@ impl Emitter {
         debug_assert_eq!(bytes.len() % BS, 0);
         let at = self.meta.len();
         self.meta.extend_from_slice(&bytes);
-        self.regions.push(Region { start, len: (bytes.len() / BS) as u64, kind: RegionKind::Meta { at } });
+        self.regions.push(Region {
+            start,
+            len: (bytes.len() / BS) as u64,
+            kind: RegionKind::Meta { at },
+        });
     }
 
     fn meta_shared(&mut self, start: u64, bytes: Vec<u8>) {
@@ -664,6 +814,10 @@ impl Emitter {
                 at
             }
         };
-        self.regions.push(Region { start, len: 1, kind: RegionKind::Meta { at } });
+        self.regions.push(Region {
+            start,
+            len: 1,
+            kind: RegionKind::Meta { at },
+        });
     }
 }

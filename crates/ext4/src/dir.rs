@@ -93,7 +93,18 @@ pub(crate) fn build(
     hash_seed: &[u32; 4],
     inode_seed: u32,
 ) -> (Vec<Vec<u8>>, bool) {
-    let dot = [Dirent { name: b".", ino, ftype: FT_DIR }, Dirent { name: b"..", ino: parent, ftype: FT_DIR }];
+    let dot = [
+        Dirent {
+            name: b".",
+            ino,
+            ftype: FT_DIR,
+        },
+        Dirent {
+            name: b"..",
+            ino: parent,
+            ftype: FT_DIR,
+        },
+    ];
     let mut linear: Vec<Dirent> = dot.to_vec();
     linear.extend(children.iter().cloned());
     let linear_len: usize = linear.iter().map(|e| rec_len(e.name.len())).sum();
@@ -129,8 +140,15 @@ pub(crate) fn build(
         })
         .collect();
 
-    let nodes = if leaves.len() > ROOT_LIMIT { leaves.len().div_ceil(NODE_LIMIT) } else { 0 };
-    assert!(nodes <= ROOT_LIMIT, "directory too large for a two-level htree");
+    let nodes = if leaves.len() > ROOT_LIMIT {
+        leaves.len().div_ceil(NODE_LIMIT)
+    } else {
+        0
+    };
+    assert!(
+        nodes <= ROOT_LIMIT,
+        "directory too large for a two-level htree"
+    );
     let first_leaf = 1 + nodes;
     let mut out = Vec::with_capacity(first_leaf + leaves.len());
 
@@ -142,7 +160,9 @@ pub(crate) fn build(
     root[24 + 5] = 8;
     root[24 + 6] = (nodes > 0) as u8;
     if nodes == 0 {
-        let entries: Vec<(u32, u32)> = (0..leaves.len()).map(|i| (leaf_hash[i], (first_leaf + i) as u32)).collect();
+        let entries: Vec<(u32, u32)> = (0..leaves.len())
+            .map(|i| (leaf_hash[i], (first_leaf + i) as u32))
+            .collect();
         write_dx(&mut root, 32, ROOT_LIMIT, &entries, inode_seed);
         out.push(root);
     } else {
@@ -152,7 +172,11 @@ pub(crate) fn build(
             .chunks(NODE_LIMIT)
             .map(|c| c.to_vec())
             .collect();
-        let root_entries: Vec<(u32, u32)> = groups.iter().enumerate().map(|(n, g)| (g[0].0, 1 + n as u32)).collect();
+        let root_entries: Vec<(u32, u32)> = groups
+            .iter()
+            .enumerate()
+            .map(|(n, g)| (g[0].0, 1 + n as u32))
+            .collect();
         write_dx(&mut root, 32, ROOT_LIMIT, &root_entries, inode_seed);
         out.push(root);
         for g in &groups {
@@ -190,19 +214,42 @@ mod tests {
 
     #[test]
     fn small_directory_is_one_linear_block() {
-        let kids = [Dirent { name: b"b", ino: 13, ftype: FT_REG }, Dirent { name: b"a", ino: 12, ftype: FT_REG }];
+        let kids = [
+            Dirent {
+                name: b"b",
+                ino: 13,
+                ftype: FT_REG,
+            },
+            Dirent {
+                name: b"a",
+                ino: 12,
+                ftype: FT_REG,
+            },
+        ];
         let (blocks, indexed) = build(2, 2, &kids, &[0; 4], 0);
         assert_eq!((blocks.len(), indexed), (1, false));
         // "." "..", then "a" before "b"; the last record spans to the tail.
         assert_eq!(&blocks[0][24 + 8..24 + 9], b"a");
-        assert_eq!(u16::from_le_bytes([blocks[0][36 + 4], blocks[0][36 + 5]]) as usize, LEAF_SPACE - 36);
+        assert_eq!(
+            u16::from_le_bytes([blocks[0][36 + 4], blocks[0][36 + 5]]) as usize,
+            LEAF_SPACE - 36
+        );
         assert_eq!(blocks[0][LEAF_SPACE + 7], 0xDE);
     }
 
     #[test]
     fn big_directories_get_an_index_level_when_the_root_overflows() {
-        let names: Vec<Vec<u8>> = (0..60_000).map(|i| format!("file-with-a-long-name-{i:08}").into_bytes()).collect();
-        let kids: Vec<Dirent> = names.iter().map(|n| Dirent { name: n, ino: 12, ftype: FT_REG }).collect();
+        let names: Vec<Vec<u8>> = (0..60_000)
+            .map(|i| format!("file-with-a-long-name-{i:08}").into_bytes())
+            .collect();
+        let kids: Vec<Dirent> = names
+            .iter()
+            .map(|n| Dirent {
+                name: n,
+                ino: 12,
+                ftype: FT_REG,
+            })
+            .collect();
         let (blocks, indexed) = build(2, 2, &kids, &[1, 2, 3, 4], 0);
         assert!(indexed);
         let leaves = 60_000usize.div_ceil(LEAF_SPACE / rec_len(30));

@@ -54,7 +54,11 @@ fn put_index(b: &mut [u8], logical: u32, child: u64) {
 
 /// The tree for `extents` (sorted, non-overlapping): the inode's `i_block` and the tree
 /// blocks, placed at `blocks` (exactly `tree_blocks(extents.len())` of them, leaves first).
-pub(crate) fn build(extents: &[Extent], blocks: &[u64], inode_seed: u32) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
+pub(crate) fn build(
+    extents: &[Extent],
+    blocks: &[u64],
+    inode_seed: u32,
+) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
     let mut root = [0u8; 60];
     let mut out = Vec::new();
     // (first logical block, location) of each node at the current level.
@@ -124,8 +128,13 @@ mod tests {
 
     #[test]
     fn two_level_tree_shape() {
-        let extents: Vec<Extent> =
-            (0..2000).map(|i| Extent { logical: i * 2, len: 1, physical: 1000 + i as u64 }).collect();
+        let extents: Vec<Extent> = (0..2000)
+            .map(|i| Extent {
+                logical: i * 2,
+                len: 1,
+                physical: 1000 + i as u64,
+            })
+            .collect();
         let n = tree_blocks(extents.len());
         let blocks: Vec<u64> = (0..n as u64).map(|i| 10 + i).collect();
         let (root, nodes) = build(&extents, &blocks, 0);

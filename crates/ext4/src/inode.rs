@@ -103,7 +103,8 @@ impl InodeFields {
         put32(&mut b, 0x8C, atime_x);
         put32(&mut b, 0x90, crtime);
         put32(&mut b, 0x94, crtime_x);
-        b[INLINE_XATTR_OFFSET..INLINE_XATTR_OFFSET + self.inline_xattrs.len()].copy_from_slice(&self.inline_xattrs);
+        b[INLINE_XATTR_OFFSET..INLINE_XATTR_OFFSET + self.inline_xattrs.len()]
+            .copy_from_slice(&self.inline_xattrs);
         let csum = checksum::inode(fs_seed, ino, 0, &b);
         put16(&mut b, 0x7C, csum as u16);
         put16(&mut b, 0x82, (csum >> 16) as u16);
@@ -118,7 +119,11 @@ pub(crate) fn device_block(major: u32, minor: u32) -> [u8; 60] {
     if major < 256 && minor < 256 {
         put32(&mut blk, 0, (major << 8) | minor);
     } else {
-        put32(&mut blk, 4, (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12));
+        put32(
+            &mut blk,
+            4,
+            (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12),
+        );
     }
     blk
 }
@@ -135,14 +140,23 @@ mod tests {
         let t = 2_208_988_800i64;
         assert_eq!(encode_time(Timestamp { sec: t, nsec: 0 }), (t as u32, 1));
         // 2446 and beyond clamp to the last representable second.
-        let (s, x) = encode_time(Timestamp { sec: 1 << 40, nsec: 0 });
-        assert_eq!((s as i32 as i64) + (((x & 3) as i64) << 32), (1 << 34) - (1 << 31) - 1);
+        let (s, x) = encode_time(Timestamp {
+            sec: 1 << 40,
+            nsec: 0,
+        });
+        assert_eq!(
+            (s as i32 as i64) + (((x & 3) as i64) << 32),
+            (1 << 34) - (1 << 31) - 1
+        );
     }
 
     #[test]
     fn device_numbers() {
         assert_eq!(&device_block(8, 1)[..8], &[1, 8, 0, 0, 0, 0, 0, 0]);
         let big = device_block(259, 300);
-        assert_eq!(u32::from_le_bytes(big[4..8].try_into().unwrap()), (300 & 0xff) | (259 << 8) | ((300 & !0xff) << 12));
+        assert_eq!(
+            u32::from_le_bytes(big[4..8].try_into().unwrap()),
+            (300 & 0xff) | (259 << 8) | ((300 & !0xff) << 12)
+        );
     }
 }

@@ -9,7 +9,11 @@ pub(crate) enum RegionKind {
     /// `len` blocks of metadata starting at byte `at` of `Layout::meta`.
     Meta { at: usize },
     /// Object bytes `offset..offset + data_len`; the region's blocks past `data_len` read as zeros.
-    Data { handle: DataHandle, offset: u64, data_len: u64 },
+    Data {
+        handle: DataHandle,
+        offset: u64,
+        data_len: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +54,11 @@ pub enum Piece<'a> {
     /// Generated metadata bytes.
     Meta(&'a [u8]),
     /// `len` bytes of the object behind `handle`, starting at `offset`.
-    Data { handle: DataHandle, offset: u64, len: u64 },
+    Data {
+        handle: DataHandle,
+        offset: u64,
+        len: u64,
+    },
     /// `len` zero bytes.
     Zero(u64),
 }
@@ -84,7 +92,12 @@ impl Layout {
         let block = offset / BLOCK_SIZE;
         // First region that ends after `block`.
         let idx = self.regions.partition_point(|r| r.start + r.len <= block);
-        Pieces { layout: self, pos: offset.min(end), end, idx }
+        Pieces {
+            layout: self,
+            pos: offset.min(end),
+            end,
+            idx,
+        }
     }
 
     /// Heap bytes held by this layout (metadata plus the region table).
@@ -127,10 +140,18 @@ impl<'a> Iterator for Pieces<'a> {
                 let from = at + within as usize;
                 Piece::Meta(&self.layout.meta[from..from + (upto - self.pos) as usize])
             }
-            RegionKind::Data { handle, offset, data_len } => {
+            RegionKind::Data {
+                handle,
+                offset,
+                data_len,
+            } => {
                 if within < data_len {
                     let len = (upto - self.pos).min(data_len - within);
-                    Piece::Data { handle, offset: offset + within, len }
+                    Piece::Data {
+                        handle,
+                        offset: offset + within,
+                        len,
+                    }
                 } else {
                     Piece::Zero(upto - self.pos)
                 }

@@ -30,7 +30,10 @@ mod xattr;
 pub use build::build;
 pub use error::Error;
 pub use layout::{Layout, Piece, Pieces, Stats};
-pub use tree::{DataHandle, DirEntry, FileData, FsTree, Metadata, Node, NodeId, NodeKind, Segment, Timestamp, Xattr};
+pub use tree::{
+    DataHandle, DirEntry, FileData, FsTree, Metadata, Node, NodeId, NodeKind, Segment, Timestamp,
+    Xattr,
+};
 
 /// The only block size we emit: 4 KiB, the page size, so image blocks align with object pages.
 pub const BLOCK_SIZE: u64 = 4096;

@@ -57,9 +57,16 @@ impl Geometry {
             blocks = groups * BLOCKS_PER_GROUP;
         }
         let max_ipg = BLOCKS_PER_GROUP; // one bitmap block
-        let ipg = inodes.div_ceil(groups).next_multiple_of(INODES_PER_BLOCK).max(INODES_PER_BLOCK);
+        let ipg = inodes
+            .div_ceil(groups)
+            .next_multiple_of(INODES_PER_BLOCK)
+            .max(INODES_PER_BLOCK);
         if ipg > max_ipg || ipg * groups > u32::MAX as u64 {
-            return Err(Error::TooManyInodes { inodes, groups, max: (max_ipg * groups).min(u32::MAX as u64) });
+            return Err(Error::TooManyInodes {
+                inodes,
+                groups,
+                max: (max_ipg * groups).min(u32::MAX as u64),
+            });
         }
         let log_groups_per_flex = (64 - (groups - 1).leading_zeros()).max(4) as u8;
         Ok(Geometry {
@@ -86,7 +93,10 @@ impl Geometry {
 
     /// Blocks at the start of each backup group taken by the superblock and GDT copy.
     pub fn super_ranges(&self) -> Vec<(u64, u64)> {
-        (0..self.groups).filter(|&g| has_super(g)).map(|g| (self.group_start(g), 1 + self.gdt_blocks)).collect()
+        (0..self.groups)
+            .filter(|&g| has_super(g))
+            .map(|g| (self.group_start(g), 1 + self.gdt_blocks))
+            .collect()
     }
 }
 
@@ -102,7 +112,11 @@ pub(crate) struct Allocator {
 impl Allocator {
     pub fn new(geo: &Geometry) -> Allocator {
         let reserved = geo.super_ranges();
-        let mut a = Allocator { next: 0, reserved, ri: 0 };
+        let mut a = Allocator {
+            next: 0,
+            reserved,
+            ri: 0,
+        };
         a.settle();
         a
     }
@@ -127,7 +141,9 @@ impl Allocator {
 
     /// Blocks until the next reserved range (unbounded past the last one).
     fn room(&self) -> u64 {
-        self.reserved.get(self.ri).map_or(u64::MAX, |&(s, _)| s - self.next)
+        self.reserved
+            .get(self.ri)
+            .map_or(u64::MAX, |&(s, _)| s - self.next)
     }
 
     /// `n` contiguous blocks.
@@ -204,7 +220,10 @@ mod tests {
 
     #[test]
     fn too_many_inodes_is_an_error() {
-        assert!(matches!(Geometry::new(16 << 20, 40_000), Err(Error::TooManyInodes { .. })));
+        assert!(matches!(
+            Geometry::new(16 << 20, 40_000),
+            Err(Error::TooManyInodes { .. })
+        ));
     }
 
     #[test]
@@ -212,7 +231,7 @@ mod tests {
         let g = Geometry::new(BLOCKS_PER_GROUP * 4 * BLOCK_SIZE, 64).unwrap();
         let mut a = Allocator::new(&g);
         assert_eq!(a.contiguous(1), 2); // after superblock + 1 GDT block
-        // Ends 100 blocks short of group 1's backup: a small file skips over it whole.
+                                        // Ends 100 blocks short of group 1's backup: a small file skips over it whole.
         let filler = BLOCKS_PER_GROUP - 100 - a.end();
         a.contiguous(filler);
         let runs = a.runs(500);

@@ -99,7 +99,15 @@ pub(crate) fn encode(geo: &Geometry, opts: &Options, totals: Totals, group: u64)
     put16(&mut s, 0x58, INODE_SIZE as u16);
     put16(&mut s, 0x5A, group as u16);
     put32(&mut s, 0x5C, COMPAT_EXT_ATTR | COMPAT_DIR_INDEX);
-    put32(&mut s, 0x60, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_CSUM_SEED);
+    put32(
+        &mut s,
+        0x60,
+        INCOMPAT_FILETYPE
+            | INCOMPAT_EXTENTS
+            | INCOMPAT_64BIT
+            | INCOMPAT_FLEX_BG
+            | INCOMPAT_CSUM_SEED,
+    );
     put32(
         &mut s,
         0x64,

@@ -67,8 +67,14 @@ pub enum NodeKind {
     /// Children in any order; names are unique, at most 255 bytes, without `/` or NUL.
     Dir(Vec<DirEntry>),
     Symlink(Vec<u8>),
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     Socket,
 }
@@ -131,15 +137,27 @@ impl FsTree {
 
     /// Add a directory entry `name` in `parent` naming the existing node `target`.
     pub fn link(&mut self, parent: NodeId, name: &[u8], target: NodeId) -> Result<(), Error> {
-        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
-            return Err(Error::InvalidName { name: String::from_utf8_lossy(name).into_owned() });
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(Error::InvalidName {
+                name: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         if name.len() > crate::MAX_NAME_LEN {
-            return Err(Error::NameTooLong { path: String::from_utf8_lossy(name).into_owned() });
+            return Err(Error::NameTooLong {
+                path: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         match &mut self.nodes[parent as usize].kind {
             NodeKind::Dir(entries) => {
-                entries.push(DirEntry { name: name.to_vec(), node: target });
+                entries.push(DirEntry {
+                    name: name.to_vec(),
+                    node: target,
+                });
                 Ok(())
             }
             _ => Err(Error::NotADirectory { node: parent }),

@@ -70,8 +70,14 @@ fn acl_to_disk(value: &[u8]) -> Option<Vec<u8>> {
 fn to_entries(xattrs: &[Xattr], path: &dyn Fn() -> String) -> Result<Vec<Entry>, Error> {
     let mut entries = Vec::with_capacity(xattrs.len());
     for x in xattrs {
-        let bad = || Error::XattrName { path: path(), name: String::from_utf8_lossy(&x.name).into_owned() };
-        let &(prefix, index) = PREFIXES.iter().find(|(p, _)| x.name.starts_with(p)).ok_or_else(bad)?;
+        let bad = || Error::XattrName {
+            path: path(),
+            name: String::from_utf8_lossy(&x.name).into_owned(),
+        };
+        let &(prefix, index) = PREFIXES
+            .iter()
+            .find(|(p, _)| x.name.starts_with(p))
+            .ok_or_else(bad)?;
         let name = x.name[prefix.len()..].to_vec();
         let value = if index == 2 || index == 3 {
             if !name.is_empty() {
@@ -137,7 +143,10 @@ pub(crate) fn encode(xattrs: &[Xattr], path: &dyn Fn() -> String) -> Result<Enco
     let mut inline = vec![0u8; INLINE_XATTR_SPACE];
     put32(&mut inline, 0, MAGIC);
     if lay_out(&mut inline, 4, INLINE_XATTR_SPACE, 4, &entries) {
-        return Ok(Encoded { inline, block: None });
+        return Ok(Encoded {
+            inline,
+            block: None,
+        });
     }
     let mut block = vec![0u8; BLOCK_SIZE as usize];
     if !lay_out(&mut block, BLOCK_HEADER, BLOCK_SIZE as usize, 0, &entries) {
@@ -146,13 +155,16 @@ pub(crate) fn encode(xattrs: &[Xattr], path: &dyn Fn() -> String) -> Result<Enco
     put32(&mut block, 0, MAGIC);
     put32(&mut block, 4, 1); // h_refcount
     put32(&mut block, 8, 1); // h_blocks
-    // h_hash (`ext4_xattr_rehash`): fold of the entry hashes.
+                             // h_hash (`ext4_xattr_rehash`): fold of the entry hashes.
     let mut hash: u32 = 0;
     for e in &entries {
         hash = (hash << 16) ^ (hash >> 16) ^ entry_hash(e);
     }
     put32(&mut block, 12, hash);
-    Ok(Encoded { inline: Vec::new(), block: Some(block) })
+    Ok(Encoded {
+        inline: Vec::new(),
+        block: Some(block),
+    })
 }
 
 /// Fill in the checksum of an xattr block once its location is known.
@@ -166,7 +178,10 @@ mod tests {
     use super::*;
 
     fn x(name: &str, value: &[u8]) -> Xattr {
-        Xattr { name: name.as_bytes().to_vec(), value: value.to_vec() }
+        Xattr {
+            name: name.as_bytes().to_vec(),
+            value: value.to_vec(),
+        }
     }
 
     #[test]
@@ -186,13 +201,22 @@ mod tests {
 
     #[test]
     fn unknown_namespace_is_rejected() {
-        assert!(matches!(encode(&[x("bogus.a", b"")], &|| "f".into()), Err(Error::XattrName { .. })));
+        assert!(matches!(
+            encode(&[x("bogus.a", b"")], &|| "f".into()),
+            Err(Error::XattrName { .. })
+        ));
     }
 
     #[test]
     fn acl_conversion_shortens_owner_entries() {
         let mut v = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(1u16, 6u16, u32::MAX), (2, 4, 1000), (4, 4, u32::MAX), (0x10, 4, u32::MAX), (0x20, 0, u32::MAX)] {
+        for (tag, perm, id) in [
+            (1u16, 6u16, u32::MAX),
+            (2, 4, 1000),
+            (4, 4, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
             v.extend_from_slice(&tag.to_le_bytes());
             v.extend_from_slice(&perm.to_le_bytes());
             v.extend_from_slice(&id.to_le_bytes());

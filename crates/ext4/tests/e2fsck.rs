@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use tessera_ext4::{NodeKind, FsTree};
+use tessera_ext4::{FsTree, NodeKind};
 
 #[test]
 fn empty_tree() {
@@ -28,8 +28,21 @@ fn every_kind_of_node() {
     fx.tree.link(FsTree::ROOT, b"hardlink", f).unwrap();
     fx.symlink(FsTree::ROOT, "fast", "dir/hello.txt");
     fx.symlink(FsTree::ROOT, "slow", &"x/".repeat(100));
-    fx.node(FsTree::ROOT, "null", NodeKind::CharDev { major: 1, minor: 3 }, 0o666);
-    fx.node(FsTree::ROOT, "sda", NodeKind::BlockDev { major: 259, minor: 70000 }, 0o660);
+    fx.node(
+        FsTree::ROOT,
+        "null",
+        NodeKind::CharDev { major: 1, minor: 3 },
+        0o666,
+    );
+    fx.node(
+        FsTree::ROOT,
+        "sda",
+        NodeKind::BlockDev {
+            major: 259,
+            minor: 70000,
+        },
+        0o660,
+    );
     fx.node(FsTree::ROOT, "fifo", NodeKind::Fifo, 0o644);
     fx.node(FsTree::ROOT, "sock", NodeKind::Socket, 0o755);
     fx.xattr(f, "user.small", b"1");
