@@ -1,1 +1,49 @@
-//! NBD protocol (see issue 3).
+//! An NBD (Network Block Device) server, generic over a block device.
+//!
+//! The protocol is `doc/proto.md` of NetworkBlockDevice/nbd: fixed newstyle
+//! negotiation with INFO/GO, structured replies, `base:allocation` block
+//! status, STARTTLS and extended headers.
+//!
+//! Layout, one concept per file:
+//! - [`proto`]: wire constants; [`option`] and [`request`]: pure decoders
+//!   (no I/O, tested and fuzzed on byte slices); [`reply`]: encoders.
+//! - `handshake` and `transmission`: the two protocol phases over a stream;
+//!   [`server`]: listeners, connection limit, shutdown; [`tls`]: credentials.
+//! - [`device`]: the trait a backend implements; [`exports`]: name lookup;
+//!   [`MemDevice`] and [`FileDevice`]: reference backends.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use std::sync::Arc;
+//! use tessera_nbd::{run, Config, ExportMap, FileDevice};
+//! let mut exports = ExportMap::new();
+//! exports.insert("disk", Arc::new(FileDevice::open("disk.img", false)?));
+//! let listener = tokio::net::UnixListener::bind("/tmp/nbd.sock")?;
+//! run(listener, Arc::new(exports), Config::default(), tokio::signal::ctrl_c()).await;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod exports;
+mod file;
+mod handshake;
+mod io;
+mod mem;
+pub mod option;
+pub mod proto;
+pub mod reply;
+pub mod request;
+pub mod server;
+pub mod tls;
+mod transmission;
+
+pub use config::{BlockSize, Config, TlsMode};
+pub use device::{Device, Extent, ZeroFlags};
+pub use error::{OptionError, RequestError, SessionError, TlsConfigError};
+pub use exports::{Export, ExportInfo, ExportMap, Exports};
+pub use file::FileDevice;
+pub use mem::MemDevice;
+pub use server::{run, run_all, Listener};
+pub use transmission::EndReason;

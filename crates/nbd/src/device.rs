@@ -1,0 +1,131 @@
+//! The block-device trait the server is generic over.
+//!
+//! Modelled on nbdkit's plugin interface: a backend answers a handful of calls
+//! and declares its capabilities; the server owns sockets, negotiation and
+//! request validation, so a device never sees an out-of-range request.
+//!
+//! Calls are synchronous because the devices we serve are backed by `pread`
+//! or mmap; the server runs them on blocking threads.
+
+use std::io;
+
+/// Allocation state of a range, as reported by NBD_CMD_BLOCK_STATUS
+/// (`base:allocation`) and used to send holes in structured reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Extent {
+    /// Allocated, contents unknown: read it.
+    Data,
+    /// Allocated and reads as zeroes (`NBD_STATE_ZERO`).
+    Zero,
+    /// Not allocated and reads as zeroes (`NBD_STATE_HOLE | NBD_STATE_ZERO`).
+    Hole,
+}
+
+impl Extent {
+    /// `base:allocation` status flags for this extent.
+    pub fn status_flags(self) -> u32 {
+        use crate::proto::{STATE_HOLE, STATE_ZERO};
+        match self {
+            Extent::Data => 0,
+            Extent::Zero => STATE_ZERO,
+            Extent::Hole => STATE_HOLE | STATE_ZERO,
+        }
+    }
+
+    /// True if the range reads as zeroes without looking at it.
+    pub fn is_zero(self) -> bool {
+        !matches!(self, Extent::Data)
+    }
+}
+
+/// Flags of NBD_CMD_WRITE_ZEROES, translated out of wire bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The device may deallocate (the client did not send NO_HOLE).
+    pub may_trim: bool,
+    /// Fail with `ErrorKind::Unsupported` unless zeroing is faster than writing.
+    pub fast: bool,
+    /// Persist before returning.
+    pub fua: bool,
+}
+
+fn read_only() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+fn unsupported() -> io::Error {
+    io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+}
+
+/// A block device exported over NBD.
+///
+/// Only `size` and `read_at` are required; the defaults describe a read-only
+/// device without flush/trim/zero/cache whose contents are all data. A device
+/// that overrides a `can_*` capability must also override the matching call.
+pub trait Device: Send + Sync + 'static {
+    /// Size in bytes. Constant for the life of a connection.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`. The server guarantees
+    /// `offset + buf.len() <= size()`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Free text shown to clients (NBD_INFO_DESCRIPTION, `nbdinfo`).
+    fn description(&self) -> Option<String> {
+        None
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn can_flush(&self) -> bool {
+        false
+    }
+    /// FUA on writes; only meaningful for writable devices.
+    fn can_fua(&self) -> bool {
+        self.can_flush()
+    }
+    fn can_trim(&self) -> bool {
+        false
+    }
+    fn can_zero(&self) -> bool {
+        false
+    }
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+    /// True if every connection sees the same data and flushes are global,
+    /// which holds for any device without a per-connection cache. The kernel
+    /// client refuses multiple connections without it.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn can_cache(&self) -> bool {
+        false
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Err(unsupported())
+    }
+    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+        Err(unsupported())
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> io::Result<()> {
+        Err(unsupported())
+    }
+    /// Prefetch hint (NBD_CMD_CACHE).
+    fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Allocation map of `[offset, offset+len)` as consecutive `(length,
+    /// state)` runs starting at `offset`. The runs must be non-empty and may
+    /// stop short of `len` (the client asks again) or run past it; the
+    /// server clips them.
+    fn extents(&self, _offset: u64, len: u64) -> io::Result<Vec<(u64, Extent)>> {
+        Ok(vec![(len, Extent::Data)])
+    }
+}
