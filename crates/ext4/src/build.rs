@@ -39,16 +39,17 @@ pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
             });
         }
     }
-    let min_inodes = opts
-        .inodes
-        .map_or(needed_inodes + needed_inodes / 4 + 64, u64::from);
-    let min_size = prep.min_size(min_inodes)?;
-    let size = opts.size.unwrap_or_else(|| Options::default_size(min_size));
-    let geo = match opts.inodes {
-        Some(n) => Geometry::new(size, n as u64)?,
-        None => Geometry::new(size, min_inodes.max(size / 16384))
-            .or_else(|_| Geometry::new(size, needed_inodes))?,
+    // One rule for the inode count at a given size, used both to find the minimum size
+    // and for the final geometry, so the minimum we report really fits.
+    let headroom = needed_inodes + needed_inodes / 4 + 64;
+    let geometry_for = |size: u64| match opts.inodes {
+        Some(n) => Geometry::new(size, n as u64),
+        None => Geometry::new(size, headroom.max(size / 16384))
+            .or_else(|_| Geometry::new(size, needed_inodes)),
     };
+    let min_size = prep.min_size(&geometry_for)?;
+    let size = opts.size.unwrap_or_else(|| Options::default_size(min_size));
+    let geo = geometry_for(size)?;
     if geo.inodes() < needed_inodes {
         return Err(Error::TooManyFiles {
             needed: needed_inodes,
@@ -396,19 +397,23 @@ impl<'a> Prepared<'a> {
         })
     }
 
-    /// Smallest device size that holds the tree with `inodes` inodes.
-    fn min_size(&self, inodes: u64) -> Result<u64, Error> {
+    /// Smallest device size that holds the tree, with inode counts from `geometry_for`.
+    fn min_size(
+        &self,
+        geometry_for: &dyn Fn(u64) -> Result<Geometry, Error>,
+    ) -> Result<u64, Error> {
         let content: u64 = self
             .inodes
             .iter()
             .map(|i| i.content.blocks() + i.xattr_block.is_some() as u64)
             .sum();
-        let mut blocks = 2 + content + (inodes * INODE_SIZE).div_ceil(BLOCK_SIZE) + 2;
+        let mut blocks = 2 + content + (self.max_ino as u64 * INODE_SIZE).div_ceil(BLOCK_SIZE) + 2;
         loop {
             let size = blocks * BLOCK_SIZE;
-            let geo = match Geometry::new(size, inodes) {
+            let geo = match geometry_for(size) {
                 Ok(g) => g,
-                Err(Error::TooManyInodes { .. }) if blocks < (1 << 32) => {
+                Err(Error::TooManyInodes { inodes, .. }) if blocks < (1 << 32) => {
+                    // Too few groups for the inodes: grow by whole groups.
                     blocks = blocks.max(inodes.div_ceil(BLOCKS_PER_GROUP) * BLOCKS_PER_GROUP)
                         + BLOCKS_PER_GROUP;
                     continue;
