@@ -2,6 +2,7 @@
 //! binary, a fixture tree with every kind of entry, and snapshots of trees to compare.
 #![allow(dead_code)]
 
+pub mod ext4view;
 pub mod fixture;
 pub mod snapshot;
 
