@@ -8,5 +8,6 @@ pub mod cli;
 pub mod demo;
 pub mod image;
 pub mod import;
+pub mod serve;
 pub mod store;
 pub mod tree;

@@ -43,7 +43,8 @@ enum Command {
     Store(store::StoreCmd),
     /// Create a small demo image in the store and export it to a raw file
     Demo(demo::DemoArgs),
-    // ── NBD frontend: add `Serve(...)` here and its arm in `run` below. ──
+    /// Serve images over NBD (Unix socket and/or TCP) until SIGINT/SIGTERM
+    Serve(crate::serve::ServeArgs),
 }
 
 /// Entry point of the binary.
@@ -69,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => image::run(&store, cmd),
         Command::Store(cmd) => store::run(&store, cmd),
         Command::Demo(args) => demo::run(&store, args),
+        Command::Serve(args) => crate::serve::run(&store, args),
     }
 }
 

@@ -1,0 +1,72 @@
+//! A synthesized image as an NBD device.
+
+use std::io;
+
+use tessera_nbd::{Device, Extent};
+
+use crate::blockdev::ImageDevice;
+use crate::image::ImageRecord;
+use crate::store::Store;
+
+/// An [`ImageDevice`] plus what clients are told about it.
+pub struct ImageExport {
+    dev: ImageDevice,
+    description: String,
+}
+
+impl ImageExport {
+    /// Synthesizes `name` (computes its layout): the expensive step, done
+    /// once per image and shared by every connection.
+    pub fn open(store: &Store, name: &str) -> anyhow::Result<Self> {
+        let record = crate::image::load(store, name)?;
+        let dev = ImageDevice::open(store, name)?;
+        Ok(ImageExport {
+            description: describe(&record),
+            dev,
+        })
+    }
+}
+
+/// One line for NBD_INFO_DESCRIPTION and `nbdinfo`.
+pub fn describe(record: &ImageRecord) -> String {
+    let label = if record.label.is_empty() {
+        String::new()
+    } else {
+        format!(" label {:?},", record.label)
+    };
+    format!(
+        "tessera ext4 image {:?}:{label} {} tree(s), uuid {}",
+        record.name,
+        record.trees.len(),
+        crate::image::format_uuid(&record.uuid)
+    )
+}
+
+impl Device for ImageExport {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+
+    fn description(&self) -> Option<String> {
+        Some(self.description.clone())
+    }
+
+    // Read-only, no cache of our own: every connection sees the same bytes,
+    // so multi-conn is safe (the kernel client needs it for >1 connection).
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, Extent)>> {
+        Ok(self
+            .dev
+            .extents(offset, len)?
+            .into_iter()
+            .map(|e| (e.len, if e.zero { Extent::Hole } else { Extent::Data }))
+            .collect())
+    }
+}

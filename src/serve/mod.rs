@@ -1,0 +1,173 @@
+//! `tessera serve`: the store's images over NBD.
+//!
+//! Each image is synthesized (its layout computed) the first time a client
+//! opens it and then shared by all connections; nothing is written anywhere.
+//! The protocol lives in the `tessera-nbd` crate; this module wires the store
+//! to it: export lookup ([`exports`]), the device adapter ([`device`]) and
+//! listen addresses ([`listen`]).
+
+mod device;
+mod exports;
+mod listen;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use tessera_nbd::{Config, TlsMode};
+
+pub use device::ImageExport;
+pub use exports::StoreExports;
+pub use listen::ListenAddr;
+
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsArg {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// TLS offered; plain-text clients are still served.
+    On,
+    /// Clients must upgrade with STARTTLS before anything else.
+    Require,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen: unix:PATH or tcp:ADDR:PORT; repeatable
+    /// [default: unix:STORE/run/nbd.sock]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<ListenAddr>,
+    /// Export only this image; repeatable [default: every image in the store]
+    #[arg(long, value_name = "NAME")]
+    pub export: Vec<String>,
+    /// Connections served at once; more wait in the listen queue
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_connections: usize,
+    /// TLS policy (like nbdkit --tls)
+    #[arg(long, value_enum, default_value_t = TlsArg::Off)]
+    pub tls: TlsArg,
+    /// PEM certificate chain for TLS
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Do not offer NBD extended headers (64-bit requests)
+    #[arg(long)]
+    pub no_extended_headers: bool,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let tls = tls_mode(&args)?;
+    let tls_on = !matches!(tls, TlsMode::Off);
+
+    let names = if args.export.is_empty() {
+        store
+            .list_images()
+            .context("cannot list the store's images")?
+    } else {
+        for name in &args.export {
+            crate::image::load(store, name)
+                .with_context(|| format!("cannot export image {name:?}"))?;
+        }
+        args.export.clone()
+    };
+    // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
+    let default = (names.len() == 1).then(|| names[0].clone());
+    let only = (!args.export.is_empty()).then(|| args.export.clone());
+    let exports = Arc::new(StoreExports::new(store.clone(), only, default));
+
+    let listen = if args.listen.is_empty() {
+        vec![ListenAddr::Unix(store.root().join("run").join("nbd.sock"))]
+    } else {
+        args.listen.clone()
+    };
+    let config = Config {
+        max_connections: args.max_connections,
+        tls,
+        extended_headers: !args.no_extended_headers,
+        ..Config::default()
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tessera-serve")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut listeners = Vec::new();
+        for addr in &listen {
+            listeners.push(addr.bind().await?);
+        }
+        print_banner(&listen, &names, tls_on);
+        tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
+        for addr in &listen {
+            addr.cleanup();
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tls_mode(args: &ServeArgs) -> anyhow::Result<TlsMode> {
+    if args.tls == TlsArg::Off {
+        if args.tls_cert.is_some() || args.tls_key.is_some() {
+            bail!("--tls-cert/--tls-key given but --tls is off; add --tls on or --tls require");
+        }
+        return Ok(TlsMode::Off);
+    }
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        bail!(
+            "--tls {:?} needs --tls-cert FILE and --tls-key FILE",
+            args.tls
+        );
+    };
+    let acceptor =
+        tessera_nbd::tls::load_acceptor(cert, key).context("cannot load TLS credentials")?;
+    Ok(match args.tls {
+        TlsArg::On => TlsMode::On(acceptor),
+        _ => TlsMode::Require(acceptor),
+    })
+}
+
+/// Ready-to-paste client commands, on stdout so scripts can pick them up.
+fn print_banner(listen: &[ListenAddr], names: &[String], tls: bool) {
+    for addr in listen {
+        println!("listening on {addr}");
+    }
+    if names.is_empty() {
+        println!("no images in the store yet: create one with `tessera image create`");
+    }
+    let addr = &listen[0];
+    for name in names {
+        let uri = addr.uri(name, tls);
+        println!();
+        println!("export {name}:");
+        println!("  nbdinfo '{uri}'");
+        println!("  nbdcopy '{uri}' {name}.img");
+        println!("  mkdir -p /tmp/{name} && nbdfuse -r /tmp/{name}/disk.img '{uri}' &");
+        println!("  qemu-system-x86_64 -drive 'file={uri},format=raw,readonly=on' …");
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("shutting down");
+}
