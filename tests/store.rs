@@ -23,11 +23,17 @@ fn reimporting_stores_nothing_new_and_gives_the_same_tree() {
     common::fixture::build(&src, false);
     let first = env.import(&src);
     let objects = env.files("objects");
-    let mtimes: Vec<_> = objects.iter().map(|p| fs::metadata(p).unwrap().modified().unwrap()).collect();
+    let mtimes: Vec<_> = objects
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().modified().unwrap())
+        .collect();
     let second = env.import(&src);
     assert_eq!(first, second, "an unchanged tree must get the same id");
     assert_eq!(env.files("objects"), objects);
-    let again: Vec<_> = objects.iter().map(|p| fs::metadata(p).unwrap().modified().unwrap()).collect();
+    let again: Vec<_> = objects
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().modified().unwrap())
+        .collect();
     assert_eq!(mtimes, again, "existing objects must not be rewritten");
     assert_eq!(env.files("trees").len(), 1);
 }
@@ -35,7 +41,11 @@ fn reimporting_stores_nothing_new_and_gives_the_same_tree() {
 #[test]
 fn identical_content_is_stored_once() {
     let env = Env::new();
-    let src = small_tree(&env, "src", &[("a", b"same bytes"), ("b", b"same bytes"), ("c", b"other")]);
+    let src = small_tree(
+        &env,
+        "src",
+        &[("a", b"same bytes"), ("b", b"same bytes"), ("c", b"other")],
+    );
     env.import(&src);
     // "same bytes", "other" (no empty object: no empty file).
     assert_eq!(env.files("objects").len(), 2);
@@ -49,8 +59,14 @@ fn objects_are_named_by_blake3_read_only_and_leave_no_temporaries() {
     let objects = env.files("objects");
     assert_eq!(objects.len(), 1);
     let hex = blake3::hash(b"content").to_hex().to_string();
-    assert!(objects[0].ends_with(format!("objects/{}/{}", &hex[..2], &hex[2..])), "{objects:?}");
-    assert_eq!(fs::metadata(&objects[0]).unwrap().permissions().mode() & 0o777, 0o444);
+    assert!(
+        objects[0].ends_with(format!("objects/{}/{}", &hex[..2], &hex[2..])),
+        "{objects:?}"
+    );
+    assert_eq!(
+        fs::metadata(&objects[0]).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
     assert!(env.files("tmp").is_empty());
 }
 
@@ -67,7 +83,11 @@ fn verify_passes_on_a_healthy_store() {
 #[test]
 fn verify_detects_a_corrupted_object() {
     let env = Env::new();
-    let src = small_tree(&env, "src", &[("a", b"precious data"), ("b", b"other data")]);
+    let src = small_tree(
+        &env,
+        "src",
+        &[("a", b"precious data"), ("b", b"other data")],
+    );
     env.import(&src);
     let hex = blake3::hash(b"precious data").to_hex().to_string();
     let victim = env.store.join("objects").join(&hex[..2]).join(&hex[2..]);
@@ -75,7 +95,10 @@ fn verify_detects_a_corrupted_object() {
     fs::write(&victim, b"precious dat4").unwrap();
     let out = env.fails(&["store", "verify"]);
     assert!(out.contains(&format!("object {hex} is corrupt")), "{out}");
-    assert!(out.contains("1 problems"), "only the damaged object is reported: {out}");
+    assert!(
+        out.contains("1 problems"),
+        "only the damaged object is reported: {out}"
+    );
 }
 
 #[test]
@@ -87,18 +110,32 @@ fn verify_detects_a_missing_object_and_a_missing_tree() {
     let hex = blake3::hash(b"will vanish").to_hex().to_string();
     fs::remove_file(env.store.join("objects").join(&hex[..2]).join(&hex[2..])).unwrap();
     let out = env.fails(&["store", "verify"]);
-    assert!(out.contains(&format!("names missing object {hex}")), "{out}");
+    assert!(
+        out.contains(&format!("names missing object {hex}")),
+        "{out}"
+    );
 
     fs::remove_file(env.store.join("trees").join(&tree[..2]).join(&tree[2..])).unwrap();
     let out = env.fails(&["store", "verify"]);
-    assert!(out.contains(&format!("image \"img\" names missing tree {tree}")), "{out}");
+    assert!(
+        out.contains(&format!("image \"img\" names missing tree {tree}")),
+        "{out}"
+    );
 }
 
 #[test]
 fn gc_removes_only_unreferenced_objects_and_trees() {
     let env = Env::new();
-    let kept = small_tree(&env, "kept", &[("shared", b"shared"), ("mine", b"kept only")]);
-    let dropped = small_tree(&env, "dropped", &[("shared", b"shared"), ("mine", b"dropped only")]);
+    let kept = small_tree(
+        &env,
+        "kept",
+        &[("shared", b"shared"), ("mine", b"kept only")],
+    );
+    let dropped = small_tree(
+        &env,
+        "dropped",
+        &[("shared", b"shared"), ("mine", b"dropped only")],
+    );
     let kept_tree = env.import(&kept);
     env.ok(&["image", "create", "keep", "--tree", &kept_tree]);
     let dropped_tree = env.import(&dropped);
@@ -110,14 +147,26 @@ fn gc_removes_only_unreferenced_objects_and_trees() {
     assert_eq!(env.files("objects").len(), 3);
 
     let out = env.ok(&["store", "gc"]);
-    assert!(out.contains("removed 1 objects") && out.contains("1 trees") && out.contains("1 temporary"), "{out}");
+    assert!(
+        out.contains("removed 1 objects") && out.contains("1 trees") && out.contains("1 temporary"),
+        "{out}"
+    );
     let hex = |d: &[u8]| blake3::hash(d).to_hex().to_string();
-    let names: Vec<String> = env.files("objects").iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = env
+        .files("objects")
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     assert!(names.contains(&hex(b"shared")[2..].to_owned()));
     assert!(names.contains(&hex(b"kept only")[2..].to_owned()));
     assert!(!names.contains(&hex(b"dropped only")[2..].to_owned()));
     assert!(env.files("tmp").is_empty());
-    assert!(!env.store.join("trees").join(&dropped_tree[..2]).join(&dropped_tree[2..]).exists());
+    assert!(!env
+        .store
+        .join("trees")
+        .join(&dropped_tree[..2])
+        .join(&dropped_tree[2..])
+        .exists());
     env.ok(&["store", "verify"]);
 
     // Removing the last image makes everything garbage.

@@ -31,12 +31,14 @@ impl Ext4Read for DeviceReader {
 /// Load a raw image file.
 pub fn load_file(path: &Path) -> Ext4 {
     let file = std::fs::File::open(path).expect("open image");
-    Ext4::load(Box::new(FileReader(file))).unwrap_or_else(|e| panic!("ext4-view rejects {}: {e}", path.display()))
+    Ext4::load(Box::new(FileReader(file)))
+        .unwrap_or_else(|e| panic!("ext4-view rejects {}: {e}", path.display()))
 }
 
 /// Load an image straight from the shared read path, without exporting it.
 pub fn load_device(dev: ImageDevice) -> Ext4 {
-    Ext4::load(Box::new(DeviceReader(dev))).unwrap_or_else(|e| panic!("ext4-view rejects the device: {e}"))
+    Ext4::load(Box::new(DeviceReader(dev)))
+        .unwrap_or_else(|e| panic!("ext4-view rejects the device: {e}"))
 }
 
 /// What `ext4-view` can tell about an entry (no xattrs, devices numbers or link counts).
@@ -60,7 +62,9 @@ pub fn snapshot(fs: &Ext4) -> BTreeMap<Vec<u8>, ViewInfo> {
     out.insert(Vec::new(), info(fs, b"/", &root));
     let mut stack = vec![b"/".to_vec()];
     while let Some(dir) = stack.pop() {
-        let entries = fs.read_dir(dir.as_slice()).unwrap_or_else(|e| panic!("read_dir {:?}: {e}", String::from_utf8_lossy(&dir)));
+        let entries = fs
+            .read_dir(dir.as_slice())
+            .unwrap_or_else(|e| panic!("read_dir {:?}: {e}", String::from_utf8_lossy(&dir)));
         for entry in entries {
             let entry = entry.expect("dir entry");
             let name = entry.file_name().as_ref().to_vec();
@@ -95,9 +99,11 @@ fn info(fs: &Ext4, path: &[u8], meta: &Metadata) -> ViewInfo {
     } else {
         "socket"
     };
-    let content = ft
-        .is_regular_file()
-        .then(|| blake3::hash(&fs.read(path).expect("read file")).to_hex().to_string());
+    let content = ft.is_regular_file().then(|| {
+        blake3::hash(&fs.read(path).expect("read file"))
+            .to_hex()
+            .to_string()
+    });
     let target = ft
         .is_symlink()
         .then(|| fs.read_link(path).expect("read_link").as_ref().to_vec());
@@ -106,11 +112,17 @@ fn info(fs: &Ext4, path: &[u8], meta: &Metadata) -> ViewInfo {
         mode: u32::from(meta.mode()),
         uid: meta.uid(),
         gid: meta.gid(),
-        size: (!ft.is_dir()).then(|| meta.len()),
+        size: (!ft.is_dir()).then_some(meta.len()),
         content,
         target,
-        atime: (meta.accessed().seconds(), i64::from(meta.accessed().nanoseconds())),
-        mtime: (meta.modified().seconds(), i64::from(meta.modified().nanoseconds())),
+        atime: (
+            meta.accessed().seconds(),
+            i64::from(meta.accessed().nanoseconds()),
+        ),
+        mtime: (
+            meta.modified().seconds(),
+            i64::from(meta.modified().nanoseconds()),
+        ),
     }
 }
 
@@ -142,12 +154,19 @@ pub fn assert_same(expected: &BTreeMap<Vec<u8>, ViewInfo>, actual: &BTreeMap<Vec
         let shown = String::from_utf8_lossy(path);
         match actual.get(path) {
             None => diffs.push(format!("{shown:?}: missing")),
-            Some(a) if a != e => diffs.push(format!("{shown:?}:\n  expected {e:?}\n  actual   {a:?}")),
+            Some(a) if a != e => {
+                diffs.push(format!("{shown:?}:\n  expected {e:?}\n  actual   {a:?}"))
+            }
             Some(_) => {}
         }
     }
     for path in actual.keys().filter(|p| !expected.contains_key(*p)) {
         diffs.push(format!("{:?}: unexpected", String::from_utf8_lossy(path)));
     }
-    assert!(diffs.is_empty(), "{} differences:\n{}", diffs.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }

@@ -10,13 +10,17 @@ use std::path::Path;
 pub const MTIME: (i64, i64) = (1_600_000_000, 123_456_789);
 pub const OLD: (i64, i64) = (-1_000, 500_000_000);
 pub const FUTURE: (i64, i64) = (4_102_444_800, 999_999_999);
+/// Repeated 60 times: a 300-byte symlink target.
+pub const LONG_TARGET: &str = "long/";
 
 /// Build the fixture under `root` (which must not exist). With `root_only`, also what needs
 /// root: device nodes, foreign owners and `security.capability`.
 pub fn build(root: &Path, root_only: bool) {
     let dir = |p: &str| fs::create_dir_all(root.join(p)).unwrap();
     let write = |p: &str, data: &[u8]| fs::write(root.join(p), data).unwrap();
-    let chmod = |p: &str, mode: u32| fs::set_permissions(root.join(p), fs::Permissions::from_mode(mode)).unwrap();
+    let chmod = |p: &str, mode: u32| {
+        fs::set_permissions(root.join(p), fs::Permissions::from_mode(mode)).unwrap()
+    };
 
     dir("");
     dir("files");
@@ -36,7 +40,10 @@ pub fn build(root: &Path, root_only: bool) {
     write("ünïcödé/名前.txt", "多くの言葉\n".as_bytes());
     write("many/.hidden", b"h");
     for i in 0..300 {
-        write(&format!("many/file-{i:04}-with-a-longer-name-to-fill-blocks"), format!("{i}\n").as_bytes());
+        write(
+            &format!("many/file-{i:04}-with-a-longer-name-to-fill-blocks"),
+            format!("{i}\n").as_bytes(),
+        );
     }
     let bad_name = root.join(OsStr::from_bytes(b"files/bad\xffname"));
     fs::write(bad_name, b"not utf-8 name\n").unwrap();
@@ -47,32 +54,56 @@ pub fn build(root: &Path, root_only: bool) {
     sparse.set_len(size).unwrap();
     use std::os::unix::fs::FileExt;
     sparse.write_all_at(&[0xaa; 4096], 0).unwrap();
-    sparse.write_all_at(&pseudo_random(10_000), 5 << 20).unwrap();
+    sparse
+        .write_all_at(&pseudo_random(10_000), 5 << 20)
+        .unwrap();
     sparse.write_all_at(b"tail", size - 4).unwrap();
     drop(sparse);
-    fs::File::create(root.join("files/all-hole")).unwrap().set_len(1 << 20).unwrap();
+    fs::File::create(root.join("files/all-hole"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
 
     // Hardlinks across directories.
-    fs::hard_link(root.join("files/hello.txt"), root.join("other/deeper/hello-link")).unwrap();
+    fs::hard_link(
+        root.join("files/hello.txt"),
+        root.join("other/deeper/hello-link"),
+    )
+    .unwrap();
     fs::hard_link(root.join("files/hello.txt"), root.join("links/hello-link2")).unwrap();
     fs::hard_link(root.join("files/big.bin"), root.join("other/big-link")).unwrap();
 
     symlink("../files/hello.txt", root.join("links/relative")).unwrap();
     symlink("/nowhere/at/all", root.join("links/dangling")).unwrap();
-    symlink("x".repeat(300), root.join("links/long")).unwrap();
-    symlink(OsStr::from_bytes(b"target\xfe\xff"), root.join("links/binary")).unwrap();
+    // Longer than the 60 bytes that fit in the inode; components stay under 255 bytes
+    // because ext4-view rejects longer ones.
+    symlink(LONG_TARGET.repeat(60), root.join("links/long")).unwrap();
+    symlink(
+        OsStr::from_bytes(b"target\xfe\xff"),
+        root.join("links/binary"),
+    )
+    .unwrap();
 
     mkfifo(&root.join("special/fifo"));
     let sock = std::os::unix::net::UnixListener::bind(root.join("special/socket")).unwrap();
     drop(sock);
 
     set_xattr(&root.join("files/hello.txt"), "user.comment", b"a comment");
-    set_xattr(&root.join("files/big.bin"), "user.binary", &[0, 1, 2, 0xff, 0xfe]);
+    set_xattr(
+        &root.join("files/big.bin"),
+        "user.binary",
+        &[0, 1, 2, 0xff, 0xfe],
+    );
     set_xattr(&root.join("other"), "user.on-a-dir", b"yes");
     if root_only {
         mknod(&root.join("special/null"), libc::S_IFCHR, 1, 3);
         mknod(&root.join("special/loop7"), libc::S_IFBLK, 7, 7);
-        mknod(&root.join("special/big-numbers"), libc::S_IFCHR, 4095, 1_048_575);
+        mknod(
+            &root.join("special/big-numbers"),
+            libc::S_IFCHR,
+            4095,
+            1_048_575,
+        );
         // security.capability v2 for cap_net_raw (bit 13) permitted+effective.
         let mut cap = vec![0u8; 20];
         cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
@@ -94,7 +125,10 @@ pub fn build(root: &Path, root_only: bool) {
 
 pub fn pseudo_random(len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    blake3::Hasher::new().update(&(len as u64).to_le_bytes()).finalize_xof().fill(&mut out);
+    blake3::Hasher::new()
+        .update(&(len as u64).to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
     out
 }
 
@@ -103,12 +137,22 @@ fn cpath(p: &Path) -> CString {
 }
 
 fn check(rc: libc::c_int, what: &str, p: &Path) {
-    assert_eq!(rc, 0, "{what} {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "{what} {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 pub fn mkfifo(p: &Path) {
     // SAFETY: valid C string.
-    check(unsafe { libc::mkfifo(cpath(p).as_ptr(), 0o640) }, "mkfifo", p);
+    check(
+        unsafe { libc::mkfifo(cpath(p).as_ptr(), 0o640) },
+        "mkfifo",
+        p,
+    );
 }
 
 pub fn mknod(p: &Path, kind: libc::mode_t, major: u32, minor: u32) {
@@ -120,17 +164,38 @@ pub fn mknod(p: &Path, kind: libc::mode_t, major: u32, minor: u32) {
 pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let n = CString::new(name).unwrap();
     // SAFETY: valid C strings; pointer and length describe `value`.
-    let rc = unsafe { libc::lsetxattr(cpath(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = unsafe {
+        libc::lsetxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     check(rc, "setxattr", p);
 }
 
 /// Set atime and mtime (seconds, nanoseconds) without following symlinks.
 pub fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
     let ts = [
-        libc::timespec { tv_sec: atime.0, tv_nsec: atime.1 },
-        libc::timespec { tv_sec: mtime.0, tv_nsec: mtime.1 },
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
     ];
     // SAFETY: valid C string and a two-element timespec array.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cpath(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     check(rc, "utimensat", p);
 }

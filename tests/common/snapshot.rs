@@ -26,6 +26,8 @@ pub struct Info {
     pub atime: (i64, i64),
     pub mtime: (i64, i64),
     pub ctime: (i64, i64),
+    /// Creation time (statx btime), when the filesystem reports it.
+    pub crtime: Option<(i64, u32)>,
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -47,14 +49,22 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Info> {
     out
 }
 
-fn visit(path: &Path, rel: Vec<u8>, out: &mut BTreeMap<Vec<u8>, Info>, inodes: &mut BTreeMap<Vec<u8>, u64>) {
+fn visit(
+    path: &Path,
+    rel: Vec<u8>,
+    out: &mut BTreeMap<Vec<u8>, Info>,
+    inodes: &mut BTreeMap<Vec<u8>, u64>,
+) {
     let (info, meta) = info(path);
     if !meta.is_dir() {
         inodes.insert(rel.clone(), meta.ino());
     }
     out.insert(rel.clone(), info);
     if meta.is_dir() {
-        let mut names: Vec<_> = fs::read_dir(path).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<_> = fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names.sort();
         for name in names {
             let mut child = rel.clone();
@@ -90,18 +100,23 @@ fn info(path: &Path) -> (Info, fs::Metadata) {
         "socket"
     };
     let content = ft.is_file().then(|| {
-        let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(path).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME)
+            .open(path)
+            .unwrap();
         let mut data = Vec::new();
         f.read_to_end(&mut data).unwrap();
         blake3::hash(&data).to_hex().to_string()
     });
-    let rdev = (ft.is_char_device() || ft.is_block_device()).then(|| (libc::major(meta.rdev()), libc::minor(meta.rdev())));
+    let rdev = (ft.is_char_device() || ft.is_block_device())
+        .then(|| (libc::major(meta.rdev()), libc::minor(meta.rdev())));
     let info = Info {
         kind,
         mode: meta.mode() & 0o7777,
         uid: meta.uid(),
         gid: meta.gid(),
-        size: (!ft.is_dir()).then(|| meta.len()),
+        size: (!ft.is_dir()).then_some(meta.len()),
         content,
         target,
         rdev,
@@ -110,6 +125,12 @@ fn info(path: &Path) -> (Info, fs::Metadata) {
         atime: (meta.atime(), meta.atime_nsec()),
         mtime: (meta.mtime(), meta.mtime_nsec()),
         ctime: (meta.ctime(), meta.ctime_nsec()),
+        crtime: meta.created().ok().map(|t| {
+            let d = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("created after 1970");
+            (d.as_secs() as i64, d.subsec_nanos())
+        }),
         xattrs: xattrs(path),
     };
     (info, meta)
@@ -121,15 +142,32 @@ pub fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut names = vec![0u8; 65536];
     // SAFETY: valid C string; pointer and length describe `names`.
     let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    assert!(n >= 0, "llistxattr {}: {}", path.display(), std::io::Error::last_os_error());
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     names.truncate(n as usize);
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let cn = CString::new(name).unwrap();
         let mut value = vec![0u8; 65536];
         // SAFETY: valid C strings; pointer and length describe `value`.
-        let n = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
-        assert!(n >= 0, "lgetxattr {}: {}", path.display(), std::io::Error::last_os_error());
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cn.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(
+            n >= 0,
+            "lgetxattr {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
         value.truncate(n as usize);
         out.push((name.to_vec(), value));
     }
@@ -144,12 +182,19 @@ pub fn assert_same(expected: &BTreeMap<Vec<u8>, Info>, actual: &BTreeMap<Vec<u8>
         let shown = String::from_utf8_lossy(path);
         match actual.get(path) {
             None => diffs.push(format!("{shown:?}: missing")),
-            Some(a) if a != e => diffs.push(format!("{shown:?}:\n  expected {e:?}\n  actual   {a:?}")),
+            Some(a) if a != e => {
+                diffs.push(format!("{shown:?}:\n  expected {e:?}\n  actual   {a:?}"))
+            }
             Some(_) => {}
         }
     }
     for path in actual.keys().filter(|p| !expected.contains_key(*p)) {
         diffs.push(format!("{:?}: unexpected", String::from_utf8_lossy(path)));
     }
-    assert!(diffs.is_empty(), "{} differences:\n{}", diffs.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }

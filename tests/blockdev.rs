@@ -1,0 +1,132 @@
+//! The shared read path: `ImageDevice::read_at` and `extents` against the exported file.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Env;
+use tessera::blockdev::ImageDevice;
+use tessera::image::{self, CreateOptions};
+
+fn demo_device(env: &Env) -> (ImageDevice, Vec<u8>) {
+    let store = env.open_store();
+    let tree = tessera::demo::store_demo_tree(&store).unwrap();
+    image::create(&store, "demo", &[tree], &CreateOptions::default()).unwrap();
+    let out = env.path("demo.img");
+    env.ok(&[
+        "image".as_ref(),
+        "export".as_ref(),
+        "demo".as_ref(),
+        out.as_os_str(),
+    ]);
+    (
+        ImageDevice::open(&store, "demo").unwrap(),
+        std::fs::read(out).unwrap(),
+    )
+}
+
+#[test]
+fn reads_at_odd_offsets_match_the_export() {
+    let env = Env::new();
+    let (dev, bytes) = demo_device(&env);
+    assert_eq!(dev.size(), bytes.len() as u64);
+    // Chunk sizes that straddle blocks, pieces and regions.
+    let mut pos = 0usize;
+    for (i, len) in [1usize, 511, 4097, 65_537, 1 << 20, 3]
+        .iter()
+        .cycle()
+        .enumerate()
+    {
+        if pos >= bytes.len() {
+            break;
+        }
+        let len = (*len).min(bytes.len() - pos);
+        let mut buf = vec![0xeeu8; len];
+        dev.read_at(&mut buf, pos as u64).unwrap();
+        assert!(
+            buf == bytes[pos..pos + len],
+            "read {i} of {len} bytes at {pos} differs"
+        );
+        pos += len;
+    }
+}
+
+#[test]
+fn reads_past_the_end_are_errors() {
+    let env = Env::new();
+    let (dev, _) = demo_device(&env);
+    let size = dev.size();
+    let mut buf = [0u8; 2];
+    assert!(dev.read_at(&mut buf, size - 1).is_err());
+    assert!(dev.read_at(&mut buf, size).is_err());
+    assert!(dev.read_at(&mut buf, u64::MAX).is_err());
+    assert!(
+        dev.read_at(&mut [], size).is_ok(),
+        "an empty read at the end is fine"
+    );
+    assert!(dev.extents(size - 1, 2).is_err());
+    dev.read_at(&mut buf, size - 2).unwrap();
+}
+
+#[test]
+fn extents_tile_the_range_and_zero_extents_read_as_zeros() {
+    let env = Env::new();
+    let (dev, bytes) = demo_device(&env);
+    let extents = dev.extents(0, dev.size()).unwrap();
+    let mut pos = 0;
+    for (i, e) in extents.iter().enumerate() {
+        assert_eq!(e.offset, pos, "extents are contiguous");
+        assert!(e.len > 0);
+        if i > 0 {
+            assert_ne!(
+                e.zero,
+                extents[i - 1].zero,
+                "adjacent extents of one kind are merged"
+            );
+        }
+        if e.zero {
+            let range = &bytes[e.offset as usize..(e.offset + e.len) as usize];
+            assert!(
+                range.iter().all(|&b| b == 0),
+                "zero extent at {} has data",
+                e.offset
+            );
+        }
+        pos += e.len;
+    }
+    assert_eq!(pos, dev.size());
+    let data: u64 = extents.iter().filter(|e| !e.zero).map(|e| e.len).sum();
+    assert!(data < dev.size() / 2, "most of a fresh image is zeros");
+
+    let part = dev.extents(4095, 10_000).unwrap();
+    assert_eq!(part.first().unwrap().offset, 4095);
+    assert_eq!(part.iter().map(|e| e.len).sum::<u64>(), 10_000);
+}
+
+#[test]
+fn a_truncated_object_is_an_io_error_not_a_crash() {
+    let env = Env::new();
+    let (_, _) = demo_device(&env);
+    let store = env.open_store();
+    let record = image::load(&store, "demo").unwrap();
+    let built = image::build(&store, &record).unwrap();
+    // Replace the biggest object (the 1 MiB random file) with a short one.
+    let victim = built
+        .objects
+        .iter()
+        .max_by_key(|id| std::fs::metadata(store.object_path(id)).unwrap().len())
+        .unwrap();
+    let path = store.object_path(victim);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, b"short").unwrap();
+    let dev = ImageDevice::new(&store, Arc::new(built.layout), &built.objects);
+    let mut buf = vec![0u8; 1 << 20];
+    let failures = (0..dev.size())
+        .step_by(1 << 20)
+        .filter(|&off| {
+            dev.read_at(&mut buf[..(dev.size() - off).min(1 << 20) as usize], off)
+                .is_err()
+        })
+        .count();
+    assert!(failures > 0, "reading the damaged file's blocks must fail");
+}
