@@ -1,0 +1,321 @@
+//! `tessera serve` end to end: the binary serves a synthesized image and real
+//! NBD clients (nbdinfo, nbdcopy, qemu-img, the kernel through nbdfuse + a
+//! loop mount) see exactly the bytes `tessera image export` writes.
+
+mod common;
+#[path = "../crates/nbd/tests/support/mod.rs"]
+mod nbd_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{snapshot, Env};
+use tessera::blockdev::ImageDevice;
+
+/// A `tessera serve` child; SIGTERM on drop.
+struct Served {
+    child: Option<Child>,
+    sock: PathBuf,
+    banner: String,
+}
+
+impl Served {
+    fn start(env: &Env, extra: &[&str]) -> Served {
+        let sock = env.path("nbd.sock");
+        let mut child = env
+            .command()
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tessera serve");
+        // The banner goes out once every listener is bound.
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut banner = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            banner.push_str(&line);
+            banner.push('\n');
+            if line.contains("qemu-system") || line.starts_with("no images") {
+                break;
+            }
+        }
+        assert!(banner.contains("listening on"), "banner: {banner}");
+        std::thread::spawn(move || for _ in lines {});
+        Served {
+            child: Some(child),
+            sock,
+            banner,
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    fn stop(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > limit {
+                child.kill().ok();
+                panic!("tessera serve did not stop within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Imports the fixture as image `img` and exports the raw reference file.
+fn image(env: &Env) -> (PathBuf, PathBuf) {
+    let src = env.path("src");
+    common::fixture::build(&src, common::is_root());
+    let tree = env.import(&src);
+    env.ok(&["image", "create", "img", "--tree", &tree]);
+    let raw = env.path("img.raw");
+    env.ok(&[
+        "image".as_ref(),
+        "export".as_ref(),
+        "img".as_ref(),
+        raw.as_os_str(),
+    ]);
+    (src, raw)
+}
+
+fn tool(cmd: &mut Command) -> String {
+    nbd_support::run(cmd)
+}
+
+#[test]
+fn clients_see_the_exported_bytes() {
+    if !common::can_run(
+        "clients_see_the_exported_bytes",
+        false,
+        &["nbdinfo", "nbdcopy", "qemu-img"],
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let (_, raw) = image(&env);
+    let served = Served::start(&env, &[]);
+    assert!(served.banner.contains("nbdinfo 'nbd+unix:///img?socket="));
+    let want = std::fs::read(&raw).unwrap();
+
+    let out = tool(Command::new("nbdinfo").arg("--json").arg(served.uri("img")));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let e = &v["exports"][0];
+    assert_eq!(e["export-size"], want.len() as u64);
+    assert_eq!(e["is_read_only"], true);
+    assert_eq!(e["can_multi_conn"], true);
+    assert!(e["description"].as_str().unwrap().contains("\"img\""));
+
+    let copy = env.path("copy.raw");
+    tool(Command::new("nbdcopy").arg(served.uri("img")).arg(&copy));
+    assert!(std::fs::read(&copy).unwrap() == want, "nbdcopy differs");
+    let copy4 = env.path("copy4.raw");
+    tool(
+        Command::new("nbdcopy")
+            .args(["--connections=4", "--requests=64"])
+            .arg(served.uri("img"))
+            .arg(&copy4),
+    );
+    assert!(
+        std::fs::read(&copy4).unwrap() == want,
+        "nbdcopy -C 4 differs"
+    );
+
+    let out = tool(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&raw)
+            .arg(served.uri("img")),
+    );
+    assert!(out.contains("identical"), "{out}");
+
+    // The only image is also the default export.
+    let out = tool(Command::new("nbdinfo").arg("--size").arg(served.uri("")));
+    assert_eq!(out.trim(), want.len().to_string());
+}
+
+#[test]
+fn block_status_matches_the_image_extents() {
+    if !common::can_run(
+        "block_status_matches_the_image_extents",
+        false,
+        &["nbdinfo"],
+    ) {
+        return;
+    }
+    let env = Env::new();
+    image(&env);
+    let served = Served::start(&env, &[]);
+    let dev = ImageDevice::open(&env.open_store(), "img").unwrap();
+    let mut want: Vec<(u64, u64, u32)> = Vec::new();
+    for e in dev.extents(0, dev.size()).unwrap() {
+        let t = if e.zero { 3 } else { 0 };
+        match want.last_mut() {
+            Some(r) if r.2 == t => r.1 += e.len,
+            _ => want.push((e.offset, e.len, t)),
+        }
+    }
+    let out = tool(Command::new("nbdinfo").arg("--map").arg(served.uri("img")));
+    let got: Vec<(u64, u64, u32)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn concurrent_clients_read_the_right_bytes() {
+    let env = Env::new();
+    let (_, raw) = image(&env);
+    let served = Served::start(&env, &[]);
+    let want = Arc::new(std::fs::read(&raw).unwrap());
+    let sock = Arc::new(served.sock.clone());
+    let threads: Vec<_> = (0..64u64)
+        .map(|t| {
+            let want = want.clone();
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut s = std::os::unix::net::UnixStream::connect(&*sock).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                nbd_support::greet(&mut s);
+                let (size, _) = nbd_support::go(&mut s, "img");
+                assert_eq!(size, want.len() as u64);
+                let mut x = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                for round in 0..32u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 1 + x % (200 << 10);
+                    let off = (x >> 24) % (size - len);
+                    s.write_all(&nbd_support::request(0, 0, round, off, len as u32))
+                        .unwrap();
+                    let (err, cookie) = nbd_support::simple_reply(&mut s);
+                    assert_eq!((err, cookie), (0, round));
+                    let got = nbd_support::read_exact(&mut s, len as usize);
+                    assert!(
+                        got == want[off as usize..(off + len) as usize],
+                        "t{t} r{round}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn the_kernel_reads_the_image_through_nbdfuse() {
+    if !common::can_run(
+        "the_kernel_reads_the_image_through_nbdfuse",
+        true,
+        &["nbdfuse", "fusermount3", "mount"],
+    ) || !Path::new("/dev/fuse").exists()
+    {
+        return;
+    }
+    let env = Env::new();
+    let (src, _) = image(&env);
+    let served = Served::start(&env, &[]);
+    let fuse_dir = env.path("fuse");
+    std::fs::create_dir(&fuse_dir).unwrap();
+    let file = fuse_dir.join("disk.img");
+    let mut fuse = Command::new("nbdfuse")
+        .arg("-r")
+        .arg(&file)
+        .arg(served.uri("img"))
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nbdfuse did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    {
+        let mount = common::LoopMount::new(&file, &env.path("mnt"), "ro,noatime");
+        let mut mounted = snapshot::snapshot(&mount.dir);
+        if mounted.remove(&b"lost+found"[..]).is_some() {
+            mounted.get_mut(&b""[..]).unwrap().nlink -= 1;
+        }
+        snapshot::assert_same(&snapshot::snapshot(&src), &mounted);
+    }
+    Command::new("fusermount3")
+        .arg("-u")
+        .arg(&fuse_dir)
+        .status()
+        .unwrap();
+    fuse.wait().unwrap();
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let env = Env::new();
+    image(&env);
+    let mut served = Served::start(&env, &[]);
+    // A client mid-session does not keep the server alive.
+    let mut s = std::os::unix::net::UnixStream::connect(&served.sock).unwrap();
+    nbd_support::greet(&mut s);
+    nbd_support::go(&mut s, "img");
+    let status = served.stop(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(!served.sock.exists(), "socket file left behind");
+    assert!(nbd_support::is_closed(&mut s));
+}
+
+#[test]
+fn export_filter_and_unknown_names() {
+    let env = Env::new();
+    image(&env);
+    let err = env.fails(&["serve", "--export", "nope"]);
+    assert!(err.contains("nope"), "{err}");
+    let err = env.fails(&["serve", "--listen", "bogus"]);
+    assert!(err.contains("unix:PATH"), "{err}");
+    let err = env.fails(&["serve", "--tls", "require"]);
+    assert!(err.contains("--tls-cert"), "{err}");
+
+    let served = Served::start(&env, &["--export", "img"]);
+    let mut s = std::os::unix::net::UnixStream::connect(&served.sock).unwrap();
+    nbd_support::greet(&mut s);
+    nbd_support::send_option(
+        &mut s,
+        tessera_nbd::proto::OPT_GO,
+        &nbd_support::go_payload("other"),
+    );
+    let (_, rtype, _) = nbd_support::read_option_reply(&mut s);
+    assert_eq!(rtype, tessera_nbd::proto::REP_ERR_UNKNOWN);
+    nbd_support::go(&mut s, "img");
+}
