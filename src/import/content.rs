@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::readdir::open_noatime;
 use super::{sparse, ImportError};
-use crate::store::{ObjectId, Store};
+use crate::store::{ObjectId, Staged, Store};
 use crate::tree::Segment;
 
 const BUF: usize = 1 << 20;
@@ -17,17 +17,22 @@ const BUF: usize = 1 << 20;
 pub(crate) struct Stored {
     pub object: ObjectId,
     pub segments: Option<Vec<Segment>>,
-    /// Bytes written to the store (0 when the object already existed).
+    /// The new object, to be committed; `None` when the store has it or `claim` said
+    /// another file of this import is writing it.
+    pub staged: Option<Staged>,
+    /// Bytes written to the store.
     pub new_bytes: u64,
 }
 
-/// Store the data of the regular file `path` of size `size` (from the walk's lstat):
-/// hash it, and copy it into the store only if the object is new. The copy is hashed again,
-/// so a file modified meanwhile is an error, never a misnamed object.
+/// Stage the data of the regular file `path` of size `size` (from the walk's lstat): hash
+/// it, and copy it into the store only if the object is new and `claim(id)` returns true
+/// (first claim wins). The copy is hashed again, so a file modified meanwhile is an error,
+/// never a misnamed object.
 pub(crate) fn store_file(
     store: &Store,
     path: &Path,
     size: u64,
+    claim: &dyn Fn(ObjectId) -> bool,
     progress: &dyn Fn(u64),
 ) -> Result<Stored, ImportError> {
     let fd = open_noatime(path, libc::O_RDONLY).map_err(|e| ImportError::io("open", path, e))?;
@@ -46,15 +51,16 @@ pub(crate) fn store_file(
     let ranges = segments.clone().unwrap_or_else(|| vec![Segment(0, size)]);
     let mut buf = vec![0u8; BUF];
     let object = copy(&file, path, &ranges, &mut buf, &mut io::sink(), progress)?;
-    if store.has_object(&object) {
+    if store.has_object(&object) || !claim(object) {
         return Ok(Stored {
             object,
             segments,
+            staged: None,
             new_bytes: 0,
         });
     }
     let mut failure = None;
-    let written = store.write_object(object, |out| {
+    let written = store.stage_object(object, |out| {
         copy(&file, path, &ranges, &mut buf, out, &|_| {}).map_err(|e| {
             failure = Some(e);
             io::Error::other("reading the source failed")
@@ -64,9 +70,10 @@ pub(crate) fn store_file(
         return Err(e);
     }
     match written {
-        Ok(()) => Ok(Stored {
+        Ok(staged) => Ok(Stored {
             object,
             segments,
+            staged: Some(staged),
             new_bytes: ranges.iter().map(|r| r.1).sum(),
         }),
         Err(crate::store::StoreError::HashMismatch { .. }) => Err(ImportError::Changed {

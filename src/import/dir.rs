@@ -9,13 +9,13 @@
 //! - Regular files sharing a device and inode within the tree form one hardlink group.
 //! - Unknown file types (none exist on Linux today) are an error rather than silently lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -72,27 +72,30 @@ pub fn import_dir(
         .collect();
     let total: u64 = jobs.iter().map(|&i| found[i].entry.size.unwrap_or(0)).sum();
     progress.set_length(total);
-    let new_bytes = AtomicU64::new(0);
+    let claimed = Mutex::new(HashSet::new());
+    let claim = |id| claimed.lock().expect("claim set poisoned").insert(id);
     let stored = jobs
         .par_iter()
         .map(|&i| {
             let f = &found[i];
-            let s = content::store_file(store, &f.source, f.entry.size.unwrap_or(0), &|n| {
-                progress.inc(n)
-            })?;
-            new_bytes.fetch_add(s.new_bytes, Ordering::Relaxed);
+            let size = f.entry.size.unwrap_or(0);
+            let s = content::store_file(store, &f.source, size, &claim, &|n| progress.inc(n))?;
             Ok((i, s))
         })
         .collect::<Result<Vec<_>, ImportError>>()?;
     progress.finish_and_clear();
 
     let mut data_bytes = 0;
+    let mut new_bytes = 0;
+    let mut staged = Vec::new();
     let mut by_inode = HashMap::new();
     for (i, s) in stored {
         let f = &mut found[i];
         f.entry.object = Some(s.object);
         f.entry.segments = s.segments;
         data_bytes += f.entry.data_len();
+        new_bytes += s.new_bytes;
+        staged.extend(s.staged);
         by_inode.insert(f.inode, (s.object, f.entry.segments.clone()));
     }
     for f in found
@@ -103,6 +106,8 @@ pub fn import_dir(
         f.entry.object = Some(object);
         f.entry.segments = segments;
     }
+    // Objects get their names only now that every file was read, then the tree.
+    store.commit(staged)?;
 
     let files = jobs.len();
     let manifest = Manifest::new(found.into_iter().map(|f| f.entry).collect());
@@ -113,7 +118,7 @@ pub fn import_dir(
         entries: manifest.entries.len(),
         files,
         data_bytes,
-        new_bytes: new_bytes.into_inner(),
+        new_bytes,
     })
 }
 

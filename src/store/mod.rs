@@ -34,6 +34,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use atomic::Staged;
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use id::{ObjectId, ParseIdError};
@@ -121,24 +122,22 @@ impl Store {
     pub fn put_object_bytes(&self, bytes: &[u8]) -> Result<ObjectId, StoreError> {
         let id = ObjectId::of(bytes);
         if !self.has_object(&id) {
-            self.write_object(id, |f| {
-                io::Write::write_all(f, bytes)?;
-                Ok(id)
+            atomic::write(self, &self.object_path(&id), 0o444, |f| {
+                Ok(io::Write::write_all(f, bytes)?)
             })?;
         }
         Ok(id)
     }
 
-    /// Write the object `id` with `write`, which returns the BLAKE3 of what it wrote. If that
-    /// differs from `id` (the source changed under us), nothing is named and the result is
-    /// [`StoreError::HashMismatch`].
-    pub fn write_object(
+    /// Write the object `id` with `write`, which returns the BLAKE3 of what it wrote, under
+    /// `tmp/`; [`Store::commit`] names it. If the hash differs from `id` (the source changed
+    /// under us), the result is [`StoreError::HashMismatch`] and nothing is left behind.
+    pub fn stage_object(
         &self,
         id: ObjectId,
         write: impl FnOnce(&mut File) -> io::Result<ObjectId>,
-    ) -> Result<(), StoreError> {
-        let dest = self.object_path(&id);
-        atomic::write(self, &dest, 0o444, |f| {
+    ) -> Result<Staged, StoreError> {
+        atomic::stage(self, &self.object_path(&id), 0o444, |f| {
             let actual = write(f)?;
             if actual != id {
                 return Err(atomic::Abort::Store(StoreError::HashMismatch {
@@ -148,6 +147,11 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// Durably name a batch of staged objects (two `syncfs` for the whole batch).
+    pub fn commit(&self, batch: Vec<Staged>) -> Result<(), StoreError> {
+        atomic::commit(self, batch)
     }
 
     /// Store a serialized tree manifest; a no-op if it exists.
