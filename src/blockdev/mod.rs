@@ -4,6 +4,7 @@
 //! use; everything else is zeros.
 
 mod export;
+pub mod overlay;
 
 use std::fs::File;
 use std::io;

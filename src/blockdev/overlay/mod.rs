@@ -1,0 +1,338 @@
+//! Copy-on-write overlays: a writable device over any read-only one.
+//!
+//! Written blocks go to a sparse data file at their own offset (block `i` at byte
+//! `i * 4096`), and a [`BlockMap`] says for each block whether it reads from the image, from
+//! the data file, or as zeros. TRIM and WRITE_ZEROES only change the map (and punch the data
+//! file), never reading the image. Unaligned writes read-modify-write whole blocks.
+//!
+//! Durability: FLUSH (and FUA) fsyncs the data file *then* atomically replaces the map
+//! ([`BlockMap::save`]), so an acknowledged flush survives a crash of the server and the
+//! map on disk is always one complete generation. Ephemeral overlays live in a temporary
+//! directory removed when the device is dropped; persistent ones are in the store
+//! ([`named`]).
+
+mod map;
+pub mod named;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tessera_nbd::{Device, Extent, ZeroFlags};
+
+pub use map::{BlockMap, State};
+
+const BS: u64 = 4096;
+
+/// A writable view of `base` whose changes live in a directory.
+pub struct Overlay {
+    base: Arc<dyn Device>,
+    dir: PathBuf,
+    data: File,
+    map: RwLock<BlockMap>,
+    /// Serializes writers so read-modify-write of a shared block is atomic, and orders map
+    /// saves after data syncs.
+    writer: Mutex<Dirty>,
+    persistent: bool,
+    description: Option<String>,
+    /// Keeps a persistent overlay's lock or an ephemeral overlay's directory alive.
+    _hold: Box<dyn Send + Sync>,
+}
+
+struct Dirty {
+    /// The in-memory map differs from the one on disk.
+    map: bool,
+    /// Generation of the map on disk.
+    generation: u64,
+}
+
+impl Overlay {
+    /// A fresh overlay in a new temporary directory, removed on drop.
+    pub fn ephemeral(base: Arc<dyn Device>, parent: &Path) -> io::Result<Overlay> {
+        std::fs::create_dir_all(parent)?;
+        let tmp = tempfile::Builder::new()
+            .prefix("ephemeral-")
+            .tempdir_in(parent)?;
+        let dir = tmp.path().to_path_buf();
+        let blocks = base.size().div_ceil(BS);
+        let description = base
+            .description()
+            .map(|d| format!("{d} (ephemeral overlay)"));
+        Overlay::open_in(
+            base,
+            &dir,
+            BlockMap::new(blocks),
+            false,
+            description,
+            Box::new(tmp),
+        )
+    }
+
+    fn open_in(
+        base: Arc<dyn Device>,
+        dir: &Path,
+        map: BlockMap,
+        persistent: bool,
+        description: Option<String>,
+        hold: Box<dyn Send + Sync>,
+    ) -> io::Result<Overlay> {
+        let map_generation = map.generation();
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("data"))?;
+        Ok(Overlay {
+            base,
+            dir: dir.to_path_buf(),
+            data,
+            map: RwLock::new(map),
+            writer: Mutex::new(Dirty {
+                map: false,
+                generation: map_generation,
+            }),
+            persistent,
+            description,
+            _hold: hold,
+        })
+    }
+
+    /// Blocks that differ from the image.
+    pub fn changed_blocks(&self) -> u64 {
+        self.map.read().unwrap().changed_blocks()
+    }
+
+    fn read_block_into(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.map.read().unwrap().get(block) {
+            State::Base => {
+                let end = ((block + 1) * BS).min(self.base.size());
+                let n = (end - block * BS) as usize;
+                self.base.read_at(&mut buf[..n], block * BS)?;
+                buf[n..].fill(0);
+                Ok(())
+            }
+            State::Data => self.data.read_exact_at(buf, block * BS),
+            State::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Mark whole blocks `first..first+n` as zeros and release their data.
+    fn zero_blocks(&self, first: u64, n: u64) -> io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        {
+            let mut map = self.map.write().unwrap();
+            for b in first..first + n {
+                map.set(b, State::Zero);
+            }
+        }
+        punch_hole(&self.data, first * BS, n * BS);
+        Ok(())
+    }
+
+    /// Zero an arbitrary byte range: whole blocks in the map, partial ones by writing.
+    fn zero_range(&self, offset: u64, len: u64, dirty: &mut Dirty) -> io::Result<()> {
+        let end = offset + len;
+        let first_full = offset.div_ceil(BS);
+        let last_full = end / BS;
+        if first_full >= last_full {
+            return self.write_locked(&vec![0u8; len as usize], offset, dirty);
+        }
+        if offset < first_full * BS {
+            self.write_locked(
+                &vec![0u8; (first_full * BS - offset) as usize],
+                offset,
+                dirty,
+            )?;
+        }
+        self.zero_blocks(first_full, last_full - first_full)?;
+        dirty.map = true;
+        if end > last_full * BS {
+            self.write_locked(
+                &vec![0u8; (end - last_full * BS) as usize],
+                last_full * BS,
+                dirty,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_locked(&self, buf: &[u8], offset: u64, dirty: &mut Dirty) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        let mut block_buf = vec![0u8; BS as usize];
+        while pos < end {
+            let block = pos / BS;
+            let in_block = (pos % BS) as usize;
+            let n = ((BS as usize - in_block) as u64).min(end - pos) as usize;
+            let src = &buf[(pos - offset) as usize..(pos - offset) as usize + n];
+            if n == BS as usize {
+                // Whole blocks: write the longest aligned run at once.
+                let whole = ((end - pos) / BS) * BS;
+                let run = &buf[(pos - offset) as usize..(pos - offset + whole) as usize];
+                self.data.write_all_at(run, pos)?;
+                let mut map = self.map.write().unwrap();
+                for b in block..block + whole / BS {
+                    map.set(b, State::Data);
+                }
+                pos += whole;
+            } else {
+                self.read_block_into(block, &mut block_buf)?;
+                block_buf[in_block..in_block + n].copy_from_slice(src);
+                self.data.write_all_at(&block_buf, block * BS)?;
+                self.map.write().unwrap().set(block, State::Data);
+                pos += n as u64;
+            }
+            dirty.map = true;
+        }
+        Ok(())
+    }
+
+    fn flush_locked(&self, dirty: &mut Dirty) -> io::Result<()> {
+        self.data.sync_data()?;
+        if self.persistent && dirty.map {
+            // Writers are excluded by `dirty`'s lock; readers may go on meanwhile.
+            self.map
+                .read()
+                .unwrap()
+                .save(&self.dir, dirty.generation + 1)?;
+            dirty.generation += 1;
+            dirty.map = false;
+        }
+        Ok(())
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) {
+    // SAFETY: fallocate on a valid, owned descriptor; failure only means space is not freed.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        );
+    }
+}
+
+impl Device for Overlay {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BS;
+            let max_blocks = (end - block * BS).div_ceil(BS);
+            let (state, n) = self.map.read().unwrap().run(block, max_blocks);
+            let run_end = ((block + n) * BS).min(end);
+            let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            match state {
+                State::Base => self.base.read_at(dst, pos)?,
+                State::Data => self.data.read_exact_at(dst, pos)?,
+                State::Zero => dst.fill(0),
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    fn description(&self) -> Option<String> {
+        self.description.clone()
+    }
+
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn can_flush(&self) -> bool {
+        true
+    }
+    fn can_trim(&self) -> bool {
+        true
+    }
+    fn can_zero(&self) -> bool {
+        true
+    }
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+    /// Every connection to a persistent overlay shares this one device and a flush covers
+    /// all of them, so multi-conn would be safe there; but an ephemeral overlay is per
+    /// connection, and a persistent one admits one client at a time, so we never offer it.
+    fn can_multi_conn(&self) -> bool {
+        false
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let mut dirty = self.writer.lock().unwrap();
+        self.write_locked(buf, offset, &mut dirty)?;
+        if fua {
+            self.flush_locked(&mut dirty)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut dirty = self.writer.lock().unwrap();
+        self.flush_locked(&mut dirty)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.write_zeroes(
+            offset,
+            len,
+            ZeroFlags {
+                may_trim: true,
+                fast: false,
+                fua,
+            },
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let mut dirty = self.writer.lock().unwrap();
+        self.zero_range(offset, len, &mut dirty)?;
+        if flags.fua {
+            self.flush_locked(&mut dirty)?;
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, Extent)>> {
+        let block = offset / BS;
+        let max_blocks = (offset + len).div_ceil(BS) - block;
+        let (state, n) = self.map.read().unwrap().run(block, max_blocks);
+        let run_len = ((block + n) * BS).min(self.size()) - offset;
+        match state {
+            State::Data => Ok(vec![(run_len, Extent::Data)]),
+            State::Zero => Ok(vec![(run_len, Extent::Zero)]),
+            State::Base => {
+                let mut out = self.base.extents(offset, run_len)?;
+                // Clip the base's answer to the run of base blocks.
+                let mut total = 0;
+                out.retain_mut(|(l, _)| {
+                    if total >= run_len {
+                        return false;
+                    }
+                    *l = (*l).min(run_len - total);
+                    total += *l;
+                    true
+                });
+                Ok(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
