@@ -118,6 +118,7 @@ wait_guest() {
         return 1
     fi
     if [[ $line == TESSERA-BOOT-FAIL* ]]; then
+        [[ ${QUIET:-0} == 1 ]] && return 1
         log "$case: guest reported failure; console tail:"
         tail -n 40 "$glog" | sed 's/^/    | /' >&2
         return 1
