@@ -1,6 +1,7 @@
 //! From merged manifests to the synthesizer's input, and the synthesized layout.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use tessera_ext4::{
     DataHandle, FileData, FsTree, Layout, Metadata, Node, NodeId, NodeKind, Options, Segment,
@@ -28,14 +29,25 @@ pub struct Built {
 
 /// Merge the image's trees and lay them out as ext4. Reads manifests only.
 pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
+    let start = Instant::now();
     let merged = merged_entries(store, record)?;
+    let loaded = start.elapsed();
     let composed = compose(&record.name, &merged)?;
+    let composed_at = start.elapsed();
     let layout = tessera_ext4::build(&composed.tree, &options(record)).map_err(|source| {
         ImageError::Ext4 {
             name: record.name.clone(),
             source,
         }
     })?;
+    tracing::debug!(
+        image = %record.name,
+        entries = merged.len(),
+        load_ms = loaded.as_millis() as u64,
+        compose_ms = (composed_at - loaded).as_millis() as u64,
+        layout_ms = (start.elapsed() - composed_at).as_millis() as u64,
+        "synthesized"
+    );
     Ok(Built {
         layout,
         objects: composed.objects,

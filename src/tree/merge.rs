@@ -3,8 +3,10 @@
 //! An entry of a later layer replaces the entry at the same path; a later directory over an
 //! earlier directory keeps the earlier children (only the directory's own metadata is
 //! replaced), while a later non-directory over an earlier directory removes that subtree.
+//! Merging is linear in the number of entries: manifests are sorted by path.
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::HashSet;
 
 use super::{Entry, Kind, Manifest};
 
@@ -18,33 +20,60 @@ pub struct Layered {
 
 /// Merge `layers` in order; the result is sorted by path, parents before children.
 pub fn merge(layers: Vec<Manifest>) -> Vec<Layered> {
-    let mut merged: BTreeMap<Vec<u8>, Layered> = BTreeMap::new();
+    let mut merged = Vec::new();
     for (layer, manifest) in layers.into_iter().enumerate() {
-        for entry in manifest.entries {
-            let path = entry.path.0.clone();
-            let replaced_dir = merged
-                .get(&path)
-                .is_some_and(|old| old.entry.kind == Kind::Dir);
-            if replaced_dir && entry.kind != Kind::Dir {
-                remove_subtree(&mut merged, &path);
-            }
-            merged.insert(path, Layered { layer, entry });
-        }
+        merged = if layer == 0 {
+            let entries = manifest.entries.into_iter();
+            entries.map(|entry| Layered { layer, entry }).collect()
+        } else {
+            merge_two(merged, layer, manifest.entries)
+        };
     }
-    merged.into_values().collect()
+    merged
 }
 
-/// Remove every entry strictly below `dir`: paths starting with `dir/`, a contiguous key
-/// range because `0` follows `/` in byte order.
-fn remove_subtree(map: &mut BTreeMap<Vec<u8>, Layered>, dir: &[u8]) {
-    let mut lo = dir.to_vec();
-    lo.push(b'/');
-    let mut hi = dir.to_vec();
-    hi.push(b'/' + 1);
-    let doomed: Vec<Vec<u8>> = map.range(lo..hi).map(|(k, _)| k.clone()).collect();
-    for key in doomed {
-        map.remove(&key);
+/// One linear pass over two path-sorted lists. A directory of `lower` replaced by a
+/// non-directory of `upper` is remembered, and `lower` entries below it are dropped: they
+/// come later in path order than the directory itself, since a prefix sorts first.
+fn merge_two(lower: Vec<Layered>, layer: usize, upper: Vec<Entry>) -> Vec<Layered> {
+    let mut out = Vec::with_capacity(lower.len().max(upper.len()));
+    let mut removed: HashSet<Vec<u8>> = HashSet::new();
+    let mut lower = lower.into_iter().peekable();
+    let mut upper = upper.into_iter().peekable();
+    loop {
+        let order = match (lower.peek(), upper.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(l), Some(u)) => l.entry.path.cmp(&u.path),
+        };
+        if order == Ordering::Equal {
+            let l = lower.next().expect("peeked");
+            let u = upper.peek().expect("peeked");
+            if l.entry.kind == Kind::Dir && u.kind != Kind::Dir {
+                removed.insert(l.entry.path.0);
+            }
+        }
+        let take_upper = order != Ordering::Less;
+        if take_upper {
+            let entry = upper.next().expect("peeked");
+            out.push(Layered { layer, entry });
+        } else {
+            let l = lower.next().expect("peeked");
+            if removed.is_empty() || !under_any(&l.entry.path.0, &removed) {
+                out.push(l);
+            }
+        }
     }
+    out
+}
+
+/// Whether any proper ancestor of `path` is in `dirs`.
+fn under_any(path: &[u8], dirs: &HashSet<Vec<u8>>) -> bool {
+    path.iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'/')
+        .any(|(i, _)| dirs.contains(&path[..i]))
 }
 
 #[cfg(test)]
@@ -131,6 +160,34 @@ mod tests {
                 ("d".into(), 1),
                 ("d-sibling".into(), 0),
                 ("d0".into(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn removal_spares_siblings_that_sort_inside_the_subtree() {
+        // "d-x" sorts between "d" and "d/..."; it must survive d's removal.
+        let a = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            entry("d", Kind::Dir, 0o755),
+            entry("d-x", Kind::Dir, 0o755),
+            entry("d-x/y", Kind::Fifo, 0),
+            entry("d/e", Kind::Dir, 0o755),
+            entry("d/e/f", Kind::Fifo, 0),
+        ]);
+        let b = Manifest::new(vec![entry("", Kind::Dir, 0o755), entry("d", Kind::Fifo, 0)]);
+        let c = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            entry("d-x", Kind::Dir, 0o700),
+        ]);
+        let m = merge(vec![a, b, c]);
+        assert_eq!(
+            paths(&m),
+            [
+                ("".into(), 2),
+                ("d".into(), 1),
+                ("d-x".into(), 2),
+                ("d-x/y".into(), 0)
             ]
         );
     }

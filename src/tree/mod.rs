@@ -172,11 +172,17 @@ impl Manifest {
         struct Header {
             format: u32,
         }
-        let header: Header = serde_json::from_slice(bytes)?;
-        if header.format != FORMAT {
-            return Err(TreeError::Format(header.format));
+        let manifest: Manifest = match serde_json::from_slice(bytes) {
+            Ok(m) => m,
+            // A newer format may not parse as this one: say so rather than what failed.
+            Err(e) => match serde_json::from_slice::<Header>(bytes) {
+                Ok(h) if h.format != FORMAT => return Err(TreeError::Format(h.format)),
+                _ => return Err(e.into()),
+            },
+        };
+        if manifest.format != FORMAT {
+            return Err(TreeError::Format(manifest.format));
         }
-        let manifest: Manifest = serde_json::from_slice(bytes)?;
         manifest.validate()?;
         Ok(manifest)
     }
