@@ -4,6 +4,7 @@
 mod demo;
 mod image;
 mod import;
+mod overlay;
 mod store;
 
 use std::io::IsTerminal;
@@ -43,6 +44,9 @@ enum Command {
     Store(store::StoreCmd),
     /// Create a small demo image in the store and export it to a raw file
     Demo(demo::DemoArgs),
+    /// List, show and remove the persistent overlays of writable exports
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCmd),
     /// Serve images over NBD (Unix socket and/or TCP) until SIGINT/SIGTERM
     Serve(crate::serve::ServeArgs),
 }
@@ -71,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Store(cmd) => store::run(&store, cmd),
         Command::Demo(args) => demo::run(&store, args),
         Command::Serve(args) => crate::serve::run(&store, args),
+        Command::Overlay(cmd) => overlay::run(&store, cmd),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::store::Store;
 pub struct ImageExport {
     dev: ImageDevice,
     description: String,
+    fingerprint: String,
 }
 
 impl ImageExport {
@@ -22,9 +23,30 @@ impl ImageExport {
         let dev = ImageDevice::open(store, name)?;
         Ok(ImageExport {
             description: describe(&record),
+            fingerprint: fingerprint(&record),
             dev,
         })
     }
+
+    /// Identity of the image's bytes, which overlays are bound to.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// BLAKE3 of everything that determines the synthesized bytes (not the creation time), so
+/// an overlay refuses an image re-created with other trees or options under the same name.
+pub fn fingerprint(record: &ImageRecord) -> String {
+    let identity = serde_json::json!({
+        "trees": record.trees,
+        "size": record.size,
+        "inodes": record.inodes,
+        "label": record.label,
+        "uuid": record.uuid,
+        "hash_seed": record.hash_seed,
+        "checksum_seed": record.checksum_seed,
+    });
+    blake3::hash(identity.to_string().as_bytes()).to_hex()[..32].to_owned()
 }
 
 /// One line for NBD_INFO_DESCRIPTION and `nbdinfo`.

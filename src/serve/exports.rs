@@ -8,14 +8,17 @@ use std::sync::{Arc, Mutex};
 use tessera_nbd::{Export, ExportInfo, Exports};
 
 use super::device::{describe, ImageExport};
+use super::spec::{ExportSpec, WriteMode};
+use crate::blockdev::overlay::{named, Overlay};
 use crate::store::Store;
 
 type Slot = Arc<Mutex<Option<Arc<ImageExport>>>>;
 
 pub struct StoreExports {
     store: Store,
-    /// Only these names, if given (`--export`); otherwise every image.
-    only: Option<Vec<String>>,
+    /// Only these images, with their write modes, if given (`--export`); otherwise every
+    /// image, read-only.
+    only: Option<Vec<ExportSpec>>,
     /// What the empty export name means, if anything.
     default: Option<String>,
     /// One slot per name: a connection that finds it empty builds the image
@@ -26,7 +29,7 @@ pub struct StoreExports {
 }
 
 impl StoreExports {
-    pub fn new(store: Store, only: Option<Vec<String>>, default: Option<String>) -> Self {
+    pub fn new(store: Store, only: Option<Vec<ExportSpec>>, default: Option<String>) -> Self {
         StoreExports {
             store,
             only,
@@ -37,7 +40,7 @@ impl StoreExports {
 
     fn names(&self) -> io::Result<Vec<String>> {
         match &self.only {
-            Some(names) => Ok(names.clone()),
+            Some(specs) => Ok(specs.iter().map(|s| s.image.clone()).collect()),
             None => self.store.list_images().map_err(io::Error::other),
         }
     }
@@ -70,15 +73,18 @@ impl Exports for StoreExports {
             ("", Some(d)) => d.as_str(),
             _ => name,
         };
-        let known = match &self.only {
-            Some(names) => names.iter().any(|n| n == name),
-            None => {
-                crate::image::validate_name(name).is_ok() && self.store.image_path(name).exists()
+        let mode = match &self.only {
+            Some(specs) => match specs.iter().find(|s| s.image == name) {
+                Some(spec) => spec.mode.clone(),
+                None => return Ok(None),
+            },
+            None if crate::image::validate_name(name).is_ok()
+                && self.store.image_path(name).exists() =>
+            {
+                WriteMode::ReadOnly
             }
+            None => return Ok(None),
         };
-        if !known {
-            return Ok(None);
-        }
         let slot = self.slot(name);
         let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
         let device = match &*guard {
@@ -98,9 +104,23 @@ impl Exports for StoreExports {
                 dev
             }
         };
+        drop(guard);
+        let base = device.clone() as Arc<dyn tessera_nbd::Device>;
+        let device: Arc<dyn tessera_nbd::Device> = match mode {
+            WriteMode::ReadOnly => base,
+            WriteMode::Ephemeral => Arc::new(Overlay::ephemeral(
+                base,
+                &self.store.root().join("run").join("ephemeral"),
+            )?),
+            WriteMode::Persistent { overlay } => {
+                let fingerprint = device.fingerprint().to_owned();
+                let root = self.store.root();
+                Arc::new(named::attach(root, &overlay, name, &fingerprint, base)?)
+            }
+        };
         Ok(Some(Export {
             name: name.to_string(),
-            device: device as Arc<dyn tessera_nbd::Device>,
+            device,
         }))
     }
 }

@@ -9,6 +9,7 @@
 mod device;
 mod exports;
 mod listen;
+mod spec;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +22,7 @@ use tessera_nbd::{Config, TlsMode};
 pub use device::ImageExport;
 pub use exports::StoreExports;
 pub use listen::ListenAddr;
+pub use spec::{ExportSpec, WriteMode};
 
 use crate::store::Store;
 
@@ -40,9 +42,11 @@ pub struct ServeArgs {
     /// [default: unix:STORE/run/nbd.sock]
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
-    /// Export only this image; repeatable [default: every image in the store]
-    #[arg(long, value_name = "NAME")]
-    pub export: Vec<String>,
+    /// Export only this image, read-only (NAME), with a fresh overlay per connection
+    /// (NAME:ephemeral) or with a named overlay kept in the store
+    /// (NAME:persistent=OVERLAY); repeatable [default: every image, read-only]
+    #[arg(long, value_name = "NAME[:MODE]")]
+    pub export: Vec<ExportSpec>,
     /// Connections served at once; more wait in the listen queue
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_connections: usize,
@@ -70,11 +74,17 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
             .list_images()
             .context("cannot list the store's images")?
     } else {
-        for name in &args.export {
+        let mut seen = std::collections::HashSet::new();
+        for spec in &args.export {
+            let name = &spec.image;
             crate::image::load(store, name)
                 .with_context(|| format!("cannot export image {name:?}"))?;
+            anyhow::ensure!(
+                seen.insert(name.clone()),
+                "image {name:?} is exported twice"
+            );
         }
-        args.export.clone()
+        args.export.iter().map(|s| s.image.clone()).collect()
     };
     // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
     let default = (names.len() == 1).then(|| names[0].clone());

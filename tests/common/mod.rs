@@ -4,6 +4,7 @@
 
 pub mod ext4view;
 pub mod fixture;
+pub mod served;
 pub mod snapshot;
 
 use std::ffi::OsStr;

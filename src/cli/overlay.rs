@@ -1,0 +1,64 @@
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use super::human;
+use crate::blockdev::overlay::named::{self, OverlayInfo};
+use crate::store::Store;
+
+#[derive(Debug, Subcommand)]
+pub(super) enum OverlayCmd {
+    /// List persistent overlays with their image and size
+    List,
+    /// Show one overlay in detail
+    Show { name: String },
+    /// Delete an overlay (refused while a client is attached)
+    Rm { name: String },
+}
+
+pub(super) fn run(store: &Store, cmd: OverlayCmd) -> anyhow::Result<ExitCode> {
+    let root = store.root();
+    match cmd {
+        OverlayCmd::List => {
+            for o in named::list(root).context("cannot list overlays")? {
+                println!(
+                    "{}\timage {}\t{} changed\t{} on disk{}",
+                    o.record.name,
+                    o.record.image,
+                    human(o.changed_blocks * 4096),
+                    human(o.data_bytes),
+                    if o.attached { "\tattached" } else { "" }
+                );
+            }
+        }
+        OverlayCmd::Show { name } => {
+            let o = named::info(root, &name)
+                .with_context(|| format!("cannot show overlay {name:?}"))?;
+            print_info(&o);
+        }
+        OverlayCmd::Rm { name } => {
+            named::remove(root, &name)
+                .with_context(|| format!("cannot remove overlay {name:?}"))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_info(o: &OverlayInfo) {
+    let r = &o.record;
+    println!("name:        {}", r.name);
+    println!(
+        "image:       {} (fingerprint {})",
+        r.image, r.image_fingerprint
+    );
+    println!("device size: {} ({} bytes)", human(r.size), r.size);
+    println!(
+        "changed:     {} ({} blocks)",
+        human(o.changed_blocks * 4096),
+        o.changed_blocks
+    );
+    println!("on disk:     {}", human(o.data_bytes));
+    println!("created:     {}", r.created);
+    println!("attached:    {}", if o.attached { "yes" } else { "no" });
+}
