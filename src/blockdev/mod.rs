@@ -1,19 +1,19 @@
 //! The read path every frontend shares: a synthesized image as a block device.
 //!
-//! Metadata comes from the [`Layout`]; file data from store objects, memory-mapped on first
-//! use; everything else is zeros.
+//! Metadata comes from the [`Layout`]; file data from store objects (see `object.rs`);
+//! everything else is zeros.
 
 mod export;
+mod object;
 pub mod overlay;
 
-use std::fs::File;
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use memmap2::Mmap;
 use tessera_ext4::{Layout, Piece};
 
 pub use export::export;
+use object::Object;
 
 use crate::image::{self, ImageError};
 use crate::store::{ObjectId, Store};
@@ -23,13 +23,6 @@ use crate::store::{ObjectId, Store};
 pub struct ImageDevice {
     layout: Arc<Layout>,
     objects: Vec<Object>,
-}
-
-#[derive(Debug)]
-struct Object {
-    id: ObjectId,
-    path: std::path::PathBuf,
-    map: OnceLock<Mmap>,
 }
 
 /// A range of the device that is either backed by data (metadata or file contents) or zeros.
@@ -45,11 +38,7 @@ impl ImageDevice {
     pub fn new(store: &Store, layout: Arc<Layout>, objects: &[ObjectId]) -> Self {
         let objects = objects
             .iter()
-            .map(|id| Object {
-                id: *id,
-                path: store.object_path(id),
-                map: OnceLock::new(),
-            })
+            .map(|id| Object::new(*id, store.object_path(id)))
             .collect();
         ImageDevice { layout, objects }
     }
@@ -82,27 +71,12 @@ impl ImageDevice {
                 Piece::Data {
                     handle,
                     offset: obj_offset,
-                    len,
+                    ..
                 } => {
                     let object = self.objects.get(handle.0 as usize).ok_or_else(|| {
                         io::Error::other(format!("layout names unknown data handle {}", handle.0))
                     })?;
-                    let map = object.map()?;
-                    let src = usize::try_from(obj_offset)
-                        .ok()
-                        .and_then(|start| map.get(start..start.checked_add(len as usize)?))
-                        .ok_or_else(|| {
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!(
-                                    "object {} is {} bytes, shorter than the image needs ({} at {obj_offset}); run `tessera store verify`",
-                                    object.id,
-                                    map.len(),
-                                    len
-                                ),
-                            )
-                        })?;
-                    out.copy_from_slice(src);
+                    object.read(out, obj_offset)?;
                 }
             }
             at += n;
@@ -142,24 +116,5 @@ impl ImageDevice {
                 ),
             )),
         }
-    }
-}
-
-impl Object {
-    fn map(&self) -> io::Result<&Mmap> {
-        if let Some(map) = self.map.get() {
-            return Ok(map);
-        }
-        let file = File::open(&self.path).map_err(|e| {
-            io::Error::new(e.kind(), format!("object {}: {e}", self.path.display()))
-        })?;
-        // SAFETY: store objects are immutable: they are written under tmp/, renamed into
-        // place read-only and never modified or truncated afterwards (gc only unlinks, which
-        // keeps existing mappings valid). Reads are bounds-checked against the mapping's
-        // length, fixed at map time.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| {
-            io::Error::new(e.kind(), format!("map object {}: {e}", self.path.display()))
-        })?;
-        Ok(self.map.get_or_init(|| map))
     }
 }

@@ -8,6 +8,7 @@ pub mod served;
 pub mod snapshot;
 
 use std::ffi::OsStr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -140,7 +141,8 @@ pub fn can_run(test: &str, needs_root: bool, tools: &[&str]) -> bool {
     if std::env::var_os("TESSERA_REQUIRE_PEERS").is_some_and(|v| v == "1") {
         panic!("{msg} (TESSERA_REQUIRE_PEERS=1)");
     }
-    eprintln!("SKIPPED {msg}");
+    // Written to the stderr handle, not with eprintln!, which the test harness captures.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
     false
 }
 

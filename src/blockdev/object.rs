@@ -1,0 +1,107 @@
+//! One store object behind a data handle.
+//!
+//! Large objects are memory-mapped on first use and stay mapped: reads are a copy, and
+//! images sharing an object share its pages. Small objects are opened and read with `pread`
+//! on each access instead, so an image of a hundred thousand small files holds neither a
+//! hundred thousand mappings (the kernel's default `vm.max_map_count` is 65530) nor as
+//! many open descriptors.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+
+use crate::store::ObjectId;
+
+/// Objects at least this large are mapped.
+const MAP_MIN: u64 = 256 << 10;
+
+#[derive(Debug)]
+pub(super) struct Object {
+    id: ObjectId,
+    path: PathBuf,
+    backing: OnceLock<Backing>,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Mapped(Mmap),
+    Small { len: u64 },
+}
+
+impl Object {
+    pub(super) fn new(id: ObjectId, path: PathBuf) -> Self {
+        Object {
+            id,
+            path,
+            backing: OnceLock::new(),
+        }
+    }
+
+    /// Fill `out` with the object's bytes at `offset`; reading past its end is an error.
+    pub(super) fn read(&self, out: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = out.len() as u64;
+        match self.backing()? {
+            Backing::Mapped(map) => {
+                let src = offset
+                    .checked_add(len)
+                    .filter(|&end| end <= map.len() as u64)
+                    .map(|end| &map[offset as usize..end as usize])
+                    .ok_or_else(|| self.too_short(map.len() as u64, offset, len))?;
+                out.copy_from_slice(src);
+                Ok(())
+            }
+            Backing::Small { len: have } => {
+                if offset.checked_add(len).is_none_or(|end| end > *have) {
+                    return Err(self.too_short(*have, offset, len));
+                }
+                self.open()?
+                    .read_exact_at(out, offset)
+                    .map_err(|e| self.context("read", e))
+            }
+        }
+    }
+
+    fn backing(&self) -> io::Result<&Backing> {
+        if let Some(b) = self.backing.get() {
+            return Ok(b);
+        }
+        let file = self.open()?;
+        let len = file.metadata().map_err(|e| self.context("stat", e))?.len();
+        let backing = if len < MAP_MIN {
+            Backing::Small { len }
+        } else {
+            // SAFETY: store objects are immutable: they are written under tmp/, renamed
+            // into place read-only and never modified or truncated afterwards (gc only
+            // unlinks, which keeps existing mappings valid). Reads are bounds-checked
+            // against the mapping's length, fixed at map time.
+            Backing::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?)
+        };
+        Ok(self.backing.get_or_init(|| backing))
+    }
+
+    fn open(&self) -> io::Result<File> {
+        File::open(&self.path).map_err(|e| self.context("open", e))
+    }
+
+    fn context(&self, op: &str, e: io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            format!("{op} object {}: {e}", self.path.display()),
+        )
+    }
+
+    fn too_short(&self, have: u64, offset: u64, len: u64) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "object {} is {have} bytes, shorter than the image needs ({len} at {offset}); \
+                 run `tessera store verify`",
+                self.id
+            ),
+        )
+    }
+}
