@@ -117,3 +117,43 @@ fn the_exported_image_survives_a_read_write_mount() {
     }
     common::e2fsck_clean(&img);
 }
+
+/// Hardlink groups belong to their layer: replacing one name of a group in a later tree
+/// leaves the others linked to each other, with a link count the kernel agrees with.
+#[test]
+fn a_later_tree_can_replace_one_name_of_a_hardlink_group() {
+    if !common::can_run(
+        "a_later_tree_can_replace_one_name_of_a_hardlink_group",
+        true,
+        &["mount", "e2fsck"],
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let lower = env.path("lower");
+    std::fs::create_dir_all(lower.join("d")).unwrap();
+    std::fs::write(lower.join("a"), b"shared").unwrap();
+    std::fs::hard_link(lower.join("a"), lower.join("b")).unwrap();
+    std::fs::hard_link(lower.join("a"), lower.join("d/c")).unwrap();
+    let upper = env.path("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::write(upper.join("b"), b"replaced").unwrap();
+    let (l, u) = (env.import(&lower), env.import(&upper));
+    env.ok(&["image", "create", "img", "--tree", &l, "--tree", &u]);
+    let img = env.path("img.img");
+    env.ok(&[
+        "image".as_ref(),
+        "export".as_ref(),
+        "img".as_ref(),
+        img.as_os_str(),
+    ]);
+    common::e2fsck_clean(&img);
+
+    use std::os::unix::fs::MetadataExt;
+    let mount = LoopMount::new(&img, &env.path("mnt"), "ro");
+    let meta = |p: &str| std::fs::metadata(mount.dir.join(p)).unwrap();
+    assert_eq!(std::fs::read(mount.dir.join("b")).unwrap(), b"replaced");
+    assert_eq!(meta("b").nlink(), 1);
+    assert_eq!(meta("a").ino(), meta("d/c").ino());
+    assert_eq!(meta("a").nlink(), 2);
+}
