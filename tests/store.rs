@@ -212,3 +212,32 @@ fn store_location_comes_from_the_environment() {
     assert!(out.status.success());
     assert!(explicit.join("objects").is_dir());
 }
+
+#[test]
+fn verify_detects_a_corrupted_tree() {
+    let env = Env::new();
+    let src = small_tree(&env, "src", &[("a", b"x")]);
+    let tree = env.import(&src);
+    let path = env.store.join("trees").join(&tree[..2]).join(&tree[2..]);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"mode\":", "\"mode\" :");
+    fs::write(&path, text).unwrap();
+    let out = env.fails(&["store", "verify"]);
+    assert!(out.contains(&format!("tree {tree} is corrupt")), "{out}");
+}
+
+/// gc must not delete on partial knowledge: an unreadable image could reference anything.
+#[test]
+fn gc_refuses_to_run_when_an_image_is_unreadable() {
+    let env = Env::new();
+    let src = small_tree(&env, "src", &[("a", b"x")]);
+    let tree = env.import(&src);
+    env.ok(&["image", "create", "good", "--tree", &tree]);
+    fs::write(env.store.join("images/broken.json"), b"{not json").unwrap();
+    let out = env.fails(&["store", "gc"]);
+    assert!(out.contains("broken.json"), "{out}");
+    assert_eq!(env.files("objects").len(), 1);
+    assert_eq!(env.files("trees").len(), 1);
+}
