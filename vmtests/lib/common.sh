@@ -180,6 +180,11 @@ evict() {
 cached_bytes() {
     fincore --bytes --noheadings --output RES "$@" | awk '{ s += $1 } END { print s + 0 }'
 }
+# A process's resident memory as "ANON/FILE" MiB.
+rss_split() {
+    awk '/^RssAnon/ { a = $2 } /^RssFile/ { f = $2 } END { printf "%.1f/%.1f", a / 1024, f / 1024 }' \
+        "/proc/$1/status"
+}
 file_bytes() { du -cb --apparent-size "$@" | tail -n 1 | cut -f1; }
 alloc_bytes() { du -cB1 "$@" | tail -n 1 | cut -f1; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
