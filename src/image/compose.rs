@@ -172,3 +172,79 @@ fn metadata(e: &Entry) -> Metadata {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::{merge, Bytes, Manifest};
+
+    fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: Bytes(path.as_bytes().to_vec()),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            atime: Time(1, 0),
+            mtime: Time(2, 0),
+            ctime: Time(3, 0),
+            crtime: None,
+            xattrs: vec![],
+            size: None,
+            object: None,
+            segments: None,
+            link: None,
+            target: None,
+            rdev: None,
+        }
+    }
+
+    fn file(path: &str, content: &[u8], link: Option<u64>) -> Entry {
+        let mut e = entry(path, Kind::File);
+        e.size = Some(content.len() as u64);
+        e.object = Some(ObjectId::of(content));
+        e.link = link;
+        e
+    }
+
+    #[test]
+    fn links_share_a_node_and_equal_objects_share_a_handle() {
+        let m = Manifest::new(vec![
+            entry("", Kind::Dir),
+            entry("d", Kind::Dir),
+            file("a", b"one", Some(0)),
+            file("d/b", b"one", Some(0)),
+            file("c", b"one", None),
+            file("e", b"two", None),
+        ]);
+        let composed = compose("t", &merge::merge(vec![m])).unwrap();
+        let tree = &composed.tree;
+        let d = tree.lookup(FsTree::ROOT, b"d").unwrap();
+        let a = tree.lookup(FsTree::ROOT, b"a").unwrap();
+        assert_eq!(tree.lookup(d, b"b"), Some(a));
+        let c = tree.lookup(FsTree::ROOT, b"c").unwrap();
+        assert_ne!(a, c);
+        let handle = |n| match &tree.node(n).kind {
+            NodeKind::File(f) => f.handle,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(handle(a), handle(c));
+        assert_eq!(composed.objects.len(), 2);
+        assert_eq!(composed.objects[handle(a).0 as usize], ObjectId::of(b"one"));
+    }
+
+    #[test]
+    fn link_groups_are_per_layer() {
+        let lower = Manifest::new(vec![entry("", Kind::Dir), file("a", b"x", Some(0))]);
+        let upper = Manifest::new(vec![entry("", Kind::Dir), file("b", b"x", Some(0))]);
+        let composed = compose("t", &merge::merge(vec![lower, upper])).unwrap();
+        let t = &composed.tree;
+        assert_ne!(t.lookup(FsTree::ROOT, b"a"), t.lookup(FsTree::ROOT, b"b"));
+    }
+
+    #[test]
+    fn unknown_crtime_falls_back_to_ctime() {
+        let m = metadata(&entry("x", Kind::Fifo));
+        assert_eq!(m.crtime, Timestamp { sec: 3, nsec: 0 });
+    }
+}

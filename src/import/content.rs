@@ -106,7 +106,12 @@ fn copy(
                     path: path.to_path_buf(),
                 });
             }
-            hasher.update(&buf[..n]);
+            // Big files hash on all cores; below ~128 KiB threads cost more than they give.
+            if n >= 128 << 10 {
+                hasher.update_rayon(&buf[..n]);
+            } else {
+                hasher.update(&buf[..n]);
+            }
             out.write_all(&buf[..n])
                 .map_err(|e| ImportError::io("write the store object for", path, e))?;
             progress(n as u64);
