@@ -95,6 +95,18 @@ pub fn build(root: &Path, root_only: bool) {
         &[0, 1, 2, 0xff, 0xfe],
     );
     set_xattr(&root.join("other"), "user.on-a-dir", b"yes");
+    // POSIX ACLs: the VFS xattr format differs from ext4's on-disk one, so these check a
+    // conversion, not just a copy.
+    set_xattr(
+        &root.join("ünïcödé/名前.txt"),
+        "system.posix_acl_access",
+        &acl(&[(2, 6, 1000)]),
+    );
+    set_xattr(
+        &root.join("ünïcödé"),
+        "system.posix_acl_default",
+        &acl(&[(8, 5, 100)]),
+    );
     if root_only {
         mknod(&root.join("special/null"), libc::S_IFCHR, 1, 3);
         mknod(&root.join("special/loop7"), libc::S_IFBLK, 7, 7);
@@ -109,6 +121,7 @@ pub fn build(root: &Path, root_only: bool) {
         cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
         cap[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
         set_xattr(&root.join("files/exec"), "security.capability", &cap);
+        set_xattr(&root.join("files/empty"), "trusted.overlay.opaque", b"y");
         std::os::unix::fs::lchown(root.join("files/big.bin"), Some(1234), Some(5678)).unwrap();
         std::os::unix::fs::lchown(root.join("links/relative"), Some(42), Some(43)).unwrap();
     }
@@ -121,6 +134,25 @@ pub fn build(root: &Path, root_only: bool) {
     for d in ["files", "other/deeper", "other", "ünïcödé", ""] {
         set_times(&root.join(d), MTIME, (MTIME.0 + 1, 1));
     }
+}
+
+/// A POSIX ACL in the VFS xattr format (version 2): the base entries plus `extra`
+/// (tag, perm, id) entries, in the order the kernel requires.
+fn acl(extra: &[(u16, u16, u32)]) -> Vec<u8> {
+    const UNDEFINED: u32 = u32::MAX;
+    let mut entries = vec![(1u16, 6u16, UNDEFINED)]; // ACL_USER_OBJ rw-
+    entries.extend(extra.iter().filter(|e| e.0 == 2)); // ACL_USER
+    entries.push((4, 4, UNDEFINED)); // ACL_GROUP_OBJ r--
+    entries.extend(extra.iter().filter(|e| e.0 == 8)); // ACL_GROUP
+    entries.push((0x10, 6, UNDEFINED)); // ACL_MASK rw-
+    entries.push((0x20, 4, UNDEFINED)); // ACL_OTHER r--
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
 }
 
 pub fn pseudo_random(len: usize) -> Vec<u8> {
