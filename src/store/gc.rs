@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fs;
 
-use super::{Kind, ObjectId, Store, StoreError};
+use super::{Area, ObjectId, Store, StoreError};
 use crate::image::{self, ImageError};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,12 +32,12 @@ impl Store {
         }
 
         let mut report = GcReport::default();
-        let (trees, _) = self.list(Kind::Tree)?;
+        let (trees, _) = self.list(Area::Tree)?;
         for id in trees.iter().filter(|id| !live_trees.contains(id)) {
             self.remove(&self.tree_path(id), dry_run)?;
             report.trees += 1;
         }
-        let (objects, _) = self.list(Kind::Object)?;
+        let (objects, _) = self.list(Area::Object)?;
         for id in objects.iter().filter(|id| !live_objects.contains(id)) {
             let path = self.object_path(id);
             report.object_bytes += fs::symlink_metadata(&path)

@@ -48,18 +48,18 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// Names the directory (`objects` or `trees`) where content-addressed files of a kind live.
+/// The directory (`objects` or `trees`) holding one sort of content-addressed file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub(crate) enum Area {
     Object,
     Tree,
 }
 
-impl Kind {
+impl Area {
     fn dir(self) -> &'static str {
         match self {
-            Kind::Object => "objects",
-            Kind::Tree => "trees",
+            Area::Object => "objects",
+            Area::Tree => "trees",
         }
     }
 }
@@ -80,17 +80,17 @@ impl Store {
         &self.root
     }
 
-    fn content_path(&self, kind: Kind, id: &ObjectId) -> PathBuf {
+    fn content_path(&self, area: Area, id: &ObjectId) -> PathBuf {
         let hex = id.to_hex();
-        self.root.join(kind.dir()).join(&hex[..2]).join(&hex[2..])
+        self.root.join(area.dir()).join(&hex[..2]).join(&hex[2..])
     }
 
     pub fn object_path(&self, id: &ObjectId) -> PathBuf {
-        self.content_path(Kind::Object, id)
+        self.content_path(Area::Object, id)
     }
 
     pub fn tree_path(&self, id: &ObjectId) -> PathBuf {
-        self.content_path(Kind::Tree, id)
+        self.content_path(Area::Tree, id)
     }
 
     fn image_dir(&self) -> PathBuf {
@@ -220,10 +220,10 @@ impl Store {
         Ok(names)
     }
 
-    /// Every content-addressed file of `kind`: the ids, and the paths of stray files whose
+    /// Every content-addressed file in `area`: the ids, and the paths of stray files whose
     /// names are not ids.
-    pub(crate) fn list(&self, kind: Kind) -> Result<(Vec<ObjectId>, Vec<PathBuf>), StoreError> {
-        let top = self.root.join(kind.dir());
+    pub(crate) fn list(&self, area: Area) -> Result<(Vec<ObjectId>, Vec<PathBuf>), StoreError> {
+        let top = self.root.join(area.dir());
         let mut ids = Vec::new();
         let mut strays = Vec::new();
         let read = |dir: &Path| fs::read_dir(dir).map_err(|e| StoreError::io("list", dir, e));
@@ -239,7 +239,7 @@ impl Store {
                 let entry = entry.map_err(|e| StoreError::io("list", &fan_path, e))?;
                 let name = format!("{fan_name}{}", entry.file_name().to_string_lossy());
                 match name.parse::<ObjectId>() {
-                    Ok(id) if entry.path() == self.content_path(kind, &id) => ids.push(id),
+                    Ok(id) if entry.path() == self.content_path(area, &id) => ids.push(id),
                     _ => strays.push(entry.path()),
                 }
             }

@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 use std::fs;
 
-use super::{Kind, Store, StoreError};
+use super::{Area, Store, StoreError};
 use crate::image::{self, ImageError};
-use crate::tree::Kind as EntryKind;
+use crate::tree::Kind;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -29,7 +29,7 @@ impl StoreStats {
 impl Store {
     pub fn stats(&self) -> Result<StoreStats, ImageError> {
         let mut stats = StoreStats::default();
-        let (objects, _) = self.list(Kind::Object)?;
+        let (objects, _) = self.list(Area::Object)?;
         stats.objects = objects.len();
         for id in &objects {
             let path = self.object_path(id);
@@ -37,7 +37,7 @@ impl Store {
                 .map_err(|e| StoreError::io("stat", &path, e))?
                 .len();
         }
-        stats.trees = self.list(Kind::Tree)?.0.len();
+        stats.trees = self.list(Area::Tree)?.0.len();
         let images = self.list_images()?;
         stats.images = images.len();
         for name in images {
@@ -46,7 +46,7 @@ impl Store {
             for layered in image::merged_entries(self, &record)? {
                 let e = &layered.entry;
                 let first_link = e.link.is_none_or(|l| seen_links.insert((layered.layer, l)));
-                if e.kind == EntryKind::File && first_link {
+                if e.kind == Kind::File && first_link {
                     stats.image_bytes += e.data_len();
                 }
             }

@@ -6,7 +6,7 @@ use std::fmt;
 
 use rayon::prelude::*;
 
-use super::{Kind, ObjectId, Store, StoreError};
+use super::{Area, ObjectId, Store, StoreError};
 use crate::image;
 use crate::tree::{self, Bytes, Manifest};
 
@@ -109,7 +109,7 @@ impl Store {
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let _lock = self.lock(false)?;
         let mut report = VerifyReport::default();
-        let (objects, strays) = self.list(Kind::Object)?;
+        let (objects, strays) = self.list(Area::Object)?;
         report
             .problems
             .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
@@ -142,7 +142,7 @@ impl Store {
         }
         report.objects = objects.len();
 
-        let (trees, strays) = self.list(Kind::Tree)?;
+        let (trees, strays) = self.list(Area::Tree)?;
         report
             .problems
             .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
