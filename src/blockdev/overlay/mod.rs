@@ -19,6 +19,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tessera_nbd::{Device, Extent, ZeroFlags};
@@ -33,20 +34,17 @@ pub struct Overlay {
     dir: PathBuf,
     data: File,
     map: RwLock<BlockMap>,
-    /// Serializes writers so read-modify-write of a shared block is atomic, and orders map
-    /// saves after data syncs.
-    writer: Mutex<Dirty>,
+    /// The in-memory map has changes the saved one lacks.
+    map_dirty: AtomicBool,
+    /// Serializes read-modify-write of partial blocks. Whole-block writes need no lock:
+    /// overlapping requests in flight have no defined order in NBD.
+    rmw: Mutex<()>,
+    /// Serializes flushes; holds the generation of the map on disk.
+    saved_generation: Mutex<u64>,
     persistent: bool,
     description: Option<String>,
     /// Keeps a persistent overlay's lock or an ephemeral overlay's directory alive.
     _hold: Box<dyn Send + Sync>,
-}
-
-struct Dirty {
-    /// The in-memory map differs from the one on disk.
-    map: bool,
-    /// Generation of the map on disk.
-    generation: u64,
 }
 
 impl Overlay {
@@ -91,10 +89,9 @@ impl Overlay {
             dir: dir.to_path_buf(),
             data,
             map: RwLock::new(map),
-            writer: Mutex::new(Dirty {
-                map: false,
-                generation: map_generation,
-            }),
+            map_dirty: AtomicBool::new(false),
+            rmw: Mutex::new(()),
+            saved_generation: Mutex::new(map_generation),
             persistent,
             description,
             _hold: hold,
@@ -139,43 +136,35 @@ impl Overlay {
     }
 
     /// Zero an arbitrary byte range: whole blocks in the map, partial ones by writing.
-    fn zero_range(&self, offset: u64, len: u64, dirty: &mut Dirty) -> io::Result<()> {
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         let first_full = offset.div_ceil(BS);
         let last_full = end / BS;
         if first_full >= last_full {
-            return self.write_locked(&vec![0u8; len as usize], offset, dirty);
+            return self.write(&vec![0u8; len as usize], offset);
         }
         if offset < first_full * BS {
-            self.write_locked(
-                &vec![0u8; (first_full * BS - offset) as usize],
-                offset,
-                dirty,
-            )?;
+            self.write(&vec![0u8; (first_full * BS - offset) as usize], offset)?;
         }
         self.zero_blocks(first_full, last_full - first_full)?;
-        dirty.map = true;
+        self.map_dirty.store(true, Ordering::Release);
         if end > last_full * BS {
-            self.write_locked(
-                &vec![0u8; (end - last_full * BS) as usize],
-                last_full * BS,
-                dirty,
-            )?;
+            self.write(&vec![0u8; (end - last_full * BS) as usize], last_full * BS)?;
         }
         Ok(())
     }
 
-    fn write_locked(&self, buf: &[u8], offset: u64, dirty: &mut Dirty) -> io::Result<()> {
+    /// Data first, then the map entry, so a map that says `Data` never points at a write
+    /// that has not reached the data file.
+    fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset + buf.len() as u64;
         let mut pos = offset;
-        let mut block_buf = vec![0u8; BS as usize];
         while pos < end {
             let block = pos / BS;
             let in_block = (pos % BS) as usize;
             let n = ((BS as usize - in_block) as u64).min(end - pos) as usize;
-            let src = &buf[(pos - offset) as usize..(pos - offset) as usize + n];
             if n == BS as usize {
-                // Whole blocks: write the longest aligned run at once.
+                // Whole blocks: write the longest aligned run at once, without a lock.
                 let whole = ((end - pos) / BS) * BS;
                 let run = &buf[(pos - offset) as usize..(pos - offset + whole) as usize];
                 self.data.write_all_at(run, pos)?;
@@ -185,27 +174,38 @@ impl Overlay {
                 }
                 pos += whole;
             } else {
+                let _rmw = self.rmw.lock().unwrap();
+                let mut block_buf = [0u8; BS as usize];
                 self.read_block_into(block, &mut block_buf)?;
+                let src = &buf[(pos - offset) as usize..(pos - offset) as usize + n];
                 block_buf[in_block..in_block + n].copy_from_slice(src);
                 self.data.write_all_at(&block_buf, block * BS)?;
                 self.map.write().unwrap().set(block, State::Data);
                 pos += n as u64;
             }
-            dirty.map = true;
+            self.map_dirty.store(true, Ordering::Release);
         }
         Ok(())
     }
 
-    fn flush_locked(&self, dirty: &mut Dirty) -> io::Result<()> {
-        self.data.sync_data()?;
-        if self.persistent && dirty.map {
-            // Writers are excluded by `dirty`'s lock; readers may go on meanwhile.
-            self.map
-                .read()
-                .unwrap()
-                .save(&self.dir, dirty.generation + 1)?;
-            dirty.generation += 1;
-            dirty.map = false;
+    /// Everything acknowledged before this call becomes durable. The map is copied
+    /// *before* the data sync, so each `Data` entry saved refers to a write that had reached
+    /// the data file and is covered by the sync, even while other writes are in flight.
+    fn flush_all(&self) -> io::Result<()> {
+        let mut generation = self.saved_generation.lock().unwrap();
+        let snapshot = (self.persistent && self.map_dirty.swap(false, Ordering::AcqRel))
+            .then(|| self.map.read().unwrap().clone());
+        let saved = self.data.sync_data().and_then(|()| match &snapshot {
+            Some(map) => map.save(&self.dir, *generation + 1),
+            None => Ok(()),
+        });
+        match saved {
+            Ok(()) if snapshot.is_some() => *generation += 1,
+            Ok(()) => {}
+            Err(e) => {
+                self.map_dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -274,17 +274,15 @@ impl Device for Overlay {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let mut dirty = self.writer.lock().unwrap();
-        self.write_locked(buf, offset, &mut dirty)?;
+        self.write(buf, offset)?;
         if fua {
-            self.flush_locked(&mut dirty)?;
+            self.flush_all()?;
         }
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        let mut dirty = self.writer.lock().unwrap();
-        self.flush_locked(&mut dirty)
+        self.flush_all()
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
@@ -300,10 +298,9 @@ impl Device for Overlay {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        let mut dirty = self.writer.lock().unwrap();
-        self.zero_range(offset, len, &mut dirty)?;
+        self.zero_range(offset, len)?;
         if flags.fua {
-            self.flush_locked(&mut dirty)?;
+            self.flush_all()?;
         }
         Ok(())
     }
