@@ -290,3 +290,17 @@ fn an_unreadable_file_is_an_error_naming_it() {
     );
     assert!(env.files("tmp").is_empty());
 }
+
+/// Each cause is printed once: errors with a `#[source]` must not repeat it in their message.
+#[test]
+fn a_missing_source_is_reported_once() {
+    let env = Env::new();
+    let missing = env.path("missing");
+    let out = env.fails(&[
+        std::ffi::OsStr::new("import"),
+        "dir".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert_eq!(out.matches("No such file or directory").count(), 1, "{out}");
+    assert!(out.contains(&*missing.to_string_lossy()), "{out}");
+}

@@ -23,13 +23,13 @@ use crate::tree::{merge, Bytes, Manifest, TreeError};
 pub enum ImageError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("tree {id}: {source}")]
+    #[error("tree {id}")]
     Tree {
         id: ObjectId,
         #[source]
         source: TreeError,
     },
-    #[error("image record {path}: {source}")]
+    #[error("invalid image record {path}")]
     Record {
         path: PathBuf,
         #[source]
@@ -43,14 +43,14 @@ pub enum ImageError {
     Exists { name: String },
     #[error("an image needs at least one tree")]
     NoTrees,
-    #[error("image {name:?}: entry {path:?}: {source}")]
+    #[error("image {name:?}: entry {path:?}")]
     Entry {
         name: String,
         path: Bytes,
         #[source]
         source: tessera_ext4::Error,
     },
-    #[error("image {name:?}: {source}")]
+    #[error("image {name:?} cannot be laid out as ext4")]
     Ext4 {
         name: String,
         #[source]

@@ -18,7 +18,7 @@ use crate::store::StoreError;
 /// atomically, and the tree is written only after every file is stored.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("cannot {op} {path}: {source}")]
+    #[error("cannot {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

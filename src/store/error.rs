@@ -6,7 +6,7 @@ use super::ObjectId;
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot {op} {path}: {source}")]
+    #[error("cannot {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -24,7 +24,7 @@ pub enum StoreError {
         expected: ObjectId,
         actual: ObjectId,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -164,7 +164,7 @@ impl Store {
             match record {
                 Err(e) => report.problems.push(Problem::BadImage {
                     name,
-                    error: e.to_string(),
+                    error: chain(&e),
                 }),
                 Ok(record) => {
                     for tree in record.trees {
@@ -187,7 +187,7 @@ impl Store {
             Err(e) => {
                 return vec![Problem::BadTree {
                     id: *id,
-                    error: e.to_string(),
+                    error: chain(&e),
                 }]
             }
         };
@@ -200,7 +200,7 @@ impl Store {
             Err(e) => {
                 return vec![Problem::BadTree {
                     id: *id,
-                    error: e.to_string(),
+                    error: chain(&e),
                 }]
             }
         };
@@ -232,4 +232,16 @@ impl Store {
         }
         problems
     }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }

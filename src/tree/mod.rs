@@ -145,7 +145,7 @@ pub struct Manifest {
 /// Why bytes are not a valid manifest.
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
-    #[error("tree manifest is not valid JSON: {0}")]
+    #[error("tree manifest is not valid JSON")]
     Json(#[from] serde_json::Error),
     #[error("unsupported tree manifest format {0} (this tessera reads format {FORMAT})")]
     Format(u32),
