@@ -241,3 +241,28 @@ fn gc_refuses_to_run_when_an_image_is_unreadable() {
     assert_eq!(env.files("objects").len(), 1);
     assert_eq!(env.files("trees").len(), 1);
 }
+
+/// An import holds the store lock shared from its first object to its tree (and image), so
+/// a gc started meanwhile waits instead of collecting the new, not yet referenced objects.
+#[test]
+fn gc_waits_for_a_writer_holding_the_store_lock() {
+    let env = Env::new();
+    let src = small_tree(&env, "src", &[("a", b"unreferenced")]);
+    env.import(&src);
+    let writer = env.open_store().lock(false).unwrap();
+    let mut gc = env
+        .command()
+        .args(["store", "gc"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        gc.try_wait().unwrap().is_none(),
+        "gc ran while a writer held the lock"
+    );
+    assert_eq!(env.files("objects").len(), 1);
+    drop(writer);
+    assert!(gc.wait().unwrap().success());
+    assert!(env.files("objects").is_empty());
+}

@@ -61,8 +61,9 @@ pub(super) fn run(store: &Store, args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Err(_) => eprintln!("e2fsck: not installed, skipped (apt-get install e2fsprogs)"),
     }
+    eprintln!("next:   tessera serve     (exports the store's images over NBD and prints client commands)");
     eprintln!(
-        "try:    sudo mount -o loop,ro {} /mnt && ls -la /mnt",
+        "        sudo mount -o loop,ro {} /mnt && ls -la /mnt",
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
