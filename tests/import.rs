@@ -304,3 +304,13 @@ fn a_missing_source_is_reported_once() {
     assert_eq!(out.matches("No such file or directory").count(), 1, "{out}");
     assert!(out.contains(&*missing.to_string_lossy()), "{out}");
 }
+
+#[test]
+fn a_symlink_naming_the_root_is_followed() {
+    let env = Env::new();
+    let real = env.path("real");
+    fs::create_dir(&real).unwrap();
+    fs::write(real.join("f"), b"x").unwrap();
+    std::os::unix::fs::symlink(&real, env.path("alias")).unwrap();
+    assert_eq!(env.import(&env.path("alias")), env.import(&real));
+}

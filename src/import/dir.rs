@@ -1,6 +1,6 @@
 //! `tessera import dir`: a local directory tree into the store.
 //!
-//! - Symlinks are recorded, never followed.
+//! - Symlinks are recorded, never followed, except one naming the root itself (like `cp -H`).
 //! - The walk stays on the root's filesystem: a mount point below the root is recorded as
 //!   an empty directory (with the mounted root's metadata), like `cp -x` or `du -x`.
 //! - The store directory itself is skipped if it lies inside the imported tree.
@@ -50,6 +50,10 @@ pub fn import_dir(
     progress: &ProgressBar,
 ) -> Result<ImportSummary, ImportError> {
     let _lock = store.lock(false)?;
+    // A symlink naming the root is followed, like `cp -H`; nothing below it is.
+    let root = &root
+        .canonicalize()
+        .map_err(|e| ImportError::io("resolve", root, e))?;
     let root_meta = fs::symlink_metadata(root).map_err(|e| ImportError::io("stat", root, e))?;
     if !root_meta.is_dir() {
         return Err(ImportError::NotADirectory {
