@@ -266,3 +266,37 @@ fn gc_waits_for_a_writer_holding_the_store_lock() {
     assert!(gc.wait().unwrap().success());
     assert!(env.files("objects").is_empty());
 }
+
+/// Imports running at once may stage the same new objects; both must succeed and leave a
+/// consistent store (the second rename of identical content is harmless).
+#[test]
+fn concurrent_imports_of_overlapping_trees() {
+    let env = Env::new();
+    let files: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("f{i}"), common::fixture::pseudo_random(1000 + i)))
+        .collect();
+    let as_refs = |skip: usize| -> Vec<(&str, &[u8])> {
+        files
+            .iter()
+            .skip(skip)
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect()
+    };
+    let a = small_tree(&env, "a", &as_refs(0));
+    let b = small_tree(&env, "b", &as_refs(50));
+    let spawn = |dir: &std::path::Path| env.command().args(["import", "dir"]).arg(dir).output();
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| spawn(&a));
+        let tb = s.spawn(|| spawn(&b));
+        (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap())
+    });
+    assert!(
+        ra.status.success() && rb.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ra.stderr),
+        String::from_utf8_lossy(&rb.stderr)
+    );
+    assert_eq!(env.files("objects").len(), 200);
+    assert!(env.files("tmp").is_empty());
+    env.ok(&["store", "verify"]);
+}
