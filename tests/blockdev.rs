@@ -130,3 +130,13 @@ fn a_truncated_object_is_an_io_error_not_a_crash() {
         .count();
     assert!(failures > 0, "reading the damaged file's blocks must fail");
 }
+
+/// Zeros are skipped, not written: on anything but a regular file they would keep stale
+/// bytes, so export refuses.
+#[test]
+fn export_refuses_a_non_regular_output() {
+    let env = Env::new();
+    let (_, _) = demo_device(&env);
+    let err = env.fails(&["image", "export", "demo", "/dev/null"]);
+    assert!(err.contains("regular files only"), "{err}");
+}

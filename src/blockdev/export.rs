@@ -11,13 +11,20 @@ use super::ImageDevice;
 const CHUNK: u64 = 4 << 20;
 
 /// Write `dev` to `out` (created or truncated). Zero ranges are not written, so `out` is
-/// sparse; its length is the device size.
+/// sparse; its length is the device size. `out` must be a regular file: on a block device
+/// the skipped ranges would keep their old contents.
 pub fn export(dev: &ImageDevice, out: &Path, mut progress: impl FnMut(u64)) -> io::Result<()> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(out)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "export writes regular files only (zeros are left as holes, not written)",
+        ));
+    }
     file.set_len(dev.size())?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0;
