@@ -66,7 +66,7 @@ impl ImageDevice {
             let n = piece.len() as usize;
             let out = &mut buf[at..at + n];
             match piece {
-                Piece::Meta(bytes) => out.copy_from_slice(bytes),
+                Piece::Meta(meta) => meta.copy_to(out),
                 Piece::Zero(_) => out.fill(0),
                 Piece::Data {
                     handle,

@@ -1,14 +1,12 @@
 //! From a tree and options to a [`Layout`]: number the inodes, prepare every inode's content,
 //! pick a geometry, allocate blocks ([`crate::plan`]), then emit the metadata bytes.
 
-use std::collections::HashMap;
-
 use crate::checksum;
 use crate::dir::{self, Dirent};
 use crate::extent::{self, Extent};
 use crate::hash::seed_words;
 use crate::inode::{self, InodeFields};
-use crate::layout::{Region, RegionKind};
+use crate::layout::{MetaStore, Region, RegionKind};
 use crate::plan::{Allocator, Geometry, BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
 use crate::superblock::{self, GroupDesc, Totals, FIRST_INO};
 use crate::xattr;
@@ -669,7 +667,8 @@ impl<'a> Prepared<'a> {
             out.meta(start, b);
         }
 
-        let metadata_bytes = out.meta.len() as u64;
+        let metadata_bytes = out.generated;
+        out.meta.finish();
         let data_blocks = out
             .regions
             .iter()
@@ -785,44 +784,32 @@ fn bad_blocks_inode(timestamp: i64, fs_seed: u32) -> [u8; INODE_SIZE as usize] {
     .encode(1, fs_seed)
 }
 
-/// Collects regions and the metadata bytes behind them.
+/// Collects regions and the metadata behind them.
 #[derive(Default)]
 struct Emitter {
     regions: Vec<Region>,
-    meta: Vec<u8>,
-    /// Identical bitmap blocks (free groups) are stored once.
-    shared: HashMap<Vec<u8>, usize>,
+    meta: MetaStore,
+    /// Bytes of metadata generated (before compression and sharing).
+    generated: u64,
 }
 
 impl Emitter {
     fn meta(&mut self, start: u64, bytes: Vec<u8>) {
         debug_assert_eq!(bytes.len() % BS, 0);
-        let at = self.meta.len();
-        self.meta.extend_from_slice(&bytes);
-        self.regions.push(Region {
-            start,
-            len: (bytes.len() / BS) as u64,
-            kind: RegionKind::Meta { at },
-        });
+        let mut first = None;
+        for block in bytes.chunks(BS) {
+            let i = self.meta.push(block);
+            first.get_or_insert(i);
+        }
+        self.generated += bytes.len() as u64;
+        let first = first.expect("at least one block");
+        self.regions.push(Region { start, len: (bytes.len() / BS) as u64, kind: RegionKind::Meta { first } });
     }
 
+    /// Like `meta` for one block, but an all-zero block needs no region at all.
     fn meta_shared(&mut self, start: u64, bytes: Vec<u8>) {
-        if bytes.iter().all(|&b| b == 0) {
-            return; // reads as zeros without a region
+        if bytes.iter().any(|&b| b != 0) {
+            self.meta(start, bytes);
         }
-        let at = match self.shared.get(&bytes) {
-            Some(&at) => at,
-            None => {
-                let at = self.meta.len();
-                self.meta.extend_from_slice(&bytes);
-                self.shared.insert(bytes, at);
-                at
-            }
-        };
-        self.regions.push(Region {
-            start,
-            len: 1,
-            kind: RegionKind::Meta { at },
-        });
     }
 }

@@ -8,7 +8,7 @@ fn image_bytes(layout: &Layout, objects: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(layout.size() as usize);
     for p in layout.pieces(0, layout.size()) {
         match p {
-            Piece::Meta(b) => out.extend_from_slice(b),
+            Piece::Meta(m) => out.extend_from_slice(&m.to_vec()),
             Piece::Data {
                 handle,
                 offset,
@@ -80,7 +80,7 @@ fn pieces_of_any_range_agree_with_the_whole_image() {
         let mut got = Vec::new();
         for p in layout.pieces(off, len) {
             match p {
-                Piece::Meta(b) => got.extend_from_slice(b),
+                Piece::Meta(m) => got.extend_from_slice(&m.to_vec()),
                 Piece::Data {
                     handle,
                     offset,

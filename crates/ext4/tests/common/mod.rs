@@ -160,9 +160,9 @@ pub fn write_image(layout: &Layout, objects: &[Vec<u8>], path: &Path) {
     let mut pos = 0u64;
     for piece in layout.pieces(0, layout.size()) {
         match piece {
-            Piece::Meta(b) => {
+            Piece::Meta(m) => {
                 f.seek(SeekFrom::Start(pos)).unwrap();
-                f.write_all(b).unwrap();
+                f.write_all(&m.to_vec()).unwrap();
             }
             Piece::Data {
                 handle,
