@@ -220,10 +220,8 @@ impl Manifest {
             if e.mode & !0o7777 != 0 {
                 return bad("mode has bits outside 0o7777");
             }
-            if e.atime.1 >= 1_000_000_000
-                || e.mtime.1 >= 1_000_000_000
-                || e.ctime.1 >= 1_000_000_000
-            {
+            let times = [Some(e.atime), Some(e.mtime), Some(e.ctime), e.crtime];
+            if times.iter().flatten().any(|t| t.1 >= 1_000_000_000) {
                 return bad("nanoseconds out of range");
             }
             let is = |want: bool, have: bool| want == have;
