@@ -236,6 +236,12 @@ impl Manifest {
             if !is(e.kind == Kind::Symlink, e.target.is_some()) {
                 return bad("symlinks, and only symlinks, have a target");
             }
+            if e.target
+                .as_ref()
+                .is_some_and(|t| t.0.is_empty() || t.0.contains(&0))
+            {
+                return bad("a symlink target is not empty and has no NUL byte");
+            }
             if !is(dev, e.rdev.is_some()) {
                 return bad("devices, and only devices, have rdev");
             }
