@@ -242,6 +242,12 @@ impl Manifest {
             {
                 return bad("a symlink target is not empty and has no NUL byte");
             }
+            if e.xattrs
+                .iter()
+                .any(|x| x.name.0.is_empty() || x.name.0.contains(&0))
+            {
+                return bad("an xattr name is not empty and has no NUL byte");
+            }
             if !is(dev, e.rdev.is_some()) {
                 return bad("devices, and only devices, have rdev");
             }

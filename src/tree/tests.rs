@@ -104,6 +104,9 @@ fn rejects_broken_invariants() {
     m.entries[2].segments = Some(vec![Segment(0, 100)]);
     assert!(invalid(m).contains("partial"));
     let mut m = sample();
+    m.entries[2].xattrs[0].name = Bytes(b"user.a\0b".to_vec());
+    assert!(invalid(m).contains("xattr name"));
+    let mut m = sample();
     m.entries[4].target = Some(Bytes(vec![]));
     assert!(invalid(m).contains("symlink target"));
     let mut m = sample();
