@@ -158,9 +158,14 @@ fn list_show_and_rm() {
     let err = env.fails(&["image", "create", "third", "--tree", &missing]);
     assert!(err.contains(&format!("tree {missing} is missing")), "{err}");
     let err = env.fails(&["image", "create", "third", "--tree", "abc"]);
-    assert!(err.contains("invalid object id"), "{err}");
+    assert!(err.contains("invalid tree id"), "{err}");
+    let err = env.fails(&["image", "create", "third", "--tree", "ffff0"]);
+    assert!(err.contains("no tree id starts with \"ffff0\""), "{err}");
+    env.ok(&["image", "create", "by-prefix", "--tree", &t[..8]]);
+    assert!(env.ok(&["image", "show", "by-prefix"]).contains(&t));
 
     env.ok(&["image", "rm", "first"]);
+    env.ok(&["image", "rm", "by-prefix"]);
     assert_eq!(env.ok(&["image", "list"]).lines().count(), 1);
     let err = env.fails(&["image", "rm", "first"]);
     assert!(err.contains("no image named \"first\""), "{err}");

@@ -7,16 +7,16 @@ use clap::Subcommand;
 use super::{human, progress_bar};
 use crate::blockdev::{self, ImageDevice};
 use crate::image::{self, format_uuid, parse_size, Built, CreateOptions, ImageRecord};
-use crate::store::{ObjectId, Store};
+use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum ImageCmd {
     /// Create an image from trees, merged in order (later trees win). Reads manifests only
     Create {
         name: String,
-        /// Tree id (repeatable; later trees win)
+        /// Tree id or a unique prefix of at least 4 digits (repeatable; later trees win)
         #[arg(long = "tree", required = true, value_name = "ID")]
-        trees: Vec<ObjectId>,
+        trees: Vec<String>,
         /// Device size, e.g. 512M or 4G [default: what the tree needs plus headroom]
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
@@ -46,6 +46,11 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             label,
             inodes,
         } => {
+            let trees = trees
+                .iter()
+                .map(|t| store.resolve_tree(t))
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("cannot create image {name:?}"))?;
             let opts = CreateOptions {
                 size,
                 inodes,

@@ -17,6 +17,12 @@ pub enum StoreError {
     MissingObject { id: ObjectId, path: PathBuf },
     #[error("tree {id} is missing from the store")]
     MissingTree { id: ObjectId },
+    #[error("no tree id starts with {prefix:?}")]
+    NoSuchTree { prefix: String },
+    #[error("tree id prefix {prefix:?} is ambiguous: {count} trees match")]
+    AmbiguousTree { prefix: String, count: usize },
+    #[error("invalid tree id {text:?}: expected 4 to 64 lowercase hex digits")]
+    BadTreeId { text: String },
     #[error("no image named {name:?}")]
     MissingImage { name: String },
     #[error("content changed while being stored: expected {expected}, got {actual}")]

@@ -109,6 +109,42 @@ impl Store {
         self.tree_path(id).exists()
     }
 
+    /// The tree whose id is `text` or, for 4 to 63 hex digits, the one tree whose id starts
+    /// with them.
+    pub fn resolve_tree(&self, text: &str) -> Result<ObjectId, StoreError> {
+        let bad = || StoreError::BadTreeId {
+            text: text.to_owned(),
+        };
+        if let Ok(id) = text.parse::<ObjectId>() {
+            return Ok(id);
+        }
+        let is_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if !(4..64).contains(&text.len()) || !text.bytes().all(is_hex) {
+            return Err(bad());
+        }
+        let fan = self.root.join(Area::Tree.dir()).join(&text[..2]);
+        let mut found = Vec::new();
+        if let Ok(entries) = fs::read_dir(&fan) {
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io("list", &fan, e))?;
+                let name = format!("{}{}", &text[..2], entry.file_name().to_string_lossy());
+                if name.starts_with(text) {
+                    found.extend(name.parse::<ObjectId>().ok());
+                }
+            }
+        }
+        match found.as_slice() {
+            [id] => Ok(*id),
+            [] => Err(StoreError::NoSuchTree {
+                prefix: text.to_owned(),
+            }),
+            _ => Err(StoreError::AmbiguousTree {
+                prefix: text.to_owned(),
+                count: found.len(),
+            }),
+        }
+    }
+
     /// Open an object read-only.
     pub fn open_object(&self, id: &ObjectId) -> Result<File, StoreError> {
         let path = self.object_path(id);
