@@ -300,3 +300,48 @@ fn concurrent_imports_of_overlapping_trees() {
     assert!(env.files("tmp").is_empty());
     env.ok(&["store", "verify"]);
 }
+
+/// A crash mid-import leaves at most temporary files: no object under its name is partial
+/// (verify re-hashes them all), no tree is written, and gc removes the leftovers.
+#[test]
+fn a_killed_import_leaves_no_partial_object() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..40u8 {
+        fs::write(src.join(format!("f{i}")), vec![i; 4 << 20]).unwrap();
+    }
+    let mut import = env
+        .command()
+        .args(["import", "dir"])
+        .arg(&src)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it as soon as it is writing objects.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env.files("tmp").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    import.kill().unwrap();
+    let status = import.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the import finished before it could be killed"
+    );
+
+    assert!(
+        env.files("trees").is_empty(),
+        "no tree without all its objects"
+    );
+    env.ok(&["store", "verify"]);
+    env.ok(&["store", "gc"]);
+    assert!(env.files("tmp").is_empty());
+    // And the import can simply be run again.
+    let tree = env.import(&src);
+    env.ok(&["image", "create", "img", "--tree", &tree]);
+    env.ok(&["store", "verify"]);
+}
