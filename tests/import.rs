@@ -314,3 +314,36 @@ fn a_symlink_naming_the_root_is_followed() {
     std::os::unix::fs::symlink(&real, env.path("alias")).unwrap();
     assert_eq!(env.import(&env.path("alias")), env.import(&real));
 }
+
+/// The walk stays on the root's filesystem: a mount point is recorded, its contents are not.
+#[test]
+fn mount_points_are_not_crossed() {
+    if !common::can_run("mount_points_are_not_crossed", true, &["mount", "umount"]) {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("mnt")).unwrap();
+    fs::write(src.join("file"), b"x").unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tessera-test"])
+        .arg(src.join("mnt"))
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(src.join("mnt"));
+    fs::write(src.join("mnt/inside"), b"other filesystem").unwrap();
+    let m = env.manifest(&env.import(&src));
+    let paths: Vec<_> = m
+        .entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.path.0).into_owned())
+        .collect();
+    assert_eq!(paths, ["", "file", "mnt"]);
+}
