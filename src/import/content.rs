@@ -3,14 +3,15 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use super::readdir::open_noatime;
 use super::{sparse, ImportError};
-use crate::store::{ObjectId, Staged, Store};
+use crate::store::{ObjectId, Staged, Store, StoreError};
 use crate::tree::Segment;
 
+/// Data up to this size is read once and written from memory; larger data is streamed.
 const BUF: usize = 1 << 20;
 
 /// What storing a file produced.
@@ -26,8 +27,9 @@ pub(crate) struct Stored {
 
 /// Stage the data of the regular file `path` of size `size` (from the walk's lstat): hash
 /// it, and copy it into the store only if the object is new and `claim(id)` returns true
-/// (first claim wins). The copy is hashed again, so a file modified meanwhile is an error,
-/// never a misnamed object.
+/// (first claim wins). Small data is read once and written from memory; larger data is
+/// hashed, then hashed again while copied, so a file modified meanwhile is an error, never
+/// a misnamed object.
 pub(crate) fn store_file(
     store: &Store,
     path: &Path,
@@ -42,26 +44,67 @@ pub(crate) fn store_file(
         .metadata()
         .map_err(|e| ImportError::io("stat", path, e))?;
     if now.len() != size {
-        return Err(ImportError::Changed {
-            path: path.to_path_buf(),
-        });
+        return Err(changed(path));
     }
-    let segments =
-        sparse::segments(&file, size).map_err(|e| ImportError::io("find holes in", path, e))?;
+    // A file with a block for every byte has no holes: skip the two lseeks.
+    let segments = if now.blocks().saturating_mul(512) >= size {
+        None
+    } else {
+        sparse::segments(&file, size).map_err(|e| ImportError::io("find holes in", path, e))?
+    };
     let ranges = segments.clone().unwrap_or_else(|| vec![Segment(0, size)]);
-    let mut buf = vec![0u8; BUF];
-    let object = copy(&file, path, &ranges, &mut buf, &mut io::sink(), progress)?;
-    if store.has_object(&object) || !claim(object) {
-        return Ok(Stored {
-            object,
-            segments,
-            staged: None,
-            new_bytes: 0,
-        });
-    }
+    let data_len: u64 = ranges.iter().map(|r| r.1).sum();
+    let is_new = |id: ObjectId| !store.has_object(&id) && claim(id);
+
+    let (object, staged) = if data_len <= BUF as u64 {
+        let mut data = vec![0u8; data_len as usize];
+        let mut filled = 0;
+        let object = copy(&file, path, &ranges, &mut |chunk: &[u8]| {
+            data[filled..filled + chunk.len()].copy_from_slice(chunk);
+            filled += chunk.len();
+            Ok(())
+        })?;
+        progress(data_len);
+        let staged = if is_new(object) {
+            Some(store.stage_object(object, |out| {
+                out.write_all(&data)?;
+                Ok(object)
+            })?)
+        } else {
+            None
+        };
+        (object, staged)
+    } else {
+        let object = copy(&file, path, &ranges, &mut |chunk: &[u8]| {
+            progress(chunk.len() as u64);
+            Ok(())
+        })?;
+        let staged = if is_new(object) {
+            Some(stage_copy(store, &file, path, &ranges, object)?)
+        } else {
+            None
+        };
+        (object, staged)
+    };
+    Ok(Stored {
+        object,
+        segments,
+        new_bytes: if staged.is_some() { data_len } else { 0 },
+        staged,
+    })
+}
+
+/// Copy `ranges` of `file` into a new staged object, which must hash to `object`.
+fn stage_copy(
+    store: &Store,
+    file: &File,
+    path: &Path,
+    ranges: &[Segment],
+    object: ObjectId,
+) -> Result<Staged, ImportError> {
     let mut failure = None;
     let written = store.stage_object(object, |out| {
-        copy(&file, path, &ranges, &mut buf, out, &|_| {}).map_err(|e| {
+        copy(file, path, ranges, &mut |chunk| out.write_all(chunk)).map_err(|e| {
             failure = Some(e);
             io::Error::other("reading the source failed")
         })
@@ -70,28 +113,28 @@ pub(crate) fn store_file(
         return Err(e);
     }
     match written {
-        Ok(staged) => Ok(Stored {
-            object,
-            segments,
-            staged: Some(staged),
-            new_bytes: ranges.iter().map(|r| r.1).sum(),
-        }),
-        Err(crate::store::StoreError::HashMismatch { .. }) => Err(ImportError::Changed {
-            path: path.to_path_buf(),
-        }),
+        Ok(staged) => Ok(staged),
+        Err(StoreError::HashMismatch { .. }) => Err(changed(path)),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Copy `ranges` of `file` back to back into `out`, returning their BLAKE3.
+fn changed(path: &Path) -> ImportError {
+    ImportError::Changed {
+        path: path.to_path_buf(),
+    }
+}
+
+/// Read `ranges` of `file` in order, passing each chunk to `sink`; returns their BLAKE3.
+/// A file shorter than its ranges has changed since it was measured.
 fn copy(
     file: &File,
     path: &Path,
     ranges: &[Segment],
-    buf: &mut [u8],
-    out: &mut dyn Write,
-    progress: &dyn Fn(u64),
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<ObjectId, ImportError> {
+    let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let mut buf = vec![0u8; usize::try_from(longest).map_or(BUF, |l| l.clamp(1, BUF))];
     let mut hasher = blake3::Hasher::new();
     for &Segment(start, len) in ranges {
         let mut pos = start;
@@ -102,19 +145,16 @@ fn copy(
                 .read_at(&mut buf[..want], pos)
                 .map_err(|e| ImportError::io("read", path, e))?;
             if n == 0 {
-                return Err(ImportError::Changed {
-                    path: path.to_path_buf(),
-                });
+                return Err(changed(path));
             }
+            let chunk = &buf[..n];
             // Big files hash on all cores; below ~128 KiB threads cost more than they give.
             if n >= 128 << 10 {
-                hasher.update_rayon(&buf[..n]);
+                hasher.update_rayon(chunk);
             } else {
-                hasher.update(&buf[..n]);
+                hasher.update(chunk);
             }
-            out.write_all(&buf[..n])
-                .map_err(|e| ImportError::io("write the store object for", path, e))?;
-            progress(n as u64);
+            sink(chunk).map_err(|e| ImportError::io("write the store object for", path, e))?;
             pos += n as u64;
         }
     }
