@@ -40,28 +40,52 @@ pub(crate) fn read(path: &Path) -> io::Result<Vec<Xattr>> {
     Ok(out)
 }
 
-/// Call a size-probing xattr syscall: first with an empty buffer for the size, then for the
-/// bytes, retrying if the value grew in between.
+/// Call a size-probing xattr syscall: first into a small buffer, which holds nearly every
+/// name list and value (one syscall); on `ERANGE`, ask for the size and retry, again if
+/// the value grew in between.
 fn fill(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
     loop {
-        let size = call(&mut []);
-        if size < 0 {
-            let err = io::Error::last_os_error();
-            // Filesystems without xattr support have none.
-            if err.raw_os_error() == Some(libc::ENOTSUP) {
-                return Ok(Vec::new());
-            }
-            return Err(err);
-        }
-        let mut buf = vec![0u8; size as usize];
         let got = call(&mut buf);
         if got >= 0 {
             buf.truncate(got as usize);
             return Ok(buf);
         }
         let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ERANGE) {
-            return Err(err);
+        match err.raw_os_error() {
+            // Filesystems without xattr support have none.
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            Some(libc::ERANGE) => {}
+            _ => return Err(err),
         }
+        let size = call(&mut []);
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf = vec![0u8; size as usize];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_larger_than_the_first_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let big = vec![7u8; 3000];
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let name = CString::new("user.big").unwrap();
+        // SAFETY: valid C strings; pointer and length describe `big`.
+        let rc = unsafe {
+            libc::lsetxattr(c.as_ptr(), name.as_ptr(), big.as_ptr().cast(), big.len(), 0)
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let got = read(&path).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].name.0, b"user.big");
+        assert_eq!(got[0].value.0, big);
     }
 }
