@@ -22,7 +22,7 @@ use crate::store::{ObjectId, Store};
 #[derive(Debug)]
 pub struct ImageDevice {
     layout: Arc<Layout>,
-    objects: Vec<Object>,
+    objects: Vec<Arc<Object>>,
 }
 
 /// A range of the device that is either backed by data (metadata or file contents) or zeros.
@@ -38,7 +38,7 @@ impl ImageDevice {
     pub fn new(store: &Store, layout: Arc<Layout>, objects: &[ObjectId]) -> Self {
         let objects = objects
             .iter()
-            .map(|id| Object::new(*id, store.object_path(id)))
+            .map(|id| object::shared(*id, store.object_path(id)))
             .collect();
         ImageDevice { layout, objects }
     }

@@ -6,15 +6,37 @@
 //! hundred thousand mappings (the kernel's default `vm.max_map_count` is 65530) nor as
 //! many open descriptors.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use memmap2::Mmap;
 
 use crate::store::ObjectId;
+
+/// Every image that names an object shares one [`Object`] for it, so a thousand images of
+/// one base tree hold one table entry and at most one mapping per object, not a thousand.
+/// Keyed by path (store root included); sound because objects are immutable files.
+pub(super) fn shared(id: ObjectId, path: PathBuf) -> Arc<Object> {
+    static LIVE: OnceLock<Mutex<HashMap<PathBuf, Weak<Object>>>> = OnceLock::new();
+    let mut live = LIVE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(obj) = live.get(&path).and_then(Weak::upgrade) {
+        return obj;
+    }
+    // Drop entries of objects no image uses any more, amortized over insertions.
+    if live.len() >= 1024 && live.len().is_power_of_two() {
+        live.retain(|_, w| w.strong_count() > 0);
+    }
+    let obj = Arc::new(Object::new(id, path.clone()));
+    live.insert(path, Arc::downgrade(&obj));
+    obj
+}
 
 /// Objects at least this large are mapped.
 const MAP_MIN: u64 = 256 << 10;

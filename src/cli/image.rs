@@ -116,5 +116,9 @@ fn print_image(record: &ImageRecord, built: &Built) {
         stats.blocks, stats.free_blocks, stats.data_blocks
     );
     println!("objects:  {}", built.objects.len());
-    println!("metadata: {}", human(stats.metadata_bytes));
+    println!(
+        "metadata: {} generated, layout holds {} in memory",
+        human(stats.metadata_bytes),
+        human(built.layout.memory_bytes() as u64)
+    );
 }

@@ -803,7 +803,11 @@ impl Emitter {
         }
         self.generated += bytes.len() as u64;
         let first = first.expect("at least one block");
-        self.regions.push(Region { start, len: (bytes.len() / BS) as u64, kind: RegionKind::Meta { first } });
+        self.regions.push(Region {
+            start,
+            len: (bytes.len() / BS) as u64,
+            kind: RegionKind::Meta { first },
+        });
     }
 
     /// Like `meta` for one block, but an all-zero block needs no region at all.

@@ -70,11 +70,18 @@ impl MetaStore {
     pub fn push(&mut self, block: &[u8]) -> usize {
         debug_assert_eq!(block.len(), BS);
         let packed = lz4_flex::block::compress(block);
-        let (bytes, raw) = if packed.len() < BS { (packed, 0) } else { (block.to_vec(), RAW) };
+        let (bytes, raw) = if packed.len() < BS {
+            (packed, 0)
+        } else {
+            (block.to_vec(), RAW)
+        };
         let entry = match self.seen.get(&bytes) {
             Some(&e) => e,
             None => {
-                let e = MetaBlock { at: self.blob.len() as u32, len: bytes.len() as u32 | raw };
+                let e = MetaBlock {
+                    at: self.blob.len() as u32,
+                    len: bytes.len() as u32 | raw,
+                };
                 self.blob.extend_from_slice(&bytes);
                 self.seen.insert(bytes, e);
                 e
@@ -98,7 +105,8 @@ impl MetaStore {
         if b.len & RAW != 0 {
             out.copy_from_slice(src);
         } else {
-            let n = lz4_flex::block::decompress_into(src, out).expect("metadata compressed by MetaStore::push");
+            let n = lz4_flex::block::decompress_into(src, out)
+                .expect("metadata compressed by MetaStore::push");
             debug_assert_eq!(n, BS);
         }
     }
