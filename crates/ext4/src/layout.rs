@@ -150,8 +150,14 @@ impl MetaSlice<'_> {
         let (mut index, mut skip, mut done) = (self.first, self.skip, 0);
         while done < self.len {
             let n = (BS - skip).min(self.len - done);
-            self.store.block_into(index, &mut block);
-            dst[done..done + n].copy_from_slice(&block[skip..skip + n]);
+            match <&mut [u8; BS]>::try_from(&mut dst[done..done + n]) {
+                // A whole block: decompress in place.
+                Ok(whole) => self.store.block_into(index, whole),
+                Err(_) => {
+                    self.store.block_into(index, &mut block);
+                    dst[done..done + n].copy_from_slice(&block[skip..skip + n]);
+                }
+            }
             done += n;
             skip = 0;
             index += 1;
