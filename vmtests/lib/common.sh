@@ -73,6 +73,10 @@ nbd_drive() { # SOCK EXPORT ro|rw
 }
 file_drive() { echo "file=$1,format=raw,if=virtio,readonly=on"; }
 
+# Extra qemu arguments and kernel arguments for the next start_guest (kernelnbd's network).
+GUEST_QEMU_ARGS=()
+GUEST_APPEND=""
+
 # start_guest LOG DRIVE ro|rw CASE NONCE: boots in the background; sets GUEST_PID and
 # GUEST_START. The console goes to LOG, qemu's own messages to LOG.qemu.
 start_guest() {
@@ -82,8 +86,8 @@ start_guest() {
     timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -machine pc -m 256 -nodefaults \
         -no-user-config -display none -monitor none -no-reboot \
         -kernel "$VMLINUZ" -initrd "$INITRD" \
-        -append "console=ttyS0 panic=-1 loglevel=4 tessera.root=$root tessera.case=$case tessera.nonce=$nonce" \
-        -drive "$drive" -serial "file:$glog" < /dev/null > "$glog.qemu" 2>&1 &
+        -append "console=ttyS0 panic=-1 loglevel=4 tessera.root=$root tessera.case=$case tessera.nonce=$nonce $GUEST_APPEND" \
+        -drive "$drive" "${GUEST_QEMU_ARGS[@]}" -serial "file:$glog" < /dev/null > "$glog.qemu" 2>&1 &
     GUEST_PID=$!
     remember_pid "$GUEST_PID"
 }

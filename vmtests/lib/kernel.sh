@@ -10,6 +10,9 @@ KERNEL_PKG_VERSION=${VMTESTS_KERNEL_PKG_VERSION:-6.12.95-1~bpo12+1}
 # virtio-blk and what it needs, in load order. Debian's 6.1 cloud kernel has all of these as
 # modules; 6.12 builds all but virtio_blk in. Whatever is built in is skipped.
 VIRTIO_MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+# For the kernelnbd case: a network card for qemu's user network, and the NBD client.
+# Loaded on every boot; without a NIC or an attach they only register their drivers.
+EXTRA_MODULES=(failover net_failover virtio_net nbd)
 
 # Sets VMLINUZ and INITRD.
 prepare_kernel() {
@@ -71,7 +74,7 @@ build_initramfs() {
     local -A loaded=()
     local name ko found dep n=0
     : > "$root/etc/modules"
-    for name in "${VIRTIO_MODULES[@]}"; do
+    for name in "${VIRTIO_MODULES[@]}" "${EXTRA_MODULES[@]}"; do
         if grep -Eq "/$name\.ko$" "$moddir/modules.builtin"; then
             loaded[$name]=builtin
             continue
@@ -98,7 +101,7 @@ build_initramfs() {
         echo "$ko" >> "$root/etc/modules"
     done
     log "initramfs modules: $(tr '\n' ' ' < "$root/etc/modules")(built in: $(
-        for name in "${VIRTIO_MODULES[@]}"; do
+        for name in "${VIRTIO_MODULES[@]}" "${EXTRA_MODULES[@]}"; do
             [[ ${loaded[$name]} == builtin ]] && printf '%s ' "$name"
         done
     ))"

@@ -25,6 +25,15 @@ make_base_tree() {
             ln -s busybox "$d/bin/$applet"
     done
     install -m 0755 "$HERE/guest/init" "$d/sbin/init"
+    # The kernelnbd case's user-space half; without a C compiler that case is skipped.
+    HAVE_NBD_ATTACH=0
+    if command -v cc > /dev/null &&
+        cc -static -O2 -s -o "$d/bin/nbd-attach" "$HERE/guest/nbd-attach.c" 2> "$WORK/nbd-attach.cc.log"; then
+        HAVE_NBD_ATTACH=1
+    else
+        rm -f "$d/bin/nbd-attach"
+        log "cannot build a static guest/nbd-attach.c (see $WORK/nbd-attach.cc.log): kernelnbd will skip"
+    fi
     echo base > "$d/etc/tessera-image"
     echo base > "$d/etc/motd"
 
