@@ -23,8 +23,8 @@ kill_remembered() {
 }
 
 wait_for_socket() {
-    local sock=$1 pid=$2 i
-    for i in $(seq 1 200); do
+    local sock=$1 pid=$2 _
+    for _ in $(seq 1 200); do
         [[ -S $sock ]] && return 0
         kill -0 "$pid" 2>/dev/null || return 1
         sleep 0.05
@@ -131,6 +131,7 @@ wait_guest() {
         log "$case: marker seen but qemu did not power off within ${TIMEOUT}s"
         return 1
     fi
+    # shellcheck disable=SC2034 # read by the cases in vmtests/run
     BOOT_SECONDS=$t
 }
 

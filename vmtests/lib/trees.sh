@@ -26,9 +26,11 @@ make_base_tree() {
     done
     install -m 0755 "$HERE/guest/init" "$d/sbin/init"
     # The kernelnbd case's user-space half; without a C compiler that case is skipped.
+    # shellcheck disable=SC2034 # read by case_kernelnbd in vmtests/run
     HAVE_NBD_ATTACH=0
     if command -v cc > /dev/null &&
         cc -static -O2 -s -o "$d/bin/nbd-attach" "$HERE/guest/nbd-attach.c" 2> "$WORK/nbd-attach.cc.log"; then
+        # shellcheck disable=SC2034
         HAVE_NBD_ATTACH=1
     else
         rm -f "$d/bin/nbd-attach"
@@ -88,7 +90,9 @@ make_base_tree() {
         pad = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
         for (i = 0; i < n; i++) printf "e%05d-%s\n", i, substr(pad, 1, i % 50)
     }' | xargs touch)
+    # shellcheck disable=SC2012 # names are plain ASCII
     (cd "$d/testdata/big" && ls -A | LC_ALL=C sort | awk 'NR % 50 == 1' > "$d/testdata/meta/BIG-SAMPLE")
+    # shellcheck disable=SC2012
     ls -A "$d/testdata/big" | tail -n 1 >> "$d/testdata/meta/BIG-SAMPLE"
     echo "deleted by a writable boot" > "$d/testdata/rmme"
 
@@ -101,7 +105,7 @@ make_base_tree() {
     touch -d '2024-02-29 12:34:56.987654321 UTC' "$f/hl-a" "$f"
 
     (
-        cd "$d"
+        cd "$d" || exit 1
         find bin sbin testdata -type f ! -path 'testdata/meta/*' ! -path 'testdata/big/*' \
             ! -path testdata/rmme | LC_ALL=C sort | xargs sha256sum
     ) > "$d/testdata/meta/SHA256SUMS"
@@ -113,7 +117,7 @@ make_base_tree() {
 write_stat_expectations() {
     local d=$1 p fmt
     (
-        cd "$d"
+        cd "$d" || exit 1
         find testdata/files testdata/links testdata/dev | LC_ALL=C sort | while read -r p; do
             if [[ -L $p || -f $p ]]; then
                 fmt='%f %u %g %h %s %y'
