@@ -47,11 +47,16 @@ start_tessera() {
 }
 
 # start_nbdkit SOCK LOG nbdkit-arguments...: a read-only nbdkit; sets SERVER_PID.
-start_nbdkit() {
-    local sock=$1 slog=$2
-    shift 2
+start_nbdkit() { run_nbdkit -r "$@"; }
+# start_nbdkit_writable SOCK LOG nbdkit-arguments...: the same without -r (use with the
+# cow filter so the raw image is never modified).
+start_nbdkit_writable() { run_nbdkit "" "$@"; }
+run_nbdkit() {
+    local ro=$1 sock=$2 slog=$3
+    shift 3
     rm -f "$sock"
-    nbdkit -r -f -U "$sock" "$@" > "$slog" 2>&1 &
+    # shellcheck disable=SC2086 # $ro is -r or nothing
+    nbdkit $ro -f -U "$sock" "$@" > "$slog" 2>&1 &
     SERVER_PID=$!
     remember_pid "$SERVER_PID"
     wait_for_socket "$sock" "$SERVER_PID" || {
