@@ -123,16 +123,6 @@ proptest! {
         let mut fx = Fixture::new();
         let mut files = Vec::new();
         materialize(&mut fx, FsTree::ROOT, &entries, &mut files);
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("prop.img");
-        build_image(&fx, &options(None), &img);
-        e2fsck_clean(&img);
-        ext4_view(&fx, &img);
-        let mark = dmesg_mark();
-        {
-            let m = Mount::new(&img, "ro");
-            kernel_view(&fx, m.path());
-        }
-        prop_assert_eq!(ext4_errors_since(mark), Vec::<String>::new());
+        check_all_readers(&fx, None, "prop.img");
     }
 }

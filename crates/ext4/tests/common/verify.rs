@@ -10,7 +10,7 @@ use std::process::Command;
 
 use tessera_ext4::{FsTree, NodeId, NodeKind};
 
-use super::Fixture;
+use super::{build_image, e2fsck_clean, options, Fixture};
 
 /// Expected bytes `off..off+len` of file `node` (zeros in holes).
 pub fn expected(fx: &Fixture, node: NodeId, off: u64, len: usize) -> Vec<u8> {
@@ -342,4 +342,20 @@ fn dmesg() -> Vec<String> {
         .lines()
         .map(String::from)
         .collect()
+}
+
+/// Build `fx` into an image and check it with every reader: `e2fsck -fn`, the kernel
+/// (read-only loop mount, no EXT4-fs errors in dmesg) and ext4-view.
+pub fn check_all_readers(fx: &Fixture, size: Option<u64>, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join(name);
+    build_image(fx, &options(size), &img);
+    e2fsck_clean(&img);
+    let mark = dmesg_mark();
+    {
+        let m = Mount::new(&img, "ro");
+        kernel_view(fx, m.path());
+    }
+    assert_eq!(ext4_errors_since(mark), Vec::<String>::new());
+    ext4_view(fx, &img);
 }
