@@ -1,4 +1,6 @@
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -6,7 +8,7 @@ use clap::Subcommand;
 
 use super::{human, progress_bar};
 use crate::image::{self, CreateOptions};
-use crate::import;
+use crate::import::{self, ImportSummary};
 use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
@@ -18,10 +20,40 @@ pub(super) enum ImportCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Import a tarball (plain, gzip, zstd or xz; GNU, PAX or ustar) or `-` for stdin;
+    /// prints the tree id
+    Tar {
+        file: PathBuf,
+        /// Also create an image of this name from the tree
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Import an OCI image layout DIR[:TAG|@DIGEST], one tree per layer with the layers
+    /// below applied; prints the top tree id
+    Oci {
+        reference: String,
+        /// Also create an image of this name (with the config's user, env, entrypoint, cmd)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Import Debian packages' data, one tree per package (maintainer scripts are not run);
+    /// prints one tree id per package
+    Deb {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Also create an image of this name from the package trees, in the order given
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 pub(super) fn run(store: &Store, cmd: ImportCmd) -> anyhow::Result<ExitCode> {
-    let ImportCmd::Dir { path, name } = cmd;
+    let name = match &cmd {
+        ImportCmd::Dir { name, .. }
+        | ImportCmd::Tar { name, .. }
+        | ImportCmd::Oci { name, .. }
+        | ImportCmd::Deb { name, .. } => name.clone(),
+    };
     if let Some(name) = &name {
         image::validate_name(name)?;
         anyhow::ensure!(
@@ -32,8 +64,22 @@ pub(super) fn run(store: &Store, cmd: ImportCmd) -> anyhow::Result<ExitCode> {
     // Held from import to image creation, so a concurrent gc cannot collect the new tree.
     let _lock = store.lock(false)?;
     let bar = progress_bar("importing");
-    let summary = import::import_dir(store, &path, &bar)
-        .with_context(|| format!("cannot import {}", path.display()))?;
+    let summary = match cmd {
+        ImportCmd::Dir { path, .. } => import::import_dir(store, &path, &bar)
+            .with_context(|| format!("cannot import {}", path.display()))?,
+        ImportCmd::Tar { file, .. } => import_tar(store, &file, &bar)?,
+        ImportCmd::Oci { reference, name } => return import_oci(store, &reference, name, &bar),
+        ImportCmd::Deb { files, name } => return import_deb(store, &files, name, &bar),
+    };
+    report(&summary);
+    println!("{}", summary.tree);
+    if let Some(name) = name {
+        create(store, &name, &[summary.tree], CreateOptions::default())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(summary: &ImportSummary) {
     eprintln!(
         "imported {} entries, {} files, {} of data ({} new)",
         summary.entries,
@@ -41,11 +87,97 @@ pub(super) fn run(store: &Store, cmd: ImportCmd) -> anyhow::Result<ExitCode> {
         human(summary.data_bytes),
         human(summary.new_bytes)
     );
-    println!("{}", summary.tree);
+}
+
+fn create(
+    store: &Store,
+    name: &str,
+    trees: &[crate::store::ObjectId],
+    opts: CreateOptions,
+) -> anyhow::Result<()> {
+    image::create(store, name, trees, &opts)
+        .with_context(|| format!("cannot create image {name:?}"))?;
+    eprintln!("created image {name:?}");
+    Ok(())
+}
+
+fn import_tar(
+    store: &Store,
+    file: &Path,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ImportSummary> {
+    let (input, label): (Box<dyn Read>, String) = if file == Path::new("-") {
+        (Box::new(std::io::stdin().lock()), "stdin".to_owned())
+    } else {
+        let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        if let Ok(meta) = f.metadata() {
+            if meta.is_file() {
+                bar.set_length(meta.len());
+            }
+        }
+        (Box::new(f), file.display().to_string())
+    };
+    import::import_tar(store, input, &label, bar).with_context(|| format!("cannot import {label}"))
+}
+
+fn import_oci(
+    store: &Store,
+    reference: &str,
+    name: Option<String>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ExitCode> {
+    let imported = import::import_oci(store, reference, bar)
+        .with_context(|| format!("cannot import {reference}"))?;
+    for (i, layer) in imported.layers.iter().enumerate() {
+        eprintln!("layer {i}: {} -> tree {}", layer.digest, layer.tree);
+    }
+    report(&imported.summary);
+    println!("{}", imported.summary.tree);
     if let Some(name) = name {
-        image::create(store, &name, &[summary.tree], &CreateOptions::default())
-            .with_context(|| format!("cannot create image {name:?}"))?;
-        eprintln!("created image {name:?}");
+        create(
+            store,
+            &name,
+            &[imported.summary.tree],
+            CreateOptions::default(),
+        )?;
+        import::oci::set_runtime(store, &name, &imported.runtime)
+            .with_context(|| format!("cannot record the run configuration of {name:?}"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import_deb(
+    store: &Store,
+    files: &[PathBuf],
+    name: Option<String>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ExitCode> {
+    let packages = import::import_debs(store, files, bar)?;
+    let mut scripted = Vec::new();
+    for p in &packages {
+        eprintln!(
+            "{}: {} entries, {} files, {} of data ({} new)",
+            p.package,
+            p.summary.entries,
+            p.summary.files,
+            human(p.summary.data_bytes),
+            human(p.summary.new_bytes)
+        );
+        println!("{}\t{}", p.summary.tree, p.package);
+        if !p.scripts.is_empty() {
+            scripted.push(format!("{} ({})", p.package, p.scripts.join(", ")));
+        }
+    }
+    if !scripted.is_empty() {
+        eprintln!(
+            "maintainer scripts were not run; packages that have them: {}",
+            scripted.join("; ")
+        );
+    }
+    if let Some(name) = name {
+        import::deb::check_conflicts(store, &packages)?;
+        let trees: Vec<_> = packages.iter().map(|p| p.summary.tree).collect();
+        create(store, &name, &trees, CreateOptions::default())?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use compose::{build, compose, Built, Composed};
-pub use record::{derive_identity, format_uuid, ImageRecord, FORMAT};
+pub use record::{derive_identity, format_uuid, ImageRecord, Runtime, FORMAT};
 pub use size::{parse_size, SizeError};
 
 use crate::store::{ObjectId, Store, StoreError};
@@ -123,6 +123,7 @@ pub fn create(
         uuid,
         hash_seed,
         checksum_seed,
+        runtime: None,
     };
     let built = build(store, &record)?;
     let json = serde_json::to_vec_pretty(&record).expect("a record always serializes");

@@ -8,6 +8,10 @@
 //!  "uuid": "4d1e…32 hex digits", "hash_seed": "…32 hex digits", "checksum_seed": 2830213391}
 //! ```
 //!
+//! An image imported with `import oci --name` also has `"runtime": {"user": …, "env": […],
+//! "entrypoint": […], "cmd": […], "working_dir": …}` (absent fields omitted); records
+//! without it load as before.
+//!
 //! `trees` are merged in order (see [`crate::tree::merge`]). `size` and `inodes` are `null`
 //! when the synthesizer picks them. `created` (seconds since the epoch) is the filesystem's
 //! timestamp. `uuid`, `hash_seed` and `checksum_seed` derive from the BLAKE3 of the name
@@ -33,6 +37,25 @@ pub struct ImageRecord {
     #[serde(with = "hex16")]
     pub hash_seed: [u8; 16],
     pub checksum_seed: u32,
+    /// How to run the image, from an OCI image config (`import oci`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+}
+
+/// The run configuration of an OCI image (its config's `config` object): recorded, not
+/// used by tessera itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
 }
 
 /// Identity derived from the name and the trees: (uuid, hash seed, checksum seed).

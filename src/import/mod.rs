@@ -1,15 +1,21 @@
 //! Importers: turn a source of files into objects and a tree manifest in the store.
 
 mod content;
+pub mod deb;
 mod dir;
 mod meta;
+pub mod oci;
 mod readdir;
 mod sparse;
+pub mod tar;
 mod xattr;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use self::deb::import_debs;
+pub use self::oci::import_oci;
+pub use self::tar::{import_tar, ArchiveError};
 pub use dir::{import_dir, ImportSummary};
 
 use crate::store::StoreError;
@@ -31,6 +37,8 @@ pub enum ImportError {
     NotADirectory { path: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
 }
 
 impl ImportError {
