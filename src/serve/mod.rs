@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// PEM private key for TLS
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// With an empty store, serve nothing instead of creating the demo image first
+    #[arg(long)]
+    pub no_demo: bool,
     /// Do not offer NBD extended headers (64-bit requests)
     #[arg(long)]
     pub no_extended_headers: bool,
@@ -70,9 +73,14 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let tls_on = !matches!(tls, TlsMode::Off);
 
     let names = if args.export.is_empty() {
-        store
+        let names = store
             .list_images()
-            .context("cannot list the store's images")?
+            .context("cannot list the store's images")?;
+        if names.is_empty() && !args.no_demo {
+            vec![seed_demo(store)?]
+        } else {
+            names
+        }
     } else {
         let mut seen = std::collections::HashSet::new();
         for spec in &args.export {
@@ -159,9 +167,36 @@ fn print_banner(listen: &[ListenAddr], names: &[String], tls: bool) {
         println!("export {name}:");
         println!("  nbdinfo '{uri}'");
         println!("  nbdcopy '{uri}' {name}.img");
-        println!("  mkdir -p /tmp/{name} && nbdfuse -r /tmp/{name}/disk.img '{uri}' &");
-        println!("  qemu-system-x86_64 -drive 'file={uri},format=raw,readonly=on' …");
+        println!(
+            "  mkdir -p /tmp/{name}/fuse /tmp/{name}/mnt && (nbdfuse -r /tmp/{name}/fuse/disk.img '{uri}' &) \\"
+        );
+        println!(
+            "      && sleep 1 && sudo mount -o loop,ro /tmp/{name}/fuse/disk.img /tmp/{name}/mnt"
+        );
+        println!("  # boot it: any kernel with virtio-blk and ext4 (vmtests/ fetches one), an init in the image");
+        println!(
+            "  qemu-system-x86_64 -m 256 -nographic -kernel VMLINUZ -append 'root=/dev/vda ro console=ttyS0' -drive 'file={uri},format=raw,if=virtio,readonly=on'"
+        );
     }
+}
+
+/// A fresh store gets the built-in demo tree as image `demo`, so the first `tessera serve`
+/// on a new machine has something to show.
+fn seed_demo(store: &Store) -> anyhow::Result<String> {
+    const NAME: &str = "demo";
+    let tree = crate::demo::store_demo_tree(store).context("cannot store the demo tree")?;
+    crate::image::create(
+        store,
+        NAME,
+        &[tree],
+        &crate::image::CreateOptions::default(),
+    )
+    .context("cannot create the demo image")?;
+    eprintln!(
+        "the store at {} had no images: created `{NAME}` from the built-in demo tree",
+        store.root().display()
+    );
+    Ok(NAME.to_owned())
 }
 
 /// Resolves on SIGINT or SIGTERM.
