@@ -186,9 +186,27 @@ fn read_layer(
         lower: Some(lower),
         tap: Some(&tap),
     };
-    let (layer, mut rest) = read_archive(label, hashing, sink, opts)?;
-    drain(label, &mut rest)?;
-    drop(rest);
+    let read = read_archive(label, hashing, sink, opts).and_then(|(layer, mut rest)| {
+        drain(label, &mut rest)?;
+        Ok(layer)
+    });
+    let layer = match read {
+        Ok(layer) => layer,
+        // A blob that does not match its digest explains any error reading it.
+        Err(e) => {
+            let mut whole = Sha256::new();
+            let mut reader = file;
+            return match std::io::Seek::rewind(&mut reader)
+                .and_then(|()| std::io::copy(&mut reader, &mut Wrap(&mut whole)))
+            {
+                Ok(_) => match check_digest(digest, &whole.finalize()) {
+                    Err(why) => Err(fail(why).into()),
+                    Ok(()) => Err(e),
+                },
+                Err(_) => Err(e),
+            };
+        }
+    };
     // Whatever the decompressor did not need still belongs to the blob.
     let mut tail = Hashing {
         inner: file,
@@ -199,6 +217,19 @@ fn read_layer(
     check_digest(diff_id, &diff_hash.into_inner().finalize())
         .map_err(|e| fail(format!("uncompressed content (diff_id): {e}")))?;
     Ok(layer)
+}
+
+/// A sha256 as an `io::Write` sink.
+struct Wrap<'a>(&'a mut Sha256);
+
+impl std::io::Write for Wrap<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct Hashing<'a, R> {
