@@ -71,6 +71,9 @@ pub struct Config {
     /// is exhausted. Raised to at least one maximum-size request.
     pub max_in_flight_bytes: usize,
     pub block_size: BlockSize,
+    /// Threads running device calls, shared by all connections; 0 picks
+    /// two per core (at least four).
+    pub io_threads: usize,
     pub tls: TlsMode,
     /// Offer NBD_OPT_EXTENDED_HEADERS (64-bit requests, qemu ≥ 8.2, libnbd ≥ 1.20).
     pub extended_headers: bool,
@@ -87,6 +90,10 @@ impl Default for Config {
             max_connections: 512,
             max_in_flight_bytes: 64 << 20,
             block_size: BlockSize::default(),
+            io_threads: std::env::var("NBD_IO_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             tls: TlsMode::Off,
             extended_headers: true,
             handshake_timeout: Duration::from_secs(30),

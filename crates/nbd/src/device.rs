@@ -70,6 +70,15 @@ pub trait Device: Send + Sync + 'static {
     /// `offset + buf.len() <= size()`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// Like `read_at`, but only if it can complete without waiting for
+    /// storage (the data is in memory or in the page cache); `None` means
+    /// "would block". The server tries this on its async threads first and
+    /// hands the read to an I/O thread only when it returns `None`: for
+    /// cached data a thread hand-off costs more than the copy.
+    fn read_at_cached(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
+
     /// Free text shown to clients (NBD_INFO_DESCRIPTION, `nbdinfo`).
     fn description(&self) -> Option<String> {
         None

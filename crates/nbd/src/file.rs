@@ -75,6 +75,44 @@ impl Device for FileDevice {
         self.file.read_exact_at(buf, offset)
     }
 
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: the iovec points into `buf`, which is live and
+            // exclusively borrowed for the duration of the call.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            match n {
+                // Past EOF cannot happen (the server checks ranges); treat
+                // it like "not cached" and let read_at report it.
+                0 => return None,
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    return match e.raw_os_error() {
+                        // Not cached, or RWF_NOWAIT unsupported here.
+                        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => None,
+                        Some(libc::EINTR) => continue,
+                        _ => Some(Err(e)),
+                    };
+                }
+            }
+        }
+        Some(Ok(()))
+    }
+
     fn description(&self) -> Option<String> {
         Some(format!("raw file {}", self.path.display()))
     }

@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod buffers;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -38,6 +39,7 @@ pub mod request;
 pub mod server;
 pub mod tls;
 mod transmission;
+mod workers;
 
 pub use config::{BlockSize, Config, TlsMode};
 pub use device::{Device, Extent, ZeroFlags};

@@ -52,6 +52,10 @@ impl Device for MemDevice {
         Ok(())
     }
 
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        Some(self.read_at(buf, offset))
+    }
+
     fn description(&self) -> Option<String> {
         self.description.clone()
     }

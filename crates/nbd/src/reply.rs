@@ -199,6 +199,11 @@ impl ReplyMode {
         }
     }
 
+    /// Size of an NBD_REPLY_TYPE_OFFSET_HOLE chunk.
+    pub fn hole_len(self) -> usize {
+        self.chunk_header_len() + 12
+    }
+
     /// An NBD_REPLY_TYPE_OFFSET_HOLE chunk (structured modes only).
     pub fn hole(
         self,

@@ -18,6 +18,7 @@ use crate::exports::Exports;
 use crate::handshake::{self, Outcome};
 use crate::io::BoxIo;
 use crate::transmission::{self, Counters};
+use crate::workers::Workers;
 
 /// A bound socket the server accepts clients on.
 pub enum Listener {
@@ -81,6 +82,12 @@ pub async fn run_all(
     // Each connection holds a sender; recv() returning None means all ended.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let threads = if config.io_threads == 0 {
+        crate::workers::default_threads()
+    } else {
+        config.io_threads
+    };
+    let workers = Arc::new(Workers::new(threads));
     let config = Arc::new(config);
 
     let accepting = async {
@@ -91,6 +98,7 @@ pub async fn run_all(
                 exports.clone(),
                 config.clone(),
                 limit.clone(),
+                workers.clone(),
                 notify_rx.clone(),
                 done_tx.clone(),
             ));
@@ -116,6 +124,7 @@ async fn accept_loop(
     exports: Arc<dyn Exports>,
     config: Arc<Config>,
     limit: Arc<Semaphore>,
+    workers: Arc<Workers>,
     shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
@@ -139,8 +148,9 @@ async fn accept_loop(
         let config = config.clone();
         let mut shutdown = shutdown.clone();
         let done = done.clone();
+        let workers = workers.clone();
         tokio::spawn(async move {
-            connection(stream, peer, &exports, &config, &mut shutdown).await;
+            connection(stream, peer, &exports, &config, &workers, &mut shutdown).await;
             drop(permit);
             drop(done);
         });
@@ -154,6 +164,7 @@ async fn connection(
     peer: String,
     exports: &Arc<dyn Exports>,
     config: &Config,
+    workers: &Workers,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let negotiated = tokio::time::timeout(
@@ -182,7 +193,7 @@ async fn connection(
         "connection open"
     );
     let counters = Arc::new(Counters::default());
-    let result = transmission::serve(*n, config, shutdown, counters.clone()).await;
+    let result = transmission::serve(*n, config, shutdown, counters.clone(), workers).await;
     let received = counters.received.load(Ordering::Relaxed);
     let sent = counters.sent.load(Ordering::Relaxed);
     let requests = counters.requests.load(Ordering::Relaxed);
