@@ -231,7 +231,7 @@ fn a_file_that_is_not_a_package_is_refused() {
     let env = Env::new();
     let bogus = env.path("bogus.deb");
     std::fs::write(&bogus, b"!<arch>\nnot really").unwrap();
-    let err = env.fails(&import_args(&[bogus.clone()], None));
+    let err = env.fails(&import_args(std::slice::from_ref(&bogus), None));
     assert!(err.contains("bogus.deb"), "{err}");
     std::fs::write(&bogus, vec![7u8; 100]).unwrap();
     let err = env.fails(&import_args(&[bogus], None));

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 
 use super::tar::object::ObjectSink;
-use super::tar::{decompress, drain, read_archive, ArchiveError, Counted, ReadOptions};
+use super::tar::{checked, decompress, drain, read_archive, ArchiveError, Counted, ReadOptions};
 use super::{ImportError, ImportSummary};
 use crate::image;
 use crate::store::Store;
@@ -146,7 +146,9 @@ fn read_deb(
             let (layer, mut rest) =
                 read_archive(&member_label, &mut member, sink, ReadOptions::default())?;
             drain(&member_label, &mut rest)?;
-            data = Some(layer.into_manifest());
+            let manifest = layer.into_manifest();
+            checked(&member_label, &manifest)?;
+            data = Some(manifest);
         }
     }
     let control = control.ok_or_else(|| fail("no control.tar member".into()))?;

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use self::layout::{check_digest, is_layer, parse_reference, Layout};
 use super::tar::layer::{manifest, remove_below, Layer, Tree};
 use super::tar::object::ObjectSink;
-use super::tar::{drain, read_archive, ArchiveError, Counted, ReadOptions};
+use super::tar::{checked, drain, read_archive, ArchiveError, Counted, ReadOptions};
 use super::{ImportError, ImportSummary};
 use crate::image::{self, ImageError, Runtime};
 use crate::store::{ObjectId, Store};
@@ -107,7 +107,7 @@ pub fn import_oci(
             mf.entries
                 .insert(0, super::tar::layer::implicit_dir(b"", Default::default()));
         }
-        debug_assert!(mf.validate().is_ok(), "{:?}", mf.validate());
+        checked(&label, &mf)?;
         // Continue from the renumbered entries, so a chain tree does not depend on how the
         // layers below it numbered their hardlink groups.
         chain = mf

@@ -110,7 +110,7 @@ pub fn import_tar(
     drain(label, &mut rest)?;
     progress.finish_and_clear();
     let manifest = layer.into_manifest();
-    debug_assert!(manifest.validate().is_ok(), "{:?}", manifest.validate());
+    checked(label, &manifest)?;
     // Objects get their names only once the whole archive was read, then the tree.
     store.commit(std::mem::take(&mut sink.staged))?;
     let tree = store.put_tree_bytes(&manifest.to_bytes())?;
@@ -227,6 +227,15 @@ fn whiteout(layer: &mut Layer, path: &[u8]) -> Option<Result<(), String>> {
         layer.whiteout(p);
     }
     Some(Ok(()))
+}
+
+/// Refuse to store a manifest the tree format rejects (the checks above should make this
+/// unreachable; a tree that cannot be loaded must never be written).
+pub(crate) fn checked(label: &str, manifest: &crate::tree::Manifest) -> Result<(), ArchiveError> {
+    manifest.validate().map_err(|e| ArchiveError::Archive {
+        archive: label.to_owned(),
+        why: format!("the resulting tree is invalid: {e}"),
+    })
 }
 
 /// Read `rest` to its end: the padding after the end-of-archive marker, and for a
