@@ -486,3 +486,51 @@ fn the_mounted_image_matches_umoci() {
         expected
     );
 }
+
+/// Hardlink groups do not span trees: a link to a lower layer's file is a copy of it.
+#[test]
+fn a_hardlink_to_a_lower_layer_becomes_a_copy() {
+    let env = Env::new();
+    let mut layout = Layout::new(env.path("layout"));
+    let l2 = Tar::new()
+        .link(tar::EntryType::Link, "etc/keep-link", "etc/keep")
+        .done();
+    layout.image("v1", &[(base_layer(), Comp::Gzip), (l2, Comp::Gzip)]);
+    let m = env.manifest(&import(&env, layout.dir.to_str().unwrap(), None));
+    let e = m
+        .entries
+        .iter()
+        .find(|e| e.path.0 == b"etc/keep-link")
+        .unwrap();
+    assert_eq!(e.object, Some(tessera::store::ObjectId::of(b"keep")));
+    assert_eq!(e.link, None);
+    // The lower layer's own hardlink pair is still one inode.
+    let links: Vec<_> = m.entries.iter().filter_map(|e| e.link).collect();
+    assert_eq!(links, [0, 0]);
+}
+
+/// A multi-platform index: the manifest for this machine's architecture is imported.
+#[test]
+fn a_multi_platform_index_picks_this_machine() {
+    if std::env::consts::ARCH != "x86_64" {
+        return;
+    }
+    let env = Env::new();
+    let mut layout = Layout::new(env.path("layout"));
+    layout.image("arm", &[(Tar::new().file("arm", "arm").done(), Comp::None)]);
+    layout.image("amd", &[(Tar::new().file("amd", "amd").done(), Comp::None)]);
+    let mut manifests = layout.manifests.clone();
+    manifests[0]["platform"] = json!({"architecture": "arm64", "os": "linux"});
+    manifests[1]["platform"] = json!({"architecture": "amd64", "os": "linux"});
+    let nested = json!({"schemaVersion": 2, "manifests": manifests});
+    let (d, size) = layout.blob(&serde_json::to_vec(&nested).unwrap());
+    let index = json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": size}]});
+    std::fs::write(
+        layout.dir.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let m = env.manifest(&import(&env, layout.dir.to_str().unwrap(), None));
+    assert_eq!(paths(&m), ["", "amd"]);
+}

@@ -140,7 +140,8 @@ fn gnu_and_ustar_tarballs_round_trip_through_the_kernel() {
     }
     let env = Env::new();
     let src = source(&env);
-    // GNU format writes pre-1970 times in base-256, which the tar crate reads as unsigned.
+    // Whole seconds: GNU tar rounds -1000.5 down to -1001, which the projection below
+    // (dropping nanoseconds) would not; keep this file's times positive.
     fixture::set_times(&src.join("files/big.bin"), fixture::MTIME, fixture::MTIME);
     let mut expected = through_tar(snapshot::snapshot(&src));
     for i in expected.values_mut() {
@@ -219,6 +220,48 @@ fn reimporting_stores_nothing_new() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), first);
     assert_eq!(env.files(""), files, "re-imports changed the store");
+}
+
+/// An import killed halfway (here: stdin still open, half the archive sent) leaves no tree
+/// and no named object: what it staged is under `tmp/`, which `store gc` clears.
+#[test]
+fn an_interrupted_import_leaves_nothing_referenced() {
+    let env = Env::new();
+    let data = archive(|b| {
+        for i in 0..20 {
+            add_file(
+                b,
+                &format!("f{i}"),
+                &fixture::pseudo_random(200_000 + i),
+                0o644,
+            );
+        }
+    });
+    let mut child = env
+        .command()
+        .args(["import", "tar", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&data[..data.len() / 2]).unwrap();
+    stdin.flush().unwrap();
+    // Wait until it has staged something, then kill it without warning.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while env.files("tmp").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!env.files("tmp").is_empty(), "the import staged nothing");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    assert!(env.files("trees").is_empty());
+    assert!(env.files("objects").is_empty());
+    env.ok(&["store", "verify"]);
+    env.ok(&["store", "gc"]);
+    assert!(env.files("tmp").is_empty());
 }
 
 /// GNU sparse members keep their holes; PAX-encoded sparse files are refused by name.
