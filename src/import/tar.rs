@@ -8,7 +8,13 @@
 //! interrupted or failed import leaves nothing that anything refers to.
 //!
 //! The same reader imports OCI layers (with whiteouts, see [`super::oci`]) and the data
-//! archives of Debian packages ([`super::deb`]).
+//! archives of Debian packages ([`super::deb`]). A plain tarball has no whiteouts: its
+//! `.wh.*` members are ordinary files.
+//!
+//! Limits: bzip2 and lzma are refused by name; PAX global headers are skipped (their
+//! records do not apply to later members); PAX-encoded sparse files are refused; members
+//! larger than 8 MiB are spilled to an unlinked file in the store's `tmp/` while hashed and
+//! then copied into the object, because the store names an object only by its hash.
 
 pub(crate) mod decompress;
 mod header;
