@@ -111,7 +111,12 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         ..Config::default()
     };
 
+    // At least four async threads even on two cores: cached reads are
+    // copied on these threads, and with only two the reply writers queued
+    // behind the copies (nbdcopy with 4 connections: 3.0 → 3.7 GiB/s).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores.max(4))
         .enable_all()
         .thread_name("tessera-serve")
         .build()

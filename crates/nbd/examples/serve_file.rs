@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tessera_nbd::{Config, ExportMap, FileDevice};
 
-#[tokio::main]
+// Four async threads at least, as `tessera serve` uses (see src/serve).
+#[tokio::main(worker_threads = 4)]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
