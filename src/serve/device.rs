@@ -2,6 +2,7 @@
 
 use std::io;
 
+use tessera_ext4::Piece;
 use tessera_nbd::{Device, Extent};
 
 use crate::blockdev::ImageDevice;
@@ -71,6 +72,21 @@ impl Device for ImageExport {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.dev.read_at(buf, offset)
+    }
+
+    /// Metadata and zeroes are in memory, so reads touching only those are
+    /// answered inline; file data is mmapped store objects that may need the
+    /// disk, so any data piece sends the read to an I/O thread.
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        let has_data = self
+            .dev
+            .layout()
+            .pieces(offset, buf.len() as u64)
+            .any(|p| matches!(p, Piece::Data { .. }));
+        if has_data {
+            return None;
+        }
+        Some(self.dev.read_at(buf, offset))
     }
 
     fn description(&self) -> Option<String> {

@@ -12,6 +12,22 @@
 //! - [`device`]: the trait a backend implements; [`exports`]: name lookup;
 //!   [`MemDevice`] and [`FileDevice`]: reference backends.
 //!
+//! Threads: the protocol runs on tokio; device calls run on a small fixed
+//! pool (`Config::io_threads`), except reads a device can serve from memory
+//! or page cache without blocking (`Device::read_at_cached`), which are
+//! answered inline. Reply buffers are recycled server-wide.
+//!
+//! Limitations:
+//! - One metadata context, `base:allocation`; no `qemu:` contexts, no
+//!   NBD_OPT_EXTENDED_HEADERS block-status payloads
+//!   (`NBD_FLAG_BLOCK_STAT_PAYLOAD`), no RESIZE.
+//! - TLS is X.509 server certificates only: no client-certificate
+//!   verification and no PSK (nbdkit's `--tls-psk`).
+//! - No oldstyle negotiation (the spec's reference server dropped it too).
+//! - Requests are executed out of order; FLUSH waits only for the device's
+//!   own ordering, which is what the spec requires ("writes the server
+//!   completed").
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use std::sync::Arc;
