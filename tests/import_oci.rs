@@ -283,6 +283,11 @@ fn layers_whiteouts_and_opaque_dirs_merge_as_oci_says() {
         json!({"user": "1000:1000", "env": ["PATH=/usr/bin", "LANG=C.UTF-8"],
                "entrypoint": ["/usr/bin/tool"], "cmd": ["--help"], "working_dir": "/etc"})
     );
+    let shown = env.ok(&["image", "show", "app"]);
+    assert!(
+        shown.contains(r#""entrypoint":["/usr/bin/tool"]"#),
+        "{shown}"
+    );
 
     // Idempotent: the same trees, nothing new stored.
     let files = env.files("");

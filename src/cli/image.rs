@@ -103,6 +103,13 @@ fn print_image(record: &ImageRecord, built: &Built) {
         println!("tree {i}:   {tree}");
     }
     println!("label:    {}", record.label);
+    if let Some(rt) = &record.runtime {
+        // What the OCI config asked for; tessera records it, a runtime applies it.
+        println!(
+            "runtime:  {}",
+            serde_json::to_string(rt).unwrap_or_default()
+        );
+    }
     println!("uuid:     {}", format_uuid(&record.uuid));
     println!("created:  {}", record.created);
     println!(
