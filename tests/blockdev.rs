@@ -140,3 +140,54 @@ fn export_refuses_a_non_regular_output() {
     let err = env.fails(&["image", "export", "demo", "/dev/null"]);
     assert!(err.contains("regular files only"), "{err}");
 }
+
+/// The inline path the server tries first: whatever it answers equals `read_at`, it
+/// refuses (None) rather than wait for an unmapped object, and once the image is warm it
+/// answers reads of mapped file data too.
+#[test]
+fn resident_reads_agree_with_read_at() {
+    let env = Env::new();
+    let (dev, bytes) = demo_device(&env);
+    // A block of the demo's 1 MiB file: an object large enough to be memory-mapped.
+    let mut pos = 0;
+    let mut probe = None;
+    for piece in dev.layout().pieces(0, dev.size()) {
+        if matches!(piece, tessera_ext4::Piece::Data { len, .. } if len >= 512 << 10) {
+            probe = Some(pos);
+            break;
+        }
+        pos += piece.len();
+    }
+    let probe = probe.expect("the demo tree has a 1 MiB file");
+    let mut buf = vec![0u8; 4096];
+    let cold = dev.read_at_resident(&mut buf, probe);
+    if let Some(r) = cold {
+        r.unwrap();
+        assert!(buf == bytes[probe as usize..probe as usize + 4096]);
+    }
+    // Warm everything (maps large objects, fills the page cache), then every answer must
+    // match, and the largest run (a mapped object in the demo tree) must be answered.
+    dev.read_at(&mut vec![0u8; dev.size() as usize], 0).unwrap();
+    let mut answered = 0;
+    for (i, pos) in (0..dev.size()).step_by(12_289).enumerate() {
+        let len = (1 + i * 977 % 70_000).min((dev.size() - pos) as usize);
+        let mut buf = vec![0xeeu8; len];
+        if let Some(r) = dev.read_at_resident(&mut buf, pos) {
+            r.unwrap();
+            assert!(
+                buf == bytes[pos as usize..pos as usize + len],
+                "resident read at {pos}+{len}"
+            );
+            answered += 1;
+        }
+    }
+    assert!(answered > 0);
+    assert!(
+        dev.read_at_resident(&mut buf, probe).is_some(),
+        "warm mapped data is answered inline"
+    );
+    assert!(matches!(
+        dev.read_at_resident(&mut [0u8; 2], dev.size() - 1),
+        Some(Err(_))
+    ));
+}

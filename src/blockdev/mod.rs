@@ -58,6 +58,36 @@ impl ImageDevice {
         &self.layout
     }
 
+    /// Like [`ImageDevice::read_at`], but only if nothing has to come from disk: metadata
+    /// and zeros always qualify, file data only when its pages are resident. `None` means
+    /// "might block" (the server then reads on an I/O thread); `buf` may be partly written.
+    pub fn read_at_resident(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = self.check_range(offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        let mut at = 0usize;
+        for piece in self.layout.pieces(offset, buf.len() as u64) {
+            let n = piece.len() as usize;
+            let out = &mut buf[at..at + n];
+            match piece {
+                Piece::Meta(meta) => meta.copy_to(out),
+                Piece::Zero(_) => out.fill(0),
+                Piece::Data {
+                    handle,
+                    offset: obj_offset,
+                    ..
+                } => {
+                    self.objects
+                        .get(handle.0 as usize)?
+                        .read_resident(out, obj_offset)?
+                        .ok()?;
+                }
+            }
+            at += n;
+        }
+        Some(Ok(()))
+    }
+
     /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;

@@ -87,6 +87,47 @@ impl Object {
         }
     }
 
+    /// Like [`Object::read`], but only when no disk I/O can be needed: the object is
+    /// already mapped and `mincore` reports every page of the range resident. `None`
+    /// means "might block"; the caller then reads on an I/O thread.
+    pub(super) fn read_resident(&self, out: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        let Some(Backing::Mapped(map)) = self.backing.get() else {
+            return None;
+        };
+        let end = offset
+            .checked_add(out.len() as u64)
+            .filter(|&e| e <= map.len() as u64)?;
+        if out.is_empty() {
+            return Some(Ok(()));
+        }
+        const PAGE: usize = 4096;
+        let first = offset as usize / PAGE * PAGE;
+        let span = end as usize - first;
+        let pages = span.div_ceil(PAGE);
+        let mut small = [0u8; 64];
+        let mut large = Vec::new();
+        let vec: &mut [u8] = if pages <= small.len() {
+            &mut small[..pages]
+        } else {
+            large.resize(pages, 0);
+            &mut large
+        };
+        // SAFETY: `first..end` lies inside the live mapping `map` (checked above, and the
+        // mapping's start is page-aligned), and `vec` has one byte per page of that range.
+        let r = unsafe {
+            libc::mincore(
+                map.as_ptr().add(first) as *mut libc::c_void,
+                span,
+                vec.as_mut_ptr(),
+            )
+        };
+        if r != 0 || vec.iter().any(|&v| v & 1 == 0) {
+            return None;
+        }
+        out.copy_from_slice(&map[offset as usize..end as usize]);
+        Some(Ok(()))
+    }
+
     fn backing(&self) -> io::Result<&Backing> {
         if let Some(b) = self.backing.get() {
             return Ok(b);

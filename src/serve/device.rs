@@ -2,7 +2,6 @@
 
 use std::io;
 
-use tessera_ext4::Piece;
 use tessera_nbd::{Device, Extent};
 
 use crate::blockdev::ImageDevice;
@@ -78,15 +77,7 @@ impl Device for ImageExport {
     /// answered inline; file data is mmapped store objects that may need the
     /// disk, so any data piece sends the read to an I/O thread.
     fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        let has_data = self
-            .dev
-            .layout()
-            .pieces(offset, buf.len() as u64)
-            .any(|p| matches!(p, Piece::Data { .. }));
-        if has_data {
-            return None;
-        }
-        Some(self.dev.read_at(buf, offset))
+        self.dev.read_at_resident(buf, offset)
     }
 
     fn description(&self) -> Option<String> {

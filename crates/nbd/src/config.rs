@@ -72,7 +72,7 @@ pub struct Config {
     pub max_in_flight_bytes: usize,
     pub block_size: BlockSize,
     /// Threads running device calls, shared by all connections; 0 picks
-    /// two per core (at least four).
+    /// 16, or two per core if more.
     pub io_threads: usize,
     pub tls: TlsMode,
     /// Offer NBD_OPT_EXTENDED_HEADERS (64-bit requests, qemu ≥ 8.2, libnbd ≥ 1.20).

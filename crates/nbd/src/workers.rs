@@ -55,9 +55,12 @@ impl Workers {
     }
 }
 
-/// Default pool size: two threads per core, at least four, so that reads
-/// waiting on storage do not idle the CPUs.
+/// Default pool size: 16 (nbdkit's default), or two per core if that is more. Only reads
+/// that may wait for storage come here (devices answer resident data inline through
+/// `read_at_cached`), and a deeper queue is what makes cold reads fast: a full read of a
+/// cold 52k-file image took 1.76 s with 4 threads and 0.85 s with 16 on 2 cores, while
+/// cached 4 KiB random reads lost about 4%.
 pub(crate) fn default_threads() -> usize {
     let cores = thread::available_parallelism().map_or(2, |n| n.get());
-    (2 * cores).max(4)
+    (2 * cores).max(16)
 }
