@@ -6,85 +6,15 @@ mod common;
 #[path = "../crates/nbd/tests/support/mod.rs"]
 mod nbd_support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::served::Served;
 use common::{snapshot, Env};
 use tessera::blockdev::ImageDevice;
-
-/// A `tessera serve` child; SIGTERM on drop.
-struct Served {
-    child: Option<Child>,
-    sock: PathBuf,
-    banner: String,
-}
-
-impl Served {
-    fn start(env: &Env, extra: &[&str]) -> Served {
-        let sock = env.path("nbd.sock");
-        let mut child = env
-            .command()
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tessera serve");
-        // The banner goes out once every listener is bound.
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut banner = String::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            banner.push_str(&line);
-            banner.push('\n');
-            if line.contains("qemu-system") || line.starts_with("no images") {
-                break;
-            }
-        }
-        assert!(banner.contains("listening on"), "banner: {banner}");
-        std::thread::spawn(move || for _ in lines {});
-        Served {
-            child: Some(child),
-            sock,
-            banner,
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-
-    /// SIGTERM, then the exit status (within `limit`).
-    fn stop(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if start.elapsed() > limit {
-                child.kill().ok();
-                panic!("tessera serve did not stop within {limit:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.stop(Duration::from_secs(10));
-        }
-    }
-}
 
 /// Imports the fixture as image `img` and exports the raw reference file.
 fn image(env: &Env) -> (PathBuf, PathBuf) {
