@@ -51,3 +51,48 @@ fn no_demo_serves_an_empty_store_as_is() {
     );
     assert!(!env.store.join("images").join("demo.json").exists());
 }
+
+/// An image removed and re-created under the same name while the server runs is served
+/// with its new contents to the next client, not from the old cached layout.
+#[test]
+fn a_recreated_image_is_served_fresh() {
+    if !common::can_run("a_recreated_image_is_served_fresh", false, &["nbdcopy"]) {
+        return;
+    }
+    let env = Env::new();
+    let make = |content: &str| {
+        let dir = env.path(content);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), content).unwrap();
+        env.import(&dir)
+    };
+    let (one, two) = (make("first"), make("second"));
+    env.ok(&["image", "create", "img", "--tree", &one]);
+    let served = Served::start(&env, &[]);
+    let copy = |n: &str| {
+        let out = env.path(n);
+        let o = Command::new("nbdcopy")
+            .arg(served.uri("img"))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let before = copy("a.img");
+    env.ok(&["image", "rm", "img"]);
+    env.ok(&["image", "create", "img", "--tree", &two]);
+    let after = copy("b.img");
+    let want = env.path("want.img");
+    env.ok(&[
+        "image".as_ref(),
+        "export".as_ref(),
+        "img".as_ref(),
+        want.as_os_str(),
+    ]);
+    assert!(
+        before != after,
+        "the re-created image was served from the old layout"
+    );
+    assert!(after == std::fs::read(want).unwrap());
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tessera_nbd::{Export, ExportInfo, Exports};
 
-use super::device::{describe, ImageExport};
+use super::device::{describe, fingerprint, ImageExport};
 use super::spec::{ExportSpec, WriteMode};
 use crate::blockdev::overlay::{named, Overlay};
 use crate::store::Store;
@@ -86,10 +86,15 @@ impl Exports for StoreExports {
             None => return Ok(None),
         };
         let slot = self.slot(name);
+        // An image removed and re-created under the same name while we serve must not
+        // be answered from the old layout: its record's fingerprint tells them apart.
+        let record = crate::image::load(&self.store, name)
+            .map_err(|e| io::Error::other(format!("{e:#}")))?;
+        let current = fingerprint(&record);
         let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
         let device = match &*guard {
-            Some(dev) => dev.clone(),
-            None => {
+            Some(dev) if dev.fingerprint() == current => dev.clone(),
+            _ => {
                 let started = std::time::Instant::now();
                 let dev = ImageExport::open(&self.store, name)
                     .map_err(|e| io::Error::other(format!("{e:#}")))?;
