@@ -62,34 +62,31 @@ impl ImageDevice {
     /// and zeros always qualify, file data only when its pages are resident. `None` means
     /// "might block" (the server then reads on an I/O thread); `buf` may be partly written.
     pub fn read_at_resident(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if let Err(e) = self.check_range(offset, buf.len() as u64) {
-            return Some(Err(e));
+        match self.fill(buf, offset, |object, out, at| {
+            object.read_resident(out, at)?.ok()
+        }) {
+            Ok(done) => done.then_some(Ok(())),
+            Err(e) => Some(Err(e)),
         }
-        let mut at = 0usize;
-        for piece in self.layout.pieces(offset, buf.len() as u64) {
-            let n = piece.len() as usize;
-            let out = &mut buf[at..at + n];
-            match piece {
-                Piece::Meta(meta) => meta.copy_to(out),
-                Piece::Zero(_) => out.fill(0),
-                Piece::Data {
-                    handle,
-                    offset: obj_offset,
-                    ..
-                } => {
-                    self.objects
-                        .get(handle.0 as usize)?
-                        .read_resident(out, obj_offset)?
-                        .ok()?;
-                }
-            }
-            at += n;
-        }
-        Some(Ok(()))
     }
 
     /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut failed = None;
+        self.fill(buf, offset, |object, out, at| {
+            object.read(out, at).map_err(|e| failed = Some(e)).ok()
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Walk the pieces of `buf`'s range: metadata and zeros are filled here, file data by
+    /// `data(object, out, object_offset)`, whose `None` stops the walk (`Ok(false)`).
+    fn fill(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        mut data: impl FnMut(&Object, &mut [u8], u64) -> Option<()>,
+    ) -> io::Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
         let mut at = 0usize;
         for piece in self.layout.pieces(offset, buf.len() as u64) {
@@ -106,13 +103,14 @@ impl ImageDevice {
                     let object = self.objects.get(handle.0 as usize).ok_or_else(|| {
                         io::Error::other(format!("layout names unknown data handle {}", handle.0))
                     })?;
-                    object.read(out, obj_offset)?;
+                    if data(object, out, obj_offset).is_none() {
+                        return Ok(false);
+                    }
                 }
             }
             at += n;
         }
-        debug_assert_eq!(at, buf.len());
-        Ok(())
+        Ok(true)
     }
 
     /// The data and zero ranges of `offset..offset + len`, adjacent ranges of one sort merged.
