@@ -80,12 +80,12 @@ fn ext4_view_sees_exactly_the_source_tree() {
         common::fixture::set_times(&src.join("files/sparse"), t, t);
     });
     let expected = ext4view::project(&source);
-    ext4view::assert_same(&expected, &ext4view::snapshot(&ext4view::load_file(&img)));
+    snapshot::assert_same(&expected, &ext4view::snapshot(&ext4view::load_file(&img)));
 
     // Straight from the read path the NBD server uses, without exporting.
     let store = env.open_store();
     let dev = ImageDevice::open(&store, "img").expect("open the image device");
-    ext4view::assert_same(&expected, &ext4view::snapshot(&ext4view::load_device(dev)));
+    snapshot::assert_same(&expected, &ext4view::snapshot(&ext4view::load_device(dev)));
 }
 
 /// The kernel checks more on a read-write mount (group checksums, free counts, bitmap

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -110,25 +109,10 @@ fn real_packages_compose_into_an_image_matching_dpkg_deb() {
     ]);
     common::e2fsck_clean(&img);
     let mount = LoopMount::new(&img, &env.path("mnt"), "ro,noatime");
-    let project = |root: &Path| {
-        let mut snap: BTreeMap<_, _> = snapshot::snapshot(root);
-        snap.remove(&b"lost+found"[..]);
-        for i in snap.values_mut() {
-            // Extraction sets only mtimes; it moves directory mtimes as it adds children.
-            i.atime = (0, 0);
-            i.ctime = (0, 0);
-            i.crtime = None;
-            if i.kind == "dir" {
-                i.mtime = (0, 0);
-                i.nlink = 0;
-            }
-        }
-        snap
-    };
-    let expected = project(&union);
+    let expected = snapshot::as_extracted(&union);
     assert!(expected.contains_key(&b"bin/busybox"[..]));
     assert!(expected.contains_key(&b"bin/ls"[..]));
-    snapshot::assert_same(&expected, &project(&mount.dir));
+    snapshot::assert_same(&expected, &snapshot::as_extracted(&mount.dir));
     // And the packaged binaries run against the packaged libc.
     let ls = Command::new(mount.dir.join("lib64/ld-linux-x86-64.so.2"))
         .arg("--library-path")

@@ -146,27 +146,3 @@ pub fn project(snapshot: &BTreeMap<Vec<u8>, Info>) -> BTreeMap<Vec<u8>, ViewInfo
         })
         .collect()
 }
-
-/// Assert two views are equal, listing every difference.
-pub fn assert_same(expected: &BTreeMap<Vec<u8>, ViewInfo>, actual: &BTreeMap<Vec<u8>, ViewInfo>) {
-    let mut diffs = Vec::new();
-    for (path, e) in expected {
-        let shown = String::from_utf8_lossy(path);
-        match actual.get(path) {
-            None => diffs.push(format!("{shown:?}: missing")),
-            Some(a) if a != e => {
-                diffs.push(format!("{shown:?}:\n  expected {e:?}\n  actual   {a:?}"))
-            }
-            Some(_) => {}
-        }
-    }
-    for path in actual.keys().filter(|p| !expected.contains_key(*p)) {
-        diffs.push(format!("{:?}: unexpected", String::from_utf8_lossy(path)));
-    }
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
-}

@@ -175,8 +175,12 @@ pub fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-/// Assert two snapshots are equal, listing every difference.
-pub fn assert_same(expected: &BTreeMap<Vec<u8>, Info>, actual: &BTreeMap<Vec<u8>, Info>) {
+/// Assert two path-keyed views (snapshots, ext4-view listings) are equal, listing every
+/// difference.
+pub fn assert_same<T: PartialEq + std::fmt::Debug>(
+    expected: &BTreeMap<Vec<u8>, T>,
+    actual: &BTreeMap<Vec<u8>, T>,
+) {
     let mut diffs = Vec::new();
     for (path, e) in expected {
         let shown = String::from_utf8_lossy(path);
@@ -197,4 +201,22 @@ pub fn assert_same(expected: &BTreeMap<Vec<u8>, Info>, actual: &BTreeMap<Vec<u8>
         diffs.len(),
         diffs.join("\n")
     );
+}
+
+/// A snapshot of `root` without what unpacking tools (tar -x, dpkg-deb, umoci) do not
+/// reproduce: atimes, ctimes and crtimes, and directory mtimes and link counts, which move
+/// as entries are added. lost+found is dropped.
+pub fn as_extracted(root: &Path) -> BTreeMap<Vec<u8>, Info> {
+    let mut snap = snapshot(root);
+    snap.remove(&b"lost+found"[..]);
+    for i in snap.values_mut() {
+        i.atime = (0, 0);
+        i.ctime = (0, 0);
+        i.crtime = None;
+        if i.kind == "dir" {
+            i.mtime = (0, 0);
+            i.nlink = 0;
+        }
+    }
+    snap
 }

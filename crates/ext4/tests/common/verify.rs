@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,25 +45,12 @@ pub fn walk(tree: &FsTree) -> Vec<(PathBuf, NodeId)> {
         let (p, n) = out[i].clone();
         if let NodeKind::Dir(entries) = &tree.node(n).kind {
             for e in entries {
-                out.push((
-                    p.join(std::ffi::OsStr::from_encoded_bytes_unchecked_safe(&e.name)),
-                    e.node,
-                ));
+                out.push((p.join(std::ffi::OsStr::from_bytes(&e.name)), e.node));
             }
         }
         i += 1;
     }
     out
-}
-
-trait FromBytes {
-    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr;
-}
-impl FromBytes for std::ffi::OsStr {
-    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr {
-        use std::os::unix::ffi::OsStrExt;
-        std::ffi::OsStr::from_bytes(b)
-    }
 }
 
 fn link_counts(tree: &FsTree) -> HashMap<NodeId, u64> {
@@ -166,7 +154,6 @@ pub fn kernel_view(fx: &Fixture, root: &Path) {
             }
             NodeKind::Symlink(t) => {
                 assert!(ft.is_symlink());
-                use std::os::unix::ffi::OsStrExt;
                 assert_eq!(
                     fs::read_link(&full).unwrap().as_os_str().as_bytes(),
                     &t[..],
@@ -199,7 +186,6 @@ pub fn kernel_view(fx: &Fixture, root: &Path) {
         let mut got: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(&full)
             .unwrap()
             .map(|name| {
-                use std::os::unix::ffi::OsStrExt;
                 let v = xattr::get(&full, &name).unwrap().unwrap_or_default();
                 (name.as_bytes().to_vec(), v)
             })
