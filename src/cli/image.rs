@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
+use super::json::{print as print_json, ImageDetailView, ImageView};
 use super::{human, progress_bar};
 use crate::blockdev::{self, ImageDevice};
 use crate::image::{self, format_uuid, parse_size, Built, CreateOptions, ImageRecord};
@@ -28,9 +29,18 @@ pub(super) enum ImageCmd {
         inodes: Option<u32>,
     },
     /// List images
-    List,
+    List {
+        /// Print a JSON array of image records (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image's record and filesystem geometry
-    Show { name: String },
+    Show {
+        name: String,
+        /// Print one JSON object (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an image (its trees and objects stay until `store gc`)
     Rm { name: String },
     /// Write an image to a sparse raw file
@@ -60,19 +70,38 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot create image {name:?}"))?;
             print_image(&record, &built);
         }
-        ImageCmd::List => {
-            for name in store.list_images()? {
-                let record = image::load(store, &name)?;
-                let size = record.size.map_or_else(|| "auto".to_owned(), human);
-                println!("{name}\t{} tree(s)\tsize {size}", record.trees.len());
+        ImageCmd::List { json } => {
+            let mut records = Vec::new();
+            for name in store.list_images().context("cannot list images")? {
+                records.push(
+                    image::load(store, &name)
+                        .with_context(|| format!("cannot load image {name:?}"))?,
+                );
+            }
+            if json {
+                let views: Vec<ImageView> = records.iter().map(ImageView::from).collect();
+                print_json(&views)?;
+            } else {
+                for record in &records {
+                    let size = record.size.map_or_else(|| "auto".to_owned(), human);
+                    println!(
+                        "{}\t{} tree(s)\tsize {size}",
+                        record.name,
+                        record.trees.len()
+                    );
+                }
             }
         }
-        ImageCmd::Show { name } => {
+        ImageCmd::Show { name, json } => {
             let record =
                 image::load(store, &name).with_context(|| format!("cannot load image {name:?}"))?;
             let built = image::build(store, &record)
                 .with_context(|| format!("cannot synthesize image {name:?}"))?;
-            print_image(&record, &built);
+            if json {
+                print_json(&ImageDetailView::new(&record, &built))?;
+            } else {
+                print_image(&record, &built);
+            }
         }
         ImageCmd::Rm { name } => {
             image::remove(store, &name).with_context(|| format!("cannot remove image {name:?}"))?;

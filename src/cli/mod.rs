@@ -4,6 +4,7 @@
 mod demo;
 mod image;
 mod import;
+mod json;
 mod overlay;
 mod store;
 

@@ -4,15 +4,25 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::human;
+use super::json::{print as print_json, OverlayView};
 use crate::blockdev::overlay::named::{self, OverlayInfo};
 use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum OverlayCmd {
     /// List persistent overlays with their image and size
-    List,
+    List {
+        /// Print a JSON array of overlays (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one overlay in detail
-    Show { name: String },
+    Show {
+        name: String,
+        /// Print one JSON object (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete an overlay (refused while a client is attached)
     Rm { name: String },
 }
@@ -20,7 +30,12 @@ pub(super) enum OverlayCmd {
 pub(super) fn run(store: &Store, cmd: OverlayCmd) -> anyhow::Result<ExitCode> {
     let root = store.root();
     match cmd {
-        OverlayCmd::List => {
+        OverlayCmd::List { json: true } => {
+            let overlays = named::list(root).context("cannot list overlays")?;
+            let views: Vec<OverlayView> = overlays.iter().map(OverlayView::from).collect();
+            print_json(&views)?;
+        }
+        OverlayCmd::List { json: false } => {
             for o in named::list(root).context("cannot list overlays")? {
                 println!(
                     "{}\timage {}\t{} changed\t{} on disk{}",
@@ -32,10 +47,14 @@ pub(super) fn run(store: &Store, cmd: OverlayCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        OverlayCmd::Show { name } => {
+        OverlayCmd::Show { name, json } => {
             let o = named::info(root, &name)
                 .with_context(|| format!("cannot show overlay {name:?}"))?;
-            print_info(&o);
+            if json {
+                print_json(&OverlayView::from(&o))?;
+            } else {
+                print_info(&o);
+            }
         }
         OverlayCmd::Rm { name } => {
             named::remove(root, &name)

@@ -4,31 +4,47 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::human;
+use super::json::{print as print_json, GcView, StatsView, VerifyView};
 use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum StoreCmd {
     /// Re-hash every object and check every tree and image; exits 1 on any problem
-    Verify,
+    Verify {
+        /// Report as one JSON object, problems included (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove trees and objects no image references, and stale temporary files
     Gc {
         /// Only report what would be removed
         #[arg(long)]
         dry_run: bool,
+        /// Report as one JSON object (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
     },
     /// Show counts, sizes and the deduplication ratio
-    Stats,
+    Stats {
+        /// Print one JSON object (fields: src/cli/json.rs)
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     let root = store.root().display();
     match cmd {
-        StoreCmd::Verify => {
+        StoreCmd::Verify { json } => {
             let report = store
                 .verify()
                 .with_context(|| format!("cannot verify the store at {root}"))?;
-            for p in &report.problems {
-                println!("{p}");
+            if json {
+                print_json(&VerifyView::from(&report))?;
+            } else {
+                for p in &report.problems {
+                    println!("{p}");
+                }
             }
             eprintln!(
                 "checked {} objects ({}), {} trees, {} images: {} problems",
@@ -44,10 +60,14 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        StoreCmd::Gc { dry_run } => {
+        StoreCmd::Gc { dry_run, json } => {
             let r = store
                 .gc(dry_run)
                 .with_context(|| format!("cannot collect garbage in {root}"))?;
+            if json {
+                print_json(&GcView::new(dry_run, &r))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let verb = if dry_run { "would remove" } else { "removed" };
             println!(
                 "{verb} {} objects ({}), {} trees, {} temporary files",
@@ -58,10 +78,14 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        StoreCmd::Stats => {
+        StoreCmd::Stats { json } => {
             let s = store
                 .stats()
                 .with_context(|| format!("cannot read the store at {root}"))?;
+            if json {
+                print_json(&StatsView::new(store.root(), &s))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("store:        {root}");
             println!("objects:      {} ({})", s.objects, human(s.object_bytes));
             println!("trees:        {}", s.trees);

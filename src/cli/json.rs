@@ -1,0 +1,264 @@
+//! `--json` output: one JSON document on stdout per command, built from the view structs
+//! below. Their field names are the schema scripts rely on, so they are kept stable: a field
+//! may be added, never renamed or removed without a note in the README.
+//!
+//! Conventions: names are snake_case; sizes and offsets are integers in bytes (fields ending
+//! in `_bytes`, or `size`); counts are integers; times are integers, seconds since the Unix
+//! epoch; ids are lowercase hex strings; a value the synthesizer picks is `null` in a record.
+//!
+//! | command | document |
+//! | --- | --- |
+//! | `image list` | array of [`ImageView`] |
+//! | `image show NAME` | [`ImageDetailView`] |
+//! | `overlay list` | array of [`OverlayView`] |
+//! | `overlay show NAME` | [`OverlayView`] |
+//! | `store stats` | [`StatsView`] |
+//! | `store verify` | [`VerifyView`] (exit status 1 when `problems` is not empty) |
+//! | `store gc` | [`GcView`] |
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::blockdev::overlay::named::OverlayInfo;
+use crate::image::{format_uuid, Built, ImageRecord, Runtime};
+use crate::store::{GcReport, ObjectId, Problem, StoreStats, VerifyReport};
+
+/// Writes `value` as one pretty-printed JSON document and a newline on stdout.
+pub(super) fn print<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value).context("cannot write JSON to stdout")?;
+    writeln!(out).context("cannot write JSON to stdout")?;
+    Ok(())
+}
+
+/// An image's record, as `image list` gives it (no layout is computed).
+#[derive(Debug, Serialize)]
+pub(super) struct ImageView<'a> {
+    pub name: &'a str,
+    /// Tree ids, merged in this order (later trees win).
+    pub trees: &'a [ObjectId],
+    /// Device size asked for at creation; `null`: picked by the synthesizer (see `layout.size`
+    /// in `image show`).
+    pub size: Option<u64>,
+    /// Inode count asked for at creation; `null`: picked by the synthesizer.
+    pub inodes: Option<u32>,
+    pub label: &'a str,
+    /// The filesystem's timestamps, seconds since the epoch.
+    pub created: i64,
+}
+
+impl<'a> From<&'a ImageRecord> for ImageView<'a> {
+    fn from(r: &'a ImageRecord) -> Self {
+        ImageView {
+            name: &r.name,
+            trees: &r.trees,
+            size: r.size,
+            inodes: r.inodes,
+            label: &r.label,
+            created: r.created,
+        }
+    }
+}
+
+/// `image show`: the record plus the synthesized filesystem's geometry.
+#[derive(Debug, Serialize)]
+pub(super) struct ImageDetailView<'a> {
+    #[serde(flatten)]
+    pub record: ImageView<'a>,
+    /// Filesystem UUID, `8-4-4-4-12` hex digits.
+    pub uuid: String,
+    /// The OCI run configuration recorded by `import oci`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<&'a Runtime>,
+    /// Store objects the image's files point at.
+    pub objects: usize,
+    pub layout: LayoutView,
+}
+
+/// The ext4 geometry of a synthesized image.
+#[derive(Debug, Serialize)]
+pub(super) struct LayoutView {
+    /// Device size in bytes.
+    pub size: u64,
+    pub block_size: u64,
+    pub blocks: u64,
+    pub free_blocks: u64,
+    /// Blocks mapped onto store objects.
+    pub data_blocks: u64,
+    pub inodes: u64,
+    pub free_inodes: u64,
+    pub groups: u64,
+    /// Generated metadata (inode tables, directories, bitmaps…).
+    pub metadata_bytes: u64,
+    /// Heap memory the layout holds while served.
+    pub memory_bytes: u64,
+}
+
+impl<'a> ImageDetailView<'a> {
+    pub fn new(record: &'a ImageRecord, built: &Built) -> Self {
+        let s = built.layout.stats();
+        ImageDetailView {
+            record: record.into(),
+            uuid: format_uuid(&record.uuid),
+            runtime: record.runtime.as_ref(),
+            objects: built.objects.len(),
+            layout: LayoutView {
+                size: built.layout.size(),
+                block_size: tessera_ext4::BLOCK_SIZE,
+                blocks: s.blocks,
+                free_blocks: s.free_blocks,
+                data_blocks: s.data_blocks,
+                inodes: s.inodes,
+                free_inodes: s.free_inodes,
+                groups: s.groups,
+                metadata_bytes: s.metadata_bytes,
+                memory_bytes: built.layout.memory_bytes() as u64,
+            },
+        }
+    }
+}
+
+/// A persistent overlay (`overlay list` and `overlay show`).
+#[derive(Debug, Serialize)]
+pub(super) struct OverlayView<'a> {
+    pub name: &'a str,
+    /// The image the overlay was made on.
+    pub image: &'a str,
+    /// Identity of that image's bytes; a re-created image no longer matches.
+    pub image_fingerprint: &'a str,
+    /// Device size in bytes.
+    pub size: u64,
+    pub created: i64,
+    /// 4 KiB blocks that differ from the image, as of the last flush.
+    pub changed_blocks: u64,
+    /// `changed_blocks` in bytes.
+    pub changed_bytes: u64,
+    /// Disk space the overlay's data file occupies.
+    pub data_bytes: u64,
+    /// Whether a server holds the overlay open for a client now.
+    pub attached: bool,
+}
+
+impl<'a> From<&'a OverlayInfo> for OverlayView<'a> {
+    fn from(o: &'a OverlayInfo) -> Self {
+        let r = &o.record;
+        OverlayView {
+            name: &r.name,
+            image: &r.image,
+            image_fingerprint: &r.image_fingerprint,
+            size: r.size,
+            created: r.created,
+            changed_blocks: o.changed_blocks,
+            changed_bytes: o.changed_blocks * tessera_ext4::BLOCK_SIZE,
+            data_bytes: o.data_bytes,
+            attached: o.attached,
+        }
+    }
+}
+
+/// `store stats`.
+#[derive(Debug, Serialize)]
+pub(super) struct StatsView<'a> {
+    /// The store directory.
+    pub store: &'a std::path::Path,
+    pub objects: usize,
+    /// Bytes held by objects.
+    pub object_bytes: u64,
+    pub trees: usize,
+    pub images: usize,
+    /// Bytes the images' file data would take without deduplication.
+    pub image_bytes: u64,
+    /// `image_bytes / object_bytes`; `null` when the store holds no data.
+    pub dedup_ratio: Option<f64>,
+}
+
+impl<'a> StatsView<'a> {
+    pub fn new(store: &'a std::path::Path, s: &StoreStats) -> Self {
+        StatsView {
+            store,
+            objects: s.objects,
+            object_bytes: s.object_bytes,
+            trees: s.trees,
+            images: s.images,
+            image_bytes: s.image_bytes,
+            dedup_ratio: s.dedup_ratio(),
+        }
+    }
+}
+
+/// `store verify`.
+#[derive(Debug, Serialize)]
+pub(super) struct VerifyView {
+    /// What was checked.
+    pub objects: usize,
+    pub object_bytes: u64,
+    pub trees: usize,
+    pub images: usize,
+    pub problems: Vec<ProblemView>,
+}
+
+/// One problem `store verify` found.
+#[derive(Debug, Serialize)]
+pub(super) struct ProblemView {
+    /// `corrupt_object`, `unreadable_object`, `corrupt_tree`, `bad_tree`, `bad_image`,
+    /// `missing_tree`, `missing_object`, `wrong_object_size` or `stray_file`.
+    pub kind: &'static str,
+    /// The same sentence the text output prints.
+    pub message: String,
+}
+
+impl From<&VerifyReport> for VerifyView {
+    fn from(r: &VerifyReport) -> Self {
+        VerifyView {
+            objects: r.objects,
+            object_bytes: r.object_bytes,
+            trees: r.trees,
+            images: r.images,
+            problems: r
+                .problems
+                .iter()
+                .map(|p| ProblemView {
+                    kind: problem_kind(p),
+                    message: p.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn problem_kind(p: &Problem) -> &'static str {
+    match p {
+        Problem::CorruptObject { .. } => "corrupt_object",
+        Problem::UnreadableObject { .. } => "unreadable_object",
+        Problem::CorruptTree { .. } => "corrupt_tree",
+        Problem::BadTree { .. } => "bad_tree",
+        Problem::BadImage { .. } => "bad_image",
+        Problem::MissingTree { .. } => "missing_tree",
+        Problem::MissingObject { .. } => "missing_object",
+        Problem::WrongObjectSize { .. } => "wrong_object_size",
+        Problem::StrayFile { .. } => "stray_file",
+    }
+}
+
+/// `store gc`: what was removed, or with `dry_run` what would be.
+#[derive(Debug, Serialize)]
+pub(super) struct GcView {
+    pub dry_run: bool,
+    pub objects: usize,
+    pub object_bytes: u64,
+    pub trees: usize,
+    pub tmp_files: usize,
+}
+
+impl GcView {
+    pub fn new(dry_run: bool, r: &GcReport) -> Self {
+        GcView {
+            dry_run,
+            objects: r.objects,
+            object_bytes: r.object_bytes,
+            trees: r.trees,
+            tmp_files: r.tmp_files,
+        }
+    }
+}
