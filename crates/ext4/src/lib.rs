@@ -23,6 +23,7 @@ mod inode;
 mod layout;
 mod le;
 mod plan;
+pub mod read;
 mod superblock;
 mod tree;
 mod xattr;

@@ -51,7 +51,7 @@ fn entry_hash(e: &Entry) -> u32 {
 
 /// VFS POSIX ACL xattr (version 2, 8-byte entries) → ext4's on-disk ACL (version 1, short
 /// 4-byte entries for the owner/group/mask/other tags), `fs/ext4/acl.c`.
-fn acl_to_disk(value: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn acl_to_disk(value: &[u8]) -> Option<Vec<u8>> {
     if value.len() < 4 || (value.len() - 4) % 8 != 0 || get32(value, 0) != 2 {
         return None;
     }

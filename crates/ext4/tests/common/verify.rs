@@ -344,4 +344,93 @@ pub fn check_all_readers(fx: &Fixture, size: Option<u64>, name: &str) {
     }
     assert_eq!(ext4_errors_since(mark), Vec::<String>::new());
     ext4_view(fx, &img);
+    reader_view(fx, &img);
+}
+
+/// An image file as the reader's device.
+pub struct ImageFile(pub fs::File);
+
+impl tessera_ext4::read::ReadAt for ImageFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+}
+
+/// Check the image with our own reader (`tessera_ext4::read`): every path of the tree with
+/// its kind, metadata (all four times to the nanosecond, xattrs), size, contents and
+/// sparseness, link target, device numbers and hardlinks; nothing else but a synthesized
+/// `lost+found`.
+pub fn reader_view(fx: &Fixture, image: &Path) {
+    use tessera_ext4::read::{Filesystem, InodeKind};
+    let fs = Filesystem::open(ImageFile(fs::File::open(image).unwrap())).expect("reader opens");
+    let got = fs.walk().expect("reader walks the tree");
+    let mut by_path: HashMap<Vec<u8>, &tessera_ext4::read::WalkEntry> =
+        got.iter().map(|e| (e.path.clone(), e)).collect();
+    let mut ino_of_node: HashMap<NodeId, u32> = HashMap::new();
+    let links = link_counts(&fx.tree);
+    for (path, node) in walk(&fx.tree) {
+        let rel = path
+            .strip_prefix("/")
+            .unwrap()
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        let p = path.display().to_string();
+        let e = by_path
+            .remove(&rel)
+            .unwrap_or_else(|| panic!("reader lacks {p}"));
+        let n = fx.tree.node(node);
+        let mut want_meta = n.meta.clone();
+        want_meta.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(e.inode.meta, want_meta, "reader metadata of {p}");
+        if let Some(ino) = ino_of_node.insert(node, e.inode.ino) {
+            assert_eq!(ino, e.inode.ino, "reader: hardlinks of {p} are one inode");
+        }
+        match (&n.kind, e.inode.kind) {
+            (NodeKind::File(f), InodeKind::File) => {
+                assert_eq!(e.inode.size, f.size, "reader size of {p}");
+                assert_eq!(
+                    e.inode.links as u64, links[&node],
+                    "reader link count of {p}"
+                );
+                let extents = fs.extents(&e.inode).unwrap();
+                let mut buf = vec![0u8; f.size as usize];
+                fs.read_file(&e.inode, &extents, &mut buf, 0).unwrap();
+                assert!(
+                    buf == expected(fx, node, 0, f.size as usize),
+                    "reader content of {p}"
+                );
+                let mapped: u64 = extents.iter().map(|x| x.len * 4096).sum();
+                let want: u64 = match &f.segments {
+                    Some(s) => s.iter().map(|s| s.len.div_ceil(4096) * 4096).sum(),
+                    None => f.size.div_ceil(4096) * 4096,
+                };
+                assert_eq!(mapped, want, "reader: mapped bytes of {p}");
+            }
+            (NodeKind::Dir(_), InodeKind::Dir) => {}
+            (NodeKind::Symlink(t), InodeKind::Symlink) => {
+                assert_eq!(
+                    &fs.symlink_target(&e.inode).unwrap(),
+                    t,
+                    "reader target of {p}"
+                );
+            }
+            (NodeKind::CharDev { major, minor }, InodeKind::CharDev { major: a, minor: b })
+            | (NodeKind::BlockDev { major, minor }, InodeKind::BlockDev { major: a, minor: b }) => {
+                assert_eq!((*major, *minor), (a, b), "reader device numbers of {p}");
+            }
+            (NodeKind::Fifo, InodeKind::Fifo) | (NodeKind::Socket, InodeKind::Socket) => {}
+            (want, got) => panic!("reader kind of {p}: {got:?}, want {want:?}"),
+        }
+    }
+    if fx.tree.lookup(FsTree::ROOT, b"lost+found").is_none() {
+        by_path
+            .remove(&b"lost+found"[..])
+            .expect("a synthesized lost+found");
+    }
+    assert!(
+        by_path.is_empty(),
+        "reader sees extra paths: {:?}",
+        by_path.keys()
+    );
 }
