@@ -89,6 +89,7 @@ fn base(path: &str, kind: Kind, mode: u16) -> Entry {
         link: None,
         target: None,
         rdev: None,
+        opaque: false,
     }
 }
 

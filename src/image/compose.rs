@@ -142,6 +142,7 @@ fn node_kind(e: &Entry, handle: &mut impl FnMut(ObjectId) -> DataHandle) -> Node
         Kind::Blockdev => NodeKind::BlockDev { major, minor },
         Kind::Fifo => NodeKind::Fifo,
         Kind::Socket => NodeKind::Socket,
+        Kind::Whiteout => unreachable!("merging drops whiteouts"),
     }
 }
 
@@ -196,6 +197,7 @@ mod tests {
             link: None,
             target: None,
             rdev: None,
+            opaque: false,
         }
     }
 

@@ -46,6 +46,7 @@ pub(crate) fn entry(path: Vec<u8>, meta: &Metadata) -> Option<Entry> {
         target: None,
         rdev: matches!(kind, Kind::Chardev | Kind::Blockdev)
             .then(|| (libc::major(rdev), libc::minor(rdev))),
+        opaque: false,
     })
 }
 

@@ -3,6 +3,9 @@
 //! An entry of a later layer replaces the entry at the same path; a later directory over an
 //! earlier directory keeps the earlier children (only the directory's own metadata is
 //! replaced), while a later non-directory over an earlier directory removes that subtree.
+//! A whiteout removes the earlier entry and its subtree and is itself dropped; an opaque
+//! directory drops the earlier directory's children (see "Deletions" in [`crate::tree`]).
+//! The result holds no whiteout, whatever the layers hold.
 //! Merging is linear in the number of entries: manifests are sorted by path.
 
 use std::cmp::Ordering;
@@ -22,12 +25,7 @@ pub struct Layered {
 pub fn merge(layers: Vec<Manifest>) -> Vec<Layered> {
     let mut merged = Vec::new();
     for (layer, manifest) in layers.into_iter().enumerate() {
-        merged = if layer == 0 {
-            let entries = manifest.entries.into_iter();
-            entries.map(|entry| Layered { layer, entry }).collect()
-        } else {
-            merge_two(merged, layer, manifest.entries)
-        };
+        merged = merge_two(merged, layer, manifest.entries);
     }
     merged
 }
@@ -38,6 +36,7 @@ pub fn merge(layers: Vec<Manifest>) -> Vec<Layered> {
 fn merge_two(lower: Vec<Layered>, layer: usize, upper: Vec<Entry>) -> Vec<Layered> {
     let mut out = Vec::with_capacity(lower.len().max(upper.len()));
     let mut removed: HashSet<Vec<u8>> = HashSet::new();
+    let mut whiteouts: HashSet<Vec<u8>> = HashSet::new();
     let mut lower = lower.into_iter().peekable();
     let mut upper = upper.into_iter().peekable();
     loop {
@@ -50,14 +49,19 @@ fn merge_two(lower: Vec<Layered>, layer: usize, upper: Vec<Entry>) -> Vec<Layere
         if order == Ordering::Equal {
             let l = lower.next().expect("peeked");
             let u = upper.peek().expect("peeked");
-            if l.entry.kind == Kind::Dir && u.kind != Kind::Dir {
+            if l.entry.kind == Kind::Dir && (u.kind != Kind::Dir || u.opaque) {
                 removed.insert(l.entry.path.0);
             }
         }
         let take_upper = order != Ordering::Less;
         if take_upper {
             let entry = upper.next().expect("peeked");
-            out.push(Layered { layer, entry });
+            // Whiteouts (and their children, which validation forbids) never pass.
+            if entry.kind != Kind::Whiteout && !under_any(&entry.path.0, &whiteouts) {
+                out.push(Layered { layer, entry });
+            } else if entry.kind == Kind::Whiteout {
+                whiteouts.insert(entry.path.0);
+            }
         } else {
             let l = lower.next().expect("peeked");
             if removed.is_empty() || !under_any(&l.entry.path.0, &removed) {
@@ -99,6 +103,7 @@ mod tests {
             link: None,
             target: (kind == Kind::Symlink).then(|| Bytes(b"x".to_vec())),
             rdev: None,
+            opaque: false,
         }
     }
 
@@ -188,6 +193,77 @@ mod tests {
                 ("d".into(), 1),
                 ("d-x".into(), 2),
                 ("d-x/y".into(), 0)
+            ]
+        );
+    }
+
+    fn whiteout(path: &str) -> Entry {
+        entry(path, Kind::Whiteout, 0)
+    }
+
+    #[test]
+    fn whiteout_removes_the_entry_and_its_subtree_and_is_dropped() {
+        let a = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            entry("d", Kind::Dir, 0o755),
+            entry("d-x", Kind::Fifo, 0),
+            entry("d/e", Kind::Dir, 0o755),
+            entry("d/e/f", Kind::Fifo, 0),
+            entry("g", Kind::Fifo, 0),
+        ]);
+        let b = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            whiteout("d"),
+            whiteout("g"),
+            whiteout("never-existed"),
+        ]);
+        let m = merge(vec![a, b]);
+        assert_eq!(paths(&m), [("".into(), 1), ("d-x".into(), 0)]);
+        // A later layer can bring the path back.
+        let c = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            entry("g", Kind::Socket, 0),
+        ]);
+        let a = Manifest::new(vec![entry("", Kind::Dir, 0o755), entry("g", Kind::Fifo, 0)]);
+        let b = Manifest::new(vec![entry("", Kind::Dir, 0o755), whiteout("g")]);
+        assert_eq!(
+            paths(&merge(vec![a, b, c])),
+            [("".into(), 2), ("g".into(), 2)]
+        );
+    }
+
+    #[test]
+    fn whiteouts_of_a_single_tree_are_dropped() {
+        let a = Manifest::new(vec![entry("", Kind::Dir, 0o755), whiteout("x")]);
+        assert_eq!(paths(&merge(vec![a])), [("".into(), 0)]);
+    }
+
+    #[test]
+    fn opaque_dir_drops_lower_children_only() {
+        let a = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            entry("d", Kind::Dir, 0o755),
+            entry("d/old", Kind::Fifo, 0),
+            entry("d/sub", Kind::Dir, 0o755),
+            entry("d/sub/deep", Kind::Fifo, 0),
+            entry("d0", Kind::Fifo, 0),
+        ]);
+        let mut d = entry("d", Kind::Dir, 0o700);
+        d.opaque = true;
+        let b = Manifest::new(vec![
+            entry("", Kind::Dir, 0o755),
+            d,
+            entry("d/new", Kind::Fifo, 0),
+        ]);
+        assert!(b.validate().is_ok());
+        let m = merge(vec![a, b]);
+        assert_eq!(
+            paths(&m),
+            [
+                ("".into(), 1),
+                ("d".into(), 1),
+                ("d/new".into(), 1),
+                ("d0".into(), 0)
             ]
         );
     }

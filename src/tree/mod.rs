@@ -38,6 +38,21 @@
 //! - `link`: hardlink group; non-directory entries sharing a group are one inode (the
 //!   metadata of the first one in path order is used).
 //! - `rdev`: `[major, minor]` of a device.
+//!
+//! ## Deletions (layers over other layers)
+//!
+//! A tree stacked over others ([`merge`]) can remove what they hold:
+//!
+//! - `"kind": "whiteout"`: the lower entry at this path, and everything below it, is gone.
+//!   A whiteout has `mode`, `uid`, `gid` and times like every entry (written as zeros, not
+//!   used), and no xattrs, `link` or kind-specific field; it never has children. A whiteout
+//!   over nothing does nothing.
+//! - `"opaque": true` on a `dir`: the lower directory's children are dropped (the directory
+//!   was deleted and re-created); only this tree's children of it remain. Written only when
+//!   true, so manifests without deletions keep their bytes and ids.
+//!
+//! Merging applies both; whiteouts never reach the synthesizer, and a tree used alone
+//! behaves as if merged over nothing.
 
 mod bytes;
 pub mod merge;
@@ -65,6 +80,8 @@ pub enum Kind {
     Blockdev,
     Fifo,
     Socket,
+    /// Removes the lower layers' entry at this path (see "Deletions" above).
+    Whiteout,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +120,13 @@ pub struct Entry {
     pub target: Option<Bytes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdev: Option<(u32, u32)>,
+    /// A directory whose lower children are dropped (see "Deletions" above).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub opaque: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Entry {
@@ -198,8 +222,8 @@ impl Manifest {
                     why,
                 })
             };
-            if i == 0 && (!e.path.0.is_empty() || e.kind != Kind::Dir) {
-                return bad("the first entry must be the root directory, path \"\"");
+            if i == 0 && (!e.path.0.is_empty() || e.kind != Kind::Dir || e.opaque) {
+                return bad("the first entry must be the root directory, path \"\", not opaque");
             }
             if i > 0 {
                 if self.entries[i - 1].path >= e.path {
@@ -247,6 +271,12 @@ impl Manifest {
                 .any(|x| x.name.0.is_empty() || x.name.0.contains(&0))
             {
                 return bad("an xattr name is not empty and has no NUL byte");
+            }
+            if e.kind == Kind::Whiteout && (!e.xattrs.is_empty() || e.link.is_some()) {
+                return bad("a whiteout has no xattrs and no hardlink group");
+            }
+            if e.opaque && e.kind != Kind::Dir {
+                return bad("only directories are opaque");
             }
             if !is(dev, e.rdev.is_some()) {
                 return bad("devices, and only devices, have rdev");

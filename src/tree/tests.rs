@@ -18,6 +18,7 @@ fn entry(path: &str, kind: Kind) -> Entry {
         link: None,
         target: None,
         rdev: None,
+        opaque: false,
     }
 }
 
@@ -124,4 +125,51 @@ fn parent_and_name() {
     assert_eq!(e.name(), b"c");
     assert_eq!(entry("a", Kind::Fifo).parent(), Some(&b""[..]));
     assert_eq!(entry("", Kind::Dir).parent(), None);
+}
+
+#[test]
+fn manifests_without_deletions_serialize_as_before() {
+    let old = br#"{"format":1,"entries":[{"path":"","kind":"dir","mode":493,"uid":0,"gid":0,"atime":[1,0],"mtime":[2,0],"ctime":[3,0]}]}"#;
+    let m = Manifest::from_bytes(old).unwrap();
+    assert!(!m.entries[0].opaque);
+    assert_eq!(
+        m.to_bytes(),
+        old.to_vec(),
+        "bytes (and so tree ids) unchanged"
+    );
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_round_trip_and_are_checked() {
+    let mut d = entry("d", Kind::Dir);
+    d.opaque = true;
+    let m = Manifest::new(vec![entry("", Kind::Dir), d, entry("gone", Kind::Whiteout)]);
+    m.validate().unwrap();
+    let text = String::from_utf8(m.to_bytes()).unwrap();
+    assert!(
+        text.contains(r#""kind":"whiteout""#) && text.contains(r#""opaque":true"#),
+        "{text}"
+    );
+    assert_eq!(Manifest::from_bytes(text.as_bytes()).unwrap(), m);
+
+    let mut f = entry("f", Kind::Fifo);
+    f.opaque = true;
+    let err = Manifest::new(vec![entry("", Kind::Dir), f])
+        .validate()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("only directories are opaque"),
+        "{err}"
+    );
+    let mut w = entry("w", Kind::Whiteout);
+    w.link = Some(1);
+    assert!(Manifest::new(vec![entry("", Kind::Dir), w])
+        .validate()
+        .is_err());
+    let below = Manifest::new(vec![
+        entry("", Kind::Dir),
+        entry("w", Kind::Whiteout),
+        entry("w/x", Kind::Fifo),
+    ]);
+    assert!(below.validate().is_err(), "a whiteout has no children");
 }

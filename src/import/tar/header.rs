@@ -173,6 +173,7 @@ pub(crate) fn member<R: Read>(
         link: None,
         target: None,
         rdev,
+        opaque: false,
     };
     if ty == EntryType::Link {
         let target = link_target();

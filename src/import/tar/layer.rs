@@ -98,6 +98,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Blockdev => "a block device",
         Kind::Fifo => "a fifo",
         Kind::Socket => "a socket",
+        Kind::Whiteout => "a whiteout",
     }
 }
 
@@ -231,6 +232,7 @@ pub(crate) fn implicit_dir(path: &[u8], time: Time) -> Entry {
         link: None,
         target: None,
         rdev: None,
+        opaque: false,
     }
 }
 
