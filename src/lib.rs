@@ -5,6 +5,7 @@
 
 pub mod blockdev;
 pub mod cli;
+pub mod commit;
 pub mod demo;
 pub mod image;
 pub mod import;

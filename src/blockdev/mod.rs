@@ -3,6 +3,7 @@
 //! Metadata comes from the [`Layout`]; file data from store objects (see `object.rs`);
 //! everything else is zeros.
 
+mod check;
 mod export;
 mod object;
 pub mod overlay;
@@ -23,6 +24,8 @@ use crate::store::{ObjectId, Store};
 pub struct ImageDevice {
     layout: Arc<Layout>,
     objects: Vec<Arc<Object>>,
+    /// Check object bytes against their names before returning them.
+    verify: bool,
 }
 
 /// A range of the device that is either backed by data (metadata or file contents) or zeros.
@@ -34,13 +37,18 @@ pub struct Extent {
 }
 
 impl ImageDevice {
-    /// `layout` with `objects[i]` behind `DataHandle(i)`.
+    /// `layout` with `objects[i]` behind `DataHandle(i)`; object bytes are checked against
+    /// their names if `store` [verifies reads](Store::verifies_reads).
     pub fn new(store: &Store, layout: Arc<Layout>, objects: &[ObjectId]) -> Self {
         let objects = objects
             .iter()
             .map(|id| object::shared(*id, store.object_path(id)))
             .collect();
-        ImageDevice { layout, objects }
+        ImageDevice {
+            layout,
+            objects,
+            verify: store.verifies_reads(),
+        }
     }
 
     /// Synthesize the image `name` from `store`.
@@ -63,7 +71,7 @@ impl ImageDevice {
     /// "might block" (the server then reads on an I/O thread); `buf` may be partly written.
     pub fn read_at_resident(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         match self.fill(buf, offset, |object, out, at| {
-            object.read_resident(out, at)?.ok()
+            object.read_resident(out, at, self.verify)?.ok()
         }) {
             Ok(done) => done.then_some(Ok(())),
             Err(e) => Some(Err(e)),
@@ -74,7 +82,10 @@ impl ImageDevice {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut failed = None;
         self.fill(buf, offset, |object, out, at| {
-            object.read(out, at).map_err(|e| failed = Some(e)).ok()
+            object
+                .read(out, at, self.verify)
+                .map_err(|e| failed = Some(e))
+                .ok()
         })?;
         failed.map_or(Ok(()), Err)
     }

@@ -5,16 +5,20 @@
 //! on each access instead, so an image of a hundred thousand small files holds neither a
 //! hundred thousand mappings (the kernel's default `vm.max_map_count` is 65530) nor as
 //! many open descriptors.
+//!
+//! With verification on (`serve --verify`), bytes are checked against the object's name
+//! before they are copied out; the state lives in `check.rs`.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use memmap2::Mmap;
 
+use super::check::Check;
 use crate::store::ObjectId;
 
 /// Every image that names an object shares one [`Object`] for it, so a thousand images of
@@ -46,6 +50,8 @@ pub(super) struct Object {
     id: ObjectId,
     path: PathBuf,
     backing: OnceLock<Backing>,
+    /// Created by the first verified read.
+    check: OnceLock<Check>,
 }
 
 #[derive(Debug)]
@@ -60,14 +66,22 @@ impl Object {
             id,
             path,
             backing: OnceLock::new(),
+            check: OnceLock::new(),
         }
     }
 
     /// Fill `out` with the object's bytes at `offset`; reading past its end is an error.
-    pub(super) fn read(&self, out: &mut [u8], offset: u64) -> io::Result<()> {
+    /// With `verify`, the bytes are first checked against the object's name, and a
+    /// mismatch is an error (never wrong bytes).
+    pub(super) fn read(&self, out: &mut [u8], offset: u64, verify: bool) -> io::Result<()> {
         let len = out.len() as u64;
         match self.backing()? {
             Backing::Mapped(map) => {
+                if verify {
+                    self.check
+                        .get_or_init(|| Check::load(self.id, &self.path, map))
+                        .verify_mapped(map, offset, len)?;
+                }
                 let src = offset
                     .checked_add(len)
                     .filter(|&end| end <= map.len() as u64)
@@ -80,20 +94,54 @@ impl Object {
                 if offset.checked_add(len).is_none_or(|end| end > *have) {
                     return Err(self.too_short(*have, offset, len));
                 }
-                self.open()?
-                    .read_exact_at(out, offset)
+                let file = self.open()?;
+                if verify {
+                    return self.read_verified(&file, out, offset);
+                }
+                file.read_exact_at(out, offset)
                     .map_err(|e| self.context("read", e))
             }
         }
     }
 
+    /// A small object read with `pread`: the whole object is read and checked once per
+    /// file, then ranges of the same file are read directly.
+    fn read_verified(&self, file: &File, out: &mut [u8], offset: u64) -> io::Result<()> {
+        let meta = file.metadata().map_err(|e| self.context("stat", e))?;
+        let ident = (meta.dev(), meta.ino());
+        let check = self.check.get_or_init(|| Check::whole(self.id));
+        if check.is_verified_file(ident) {
+            return file
+                .read_exact_at(out, offset)
+                .map_err(|e| self.context("read", e));
+        }
+        let mut whole = vec![0u8; meta.len() as usize];
+        file.read_exact_at(&mut whole, 0)
+            .map_err(|e| self.context("read", e))?;
+        check.verify_whole(ident, &whole)?;
+        let src = whole
+            .get(offset as usize..offset as usize + out.len())
+            .ok_or_else(|| self.too_short(meta.len(), offset, out.len() as u64))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
     /// Like [`Object::read`], but only when no disk I/O can be needed: the object is
-    /// already mapped and `mincore` reports every page of the range resident. `None`
-    /// means "might block"; the caller then reads on an I/O thread.
-    pub(super) fn read_resident(&self, out: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    /// already mapped and `mincore` reports every page of the range resident (and, with
+    /// `verify`, the range already checked). `None` means "might block"; the caller then
+    /// reads on an I/O thread.
+    pub(super) fn read_resident(
+        &self,
+        out: &mut [u8],
+        offset: u64,
+        verify: bool,
+    ) -> Option<io::Result<()>> {
         let Some(Backing::Mapped(map)) = self.backing.get() else {
             return None;
         };
+        if verify && !self.check.get()?.is_verified(offset, out.len() as u64) {
+            return None;
+        }
         let end = offset
             .checked_add(out.len() as u64)
             .filter(|&e| e <= map.len() as u64)?;

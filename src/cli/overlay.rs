@@ -25,6 +25,14 @@ pub(super) enum OverlayCmd {
     },
     /// Delete an overlay (refused while a client is attached)
     Rm { name: String },
+    /// Turn what a guest wrote into a new image: the overlay's image's trees plus a tree of
+    /// the changes (refused while a client is attached)
+    Commit {
+        overlay: String,
+        /// Name of the new image
+        #[arg(long)]
+        name: String,
+    },
 }
 
 pub(super) fn run(store: &Store, cmd: OverlayCmd) -> anyhow::Result<ExitCode> {
@@ -55,6 +63,24 @@ pub(super) fn run(store: &Store, cmd: OverlayCmd) -> anyhow::Result<ExitCode> {
             } else {
                 print_info(&o);
             }
+        }
+        OverlayCmd::Commit { overlay, name } => {
+            let r = crate::commit::commit(store, &overlay, &name)
+                .with_context(|| format!("cannot commit overlay {overlay:?} as image {name:?}"))?;
+            println!(
+                "image {}: the base's {} tree(s) + changes tree {}",
+                r.image.name,
+                r.image.trees.len() - 1,
+                r.tree
+            );
+            println!(
+                "{} new, {} changed, {} deleted; stored {} objects, {}",
+                r.added,
+                r.changed,
+                r.deleted,
+                r.new_objects,
+                human(r.new_bytes)
+            );
         }
         OverlayCmd::Rm { name } => {
             named::remove(root, &name)

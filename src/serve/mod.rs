@@ -65,10 +65,15 @@ pub struct ServeArgs {
     /// Do not offer NBD extended headers (64-bit requests)
     #[arg(long)]
     pub no_extended_headers: bool,
+    /// Check object bytes against their BLAKE3 names before serving them: a mismatch is
+    /// EIO for that read and an error in the log, never wrong bytes
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let store = &store.clone().verifying_reads(args.verify);
     let tls = tls_mode(&args)?;
     let tls_on = !matches!(tls, TlsMode::Off);
 

@@ -32,6 +32,19 @@ pub struct Staged {
     tmp: PathBuf,
     dest: PathBuf,
     committed: bool,
+    /// Named right after this file (an object's outboard).
+    companion: Option<Box<Staged>>,
+}
+
+impl Staged {
+    pub(crate) fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Name `other` together with this file, right after it.
+    pub(crate) fn attach(&mut self, other: Staged) {
+        self.companion = Some(Box::new(other));
+    }
 }
 
 impl Drop for Staged {
@@ -54,6 +67,7 @@ fn create(
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = store.tmp_dir().join(format!("{}-{n}", std::process::id()));
     let mut file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -63,6 +77,7 @@ fn create(
         tmp,
         dest: dest.to_path_buf(),
         committed: false,
+        companion: None,
     };
     fill(&mut file).map_err(|abort| match abort {
         Abort::Io(source) => StoreError::Write {
@@ -83,7 +98,10 @@ fn rename(staged: &mut Staged) -> Result<(), StoreError> {
     fs::rename(&staged.tmp, &staged.dest)
         .map_err(|e| StoreError::io("rename into", &staged.dest, e))?;
     staged.committed = true;
-    Ok(())
+    match &mut staged.companion {
+        Some(companion) => rename(companion),
+        None => Ok(()),
+    }
 }
 
 /// Write `dest` with `fill`; `dest` appears complete and durable, or not at all.

@@ -23,6 +23,13 @@ pub enum StoreError {
     AmbiguousTree { prefix: String, count: usize },
     #[error("invalid tree id {text:?}: expected 4 to 64 lowercase hex digits")]
     BadTreeId { text: String },
+    #[error("the outboard of object {id} ({path}) is invalid")]
+    BadOutboard {
+        id: ObjectId,
+        path: PathBuf,
+        #[source]
+        source: super::OutboardError,
+    },
     #[error("no image named {name:?}")]
     MissingImage { name: String },
     #[error("content changed while being stored: expected {expected}, got {actual}")]

@@ -11,6 +11,8 @@ pub struct GcReport {
     pub objects: usize,
     pub object_bytes: u64,
     pub trees: usize,
+    /// Outboards whose object is gone (their bytes are not in `object_bytes`).
+    pub outboards: usize,
     pub tmp_files: usize,
 }
 
@@ -45,6 +47,14 @@ impl Store {
                 .len();
             self.remove(&path, dry_run)?;
             report.objects += 1;
+        }
+        let (outboards, _) = self.list(Area::Outboard)?;
+        for id in outboards
+            .iter()
+            .filter(|id| !live_objects.contains(id) || !self.has_object(id))
+        {
+            self.remove(&self.outboard_path(id), dry_run)?;
+            report.outboards += 1;
         }
         let tmp = self.tmp_dir();
         for entry in fs::read_dir(&tmp).map_err(|e| StoreError::io("list", &tmp, e))? {

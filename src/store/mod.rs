@@ -7,6 +7,10 @@
 //! ├── objects/ab/cdef…      file contents, named by the BLAKE3 of their bytes; mode 0444,
 //! │                         never modified once named. A sparse file's object holds only its
 //! │                         data segments, back to back (the tree entry records the segments).
+//! ├── outboard/ab/cdef…     for objects over 256 KiB: the BLAKE3 chaining value of each of
+//! │                         their 64 KiB groups, so `serve --verify` checks one group without
+//! │                         reading the whole object (format in [`outboard`]); written at
+//! │                         import, or by the first verified read of an older object
 //! ├── trees/ab/cdef…        tree manifests (JSON, `"format": 1`, see [`crate::tree`]), named
 //! │                         by the BLAKE3 of their serialized bytes
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
@@ -27,6 +31,7 @@ mod gc;
 mod id;
 pub mod location;
 mod lock;
+pub mod outboard;
 mod stats;
 mod verify;
 
@@ -39,6 +44,7 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use id::{ObjectId, ParseIdError};
 pub use lock::StoreLock;
+pub use outboard::{GroupMismatch, Outboard, OutboardError};
 pub use stats::StoreStats;
 pub use verify::{Problem, VerifyReport};
 
@@ -46,6 +52,8 @@ pub use verify::{Problem, VerifyReport};
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Check object bytes against their names before serving them (`serve --verify`).
+    verify_reads: bool,
 }
 
 /// The directory (`objects` or `trees`) holding one sort of content-addressed file.
@@ -53,6 +61,7 @@ pub struct Store {
 pub(crate) enum Area {
     Object,
     Tree,
+    Outboard,
 }
 
 impl Area {
@@ -60,6 +69,7 @@ impl Area {
         match self {
             Area::Object => "objects",
             Area::Tree => "trees",
+            Area::Outboard => "outboard",
         }
     }
 }
@@ -67,13 +77,25 @@ impl Area {
 impl Store {
     /// Open the store at `root`, creating its directories if needed.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["objects", "trees", "images", "tmp"] {
+        for sub in ["objects", "outboard", "trees", "images", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }
         Ok(Store {
             root: root.to_path_buf(),
+            verify_reads: false,
         })
+    }
+
+    /// This store, with object bytes checked against their names before devices opened
+    /// from it serve them (see `blockdev`).
+    pub fn verifying_reads(mut self, on: bool) -> Store {
+        self.verify_reads = on;
+        self
+    }
+
+    pub fn verifies_reads(&self) -> bool {
+        self.verify_reads
     }
 
     pub fn root(&self) -> &Path {
@@ -161,6 +183,10 @@ impl Store {
             atomic::write(self, &self.object_path(&id), 0o444, |f| {
                 Ok(io::Write::write_all(f, bytes)?)
             })?;
+            if bytes.len() as u64 > outboard::OUTBOARD_MIN {
+                let outboard = Outboard::compute(bytes).expect("longer than one group");
+                self.put_outboard(&id, &outboard)?;
+            }
         }
         Ok(id)
     }
@@ -168,12 +194,13 @@ impl Store {
     /// Write the object `id` with `write`, which returns the BLAKE3 of what it wrote, under
     /// `tmp/`; [`Store::commit`] names it. If the hash differs from `id` (the source changed
     /// under us), the result is [`StoreError::HashMismatch`] and nothing is left behind.
+    /// Objects over [`outboard::OUTBOARD_MIN`] get their outboard staged with them.
     pub fn stage_object(
         &self,
         id: ObjectId,
         write: impl FnOnce(&mut File) -> io::Result<ObjectId>,
     ) -> Result<Staged, StoreError> {
-        atomic::stage(self, &self.object_path(&id), 0o444, |f| {
+        let mut staged = atomic::stage(self, &self.object_path(&id), 0o444, |f| {
             let actual = write(f)?;
             if actual != id {
                 return Err(atomic::Abort::Store(StoreError::HashMismatch {
@@ -182,7 +209,9 @@ impl Store {
                 }));
             }
             Ok(())
-        })
+        })?;
+        self.attach_outboard(id, &mut staged)?;
+        Ok(staged)
     }
 
     /// Durably name a batch of staged objects (two `syncfs` for the whole batch).

@@ -1,5 +1,5 @@
-//! `tessera store verify`: re-hash every object, parse every tree and image, and check that
-//! every reference resolves.
+//! `tessera store verify`: re-hash every object, check every outboard against its object's
+//! id, parse every tree and image, and check that every reference resolves.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -52,6 +52,16 @@ pub enum Problem {
     StrayFile {
         path: std::path::PathBuf,
     },
+    /// An outboard that does not describe its object (`serve --verify` ignores it and
+    /// recomputes it).
+    BadOutboard {
+        id: ObjectId,
+        error: String,
+    },
+    /// An outboard whose object is gone; `store gc` removes it.
+    OrphanOutboard {
+        id: ObjectId,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -88,6 +98,12 @@ impl fmt::Display for Problem {
                 "tree {tree} entry {path:?} needs {need} bytes of object {object}, which has {have}"
             ),
             Problem::StrayFile { path } => write!(f, "stray file {}", path.display()),
+            Problem::BadOutboard { id, error } => {
+                write!(f, "outboard of object {id} is invalid: {error}")
+            }
+            Problem::OrphanOutboard { id } => {
+                write!(f, "outboard of missing object {id} (`store gc` removes it)")
+            }
         }
     }
 }
@@ -99,6 +115,7 @@ type HashResult = Result<(ObjectId, u64), String>;
 pub struct VerifyReport {
     pub objects: usize,
     pub object_bytes: u64,
+    pub outboards: usize,
     pub trees: usize,
     pub images: usize,
     pub problems: Vec<Problem>,
@@ -141,6 +158,27 @@ impl Store {
             }
         }
         report.objects = objects.len();
+
+        let (outboards, strays) = self.list(Area::Outboard)?;
+        report
+            .problems
+            .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
+        report.outboards = outboards.len();
+        let outboard_problems: Vec<Option<Problem>> = outboards
+            .par_iter()
+            .map(|id| {
+                if objects.binary_search(id).is_err() {
+                    return Some(Problem::OrphanOutboard { id: *id });
+                }
+                self.read_outboard(id).err().map(|e| Problem::BadOutboard {
+                    id: *id,
+                    error: chain(&e),
+                })
+            })
+            .collect();
+        report
+            .problems
+            .extend(outboard_problems.into_iter().flatten());
 
         let (trees, strays) = self.list(Area::Tree)?;
         report

@@ -11,6 +11,7 @@
 //! directory removed when the device is dropped; persistent ones are in the store
 //! ([`named`]).
 
+pub mod detached;
 mod map;
 pub mod named;
 
