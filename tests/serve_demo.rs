@@ -20,7 +20,7 @@ fn serve_on_an_empty_store_serves_the_demo_image() {
     let env = Env::new();
     let served = Served::start(&env, &[]);
     assert!(
-        served.banner.contains("export demo:"),
+        served.banner.contains("export demo (read-only):"),
         "banner: {}",
         served.banner
     );

@@ -54,11 +54,21 @@ enum Command {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A server's refusals and warnings are its operator's only clue, so `serve` logs them
+    // unless RUST_LOG says otherwise; other commands report through their exit status.
+    let default = if matches!(cli.command, Command::Serve(_)) {
+        "warn"
+    } else {
+        "error"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -10,6 +10,7 @@ use crate::store::Store;
 
 /// An [`ImageDevice`] plus what clients are told about it.
 pub struct ImageExport {
+    name: String,
     dev: ImageDevice,
     description: String,
     fingerprint: String,
@@ -22,10 +23,16 @@ impl ImageExport {
         let record = crate::image::load(store, name)?;
         let dev = ImageDevice::open(store, name)?;
         Ok(ImageExport {
+            name: name.to_owned(),
             description: describe(&record),
             fingerprint: fingerprint(&record),
             dev,
         })
+    }
+
+    /// The image's name (as it was when synthesized).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Identity of the image's bytes, which overlays are bound to.

@@ -1,106 +1,163 @@
-//! The store's images as NBD exports: listed live from the store, opened
-//! lazily, and cached so the layout is computed once per image.
+//! The store's images as NBD exports: names resolved live against the store (see
+//! [`super::spec`] for the grammar), images synthesized once and shared by every
+//! connection and mode, and every opened export leased so `gc` leaves its data alone.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use tessera_nbd::{Export, ExportInfo, Exports};
+use tessera_nbd::{Device, Export, ExportInfo, Exports};
 
 use super::device::{describe, fingerprint, ImageExport};
-use super::spec::{ExportSpec, WriteMode};
+use super::leased::Leased;
+use super::spec::{ExportName, ExportSpec, WriteMode};
 use crate::blockdev::overlay::{named, Overlay};
-use crate::store::Store;
+use crate::store::{Leases, Store};
+
+/// Which writable exports a server hands out, beyond read-only images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverlayPolicy {
+    /// No persistent overlays (`IMAGE@OVERLAY` is refused)
+    None,
+    /// Persistent overlays that exist already
+    Existing,
+    /// Existing ones, and new ones created on first connect
+    Create,
+}
+
+/// What clients may ask for.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// `--export`: only these exports (and with them, only their images).
+    pub only: Option<Vec<ExportSpec>>,
+    pub overlays: OverlayPolicy,
+    pub ephemeral: bool,
+}
 
 type Slot = Arc<Mutex<Option<Arc<ImageExport>>>>;
+/// One slot per image name: a connection that finds it empty builds the image while
+/// holding the slot's lock, so concurrent first opens of one image wait for a single build
+/// and other images are not held up. Failures are not cached; the next open tries again.
+pub(super) type Cache = Arc<Mutex<HashMap<String, Slot>>>;
 
 pub struct StoreExports {
     store: Store,
-    /// Only these images, with their write modes, if given (`--export`); otherwise every
-    /// image, read-only.
-    only: Option<Vec<ExportSpec>>,
+    policy: Policy,
     /// What the empty export name means, if anything.
     default: Option<String>,
-    /// One slot per name: a connection that finds it empty builds the image
-    /// while holding the slot's lock, so concurrent first opens of one image
-    /// wait for a single build and other images are not held up. Failures
-    /// are not cached; the next open tries again.
-    cache: Mutex<HashMap<String, Slot>>,
+    leases: Arc<Leases>,
+    cache: Cache,
+}
+
+/// Why a name is not served; the `io::ErrorKind` tells the NBD layer which error to send
+/// (see [`tessera_nbd::Exports::open`]).
+fn unknown(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, msg)
+}
+
+fn policy(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, msg)
 }
 
 impl StoreExports {
-    pub fn new(store: Store, only: Option<Vec<ExportSpec>>, default: Option<String>) -> Self {
-        StoreExports {
+    pub fn new(store: Store, policy: Policy, default: Option<String>) -> anyhow::Result<Self> {
+        let leases = Leases::create(&store)?;
+        Ok(StoreExports {
             store,
-            only,
+            policy,
             default,
-            cache: Mutex::new(HashMap::new()),
-        }
+            leases,
+            cache: Arc::default(),
+        })
     }
 
-    fn names(&self) -> io::Result<Vec<String>> {
-        match &self.only {
-            Some(specs) => Ok(specs.iter().map(|s| s.image.clone()).collect()),
-            None => self.store.list_images().map_err(io::Error::other),
-        }
+    /// The trees this server holds for its clients now.
+    pub fn leased_trees(&self) -> Vec<crate::store::ObjectId> {
+        self.leases.trees().into_iter().collect()
     }
 
-    fn slot(&self, name: &str) -> Slot {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.entry(name.to_string()).or_default().clone()
-    }
-}
-
-impl Exports for StoreExports {
-    fn list(&self) -> Vec<ExportInfo> {
-        let names = self.names().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot list images");
-            Vec::new()
-        });
-        names
-            .into_iter()
-            .map(|name| ExportInfo {
-                description: crate::image::load(&self.store, &name)
-                    .ok()
-                    .map(|r| describe(&r)),
-                name,
-            })
-            .collect()
-    }
-
-    fn open(&self, name: &str) -> io::Result<Option<Export>> {
+    /// What `name` means here, or why it is refused (nothing is opened or created).
+    pub fn resolve(&self, name: &str) -> io::Result<ExportName> {
         let name = match (name, &self.default) {
             ("", Some(d)) => d.as_str(),
             _ => name,
         };
-        let mode = match &self.only {
-            Some(specs) => match specs.iter().find(|s| s.image == name) {
-                Some(spec) => spec.mode.clone(),
-                None => return Ok(None),
-            },
-            None if crate::image::validate_name(name).is_ok()
-                && self.store.image_path(name).exists() =>
-            {
-                WriteMode::ReadOnly
+        if let Some(specs) = &self.policy.only {
+            let found = specs
+                .iter()
+                .find(|s| s.name.to_string() == name || (s.legacy && s.name.image == name));
+            return match found {
+                Some(spec) => Ok(spec.name.clone()),
+                None => Err(unknown(format!("this server has no export named {name:?}"))),
+            };
+        }
+        let export = ExportName::parse(name).ok_or_else(|| {
+            unknown(format!(
+                "{name:?} is not an export name: use IMAGE, IMAGE@OVERLAY or IMAGE+ephemeral"
+            ))
+        })?;
+        if crate::image::validate_name(&export.image).is_err()
+            || !self.store.image_path(&export.image).exists()
+        {
+            return Err(unknown(format!("no image named {:?}", export.image)));
+        }
+        match &export.mode {
+            WriteMode::ReadOnly => {}
+            WriteMode::Ephemeral if self.policy.ephemeral => {}
+            WriteMode::Ephemeral => {
+                return Err(policy(format!(
+                    "{name:?}: this server does not serve ephemeral overlays (start it with --ephemeral)"
+                )))
             }
-            None => return Ok(None),
+            WriteMode::Persistent { overlay } => match self.policy.overlays {
+                OverlayPolicy::Create => {}
+                OverlayPolicy::Existing if named::exists(self.store.root(), overlay) => {}
+                OverlayPolicy::Existing => {
+                    return Err(policy(format!(
+                        "{name:?}: overlay {overlay:?} does not exist and this server does not create overlays (--overlays create)"
+                    )))
+                }
+                OverlayPolicy::None => {
+                    return Err(policy(format!(
+                        "{name:?}: this server does not serve persistent overlays (start it with --overlays existing or --overlays create)"
+                    )))
+                }
+            },
+        }
+        Ok(export)
+    }
+
+    fn slot(&self, image: &str) -> Slot {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry(image.to_string()).or_default().clone()
+    }
+
+    /// The synthesized image `image`, built now unless a build of the same record is
+    /// cached. Returns it with a lease on its trees, taken before the store lock is let go
+    /// so a concurrent `image rm` + `gc` cannot remove them in between.
+    fn image(&self, image: &str) -> io::Result<(Arc<ImageExport>, crate::store::LeaseGuard)> {
+        let lock = self.store.lock(false).map_err(io::Error::other)?;
+        let record = match crate::image::load(&self.store, image) {
+            Ok(r) => r,
+            Err(crate::image::ImageError::Store(crate::store::StoreError::MissingImage {
+                ..
+            })) => return Err(unknown(format!("no image named {image:?}"))),
+            Err(e) => return Err(io::Error::other(format!("{e:#}"))),
         };
-        let slot = self.slot(name);
-        // An image removed and re-created under the same name while we serve must not
-        // be answered from the old layout: its record's fingerprint tells them apart.
-        let record = crate::image::load(&self.store, name)
-            .map_err(|e| io::Error::other(format!("{e:#}")))?;
+        // An image removed and re-created under the same name while we serve must not be
+        // answered from the old layout: its record's fingerprint tells them apart.
         let current = fingerprint(&record);
+        let slot = self.slot(image);
         let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
         let device = match &*guard {
             Some(dev) if dev.fingerprint() == current => dev.clone(),
             _ => {
                 let started = std::time::Instant::now();
-                let dev = ImageExport::open(&self.store, name)
+                let dev = ImageExport::open(&self.store, image)
                     .map_err(|e| io::Error::other(format!("{e:#}")))?;
                 tracing::info!(
-                    export = name,
-                    size = tessera_nbd::Device::size(&dev),
+                    image,
+                    size = dev.size(),
                     ms = started.elapsed().as_millis() as u64,
                     "image synthesized"
                 );
@@ -110,22 +167,122 @@ impl Exports for StoreExports {
             }
         };
         drop(guard);
-        let base = device.clone() as Arc<dyn tessera_nbd::Device>;
-        let device: Arc<dyn tessera_nbd::Device> = match mode {
+        let lease = self
+            .leases
+            .hold(&record.trees, &lock)
+            .map_err(io::Error::other)?;
+        Ok((device, lease))
+    }
+
+    fn open_export(&self, name: &str) -> io::Result<Export> {
+        let export = self.resolve(name)?;
+        let (image, lease) = self.image(&export.image)?;
+        let base = image.clone() as Arc<dyn Device>;
+        let device: Arc<dyn Device> = match &export.mode {
             WriteMode::ReadOnly => base,
             WriteMode::Ephemeral => Arc::new(Overlay::ephemeral(
                 base,
                 &self.store.root().join("run").join("ephemeral"),
             )?),
             WriteMode::Persistent { overlay } => {
-                let fingerprint = device.fingerprint().to_owned();
-                let root = self.store.root();
-                Arc::new(named::attach(root, &overlay, name, &fingerprint, base)?)
+                let create =
+                    self.policy.overlays == OverlayPolicy::Create || self.policy.only.is_some();
+                Arc::new(named::attach(
+                    self.store.root(),
+                    overlay,
+                    &export.image,
+                    image.fingerprint(),
+                    base,
+                    create,
+                )?)
             }
         };
-        Ok(Some(Export {
-            name: name.to_string(),
-            device,
-        }))
+        let device = Leased::new(device, lease, self.cache.clone(), &self.store, &image);
+        Ok(Export {
+            name: export.to_string(),
+            device: Arc::new(device),
+        })
+    }
+
+    fn info(&self, export: ExportName) -> ExportInfo {
+        let description =
+            crate::image::load(&self.store, &export.image)
+                .ok()
+                .map(|r| match &export.mode {
+                    WriteMode::ReadOnly => describe(&r),
+                    WriteMode::Ephemeral => format!("{} (ephemeral overlay)", describe(&r)),
+                    WriteMode::Persistent { overlay } => {
+                        format!("{} (persistent overlay {overlay:?})", describe(&r))
+                    }
+                });
+        ExportInfo {
+            name: export.to_string(),
+            description,
+        }
+    }
+}
+
+impl Exports for StoreExports {
+    /// Every name a client can ask for: with `--export`, those; otherwise each image, its
+    /// `+ephemeral` form if allowed, and its existing persistent overlays if allowed (new
+    /// ones, under `--overlays create`, can be asked for but not listed).
+    fn list(&self) -> Vec<ExportInfo> {
+        if let Some(specs) = &self.policy.only {
+            return specs
+                .iter()
+                .map(|s| {
+                    let mut info = self.info(s.name.clone());
+                    if s.legacy {
+                        info.name = s.name.image.clone();
+                    }
+                    info
+                })
+                .collect();
+        }
+        let images = self.store.list_images().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list images");
+            Vec::new()
+        });
+        let mut overlays: HashMap<String, Vec<String>> = HashMap::new();
+        if self.policy.overlays != OverlayPolicy::None {
+            for r in named::records(self.store.root()) {
+                overlays.entry(r.image).or_default().push(r.name);
+            }
+        }
+        let mut out = Vec::new();
+        for image in images {
+            out.push(self.info(ExportName::read_only(&image)));
+            if self.policy.ephemeral {
+                out.push(self.info(ExportName {
+                    image: image.clone(),
+                    mode: WriteMode::Ephemeral,
+                }));
+            }
+            for overlay in overlays.remove(&image).unwrap_or_default() {
+                out.push(self.info(ExportName {
+                    image: image.clone(),
+                    mode: WriteMode::Persistent { overlay },
+                }));
+            }
+        }
+        out
+    }
+
+    fn open(&self, name: &str) -> io::Result<Option<Export>> {
+        match self.open_export(name) {
+            Ok(export) => Ok(Some(export)),
+            Err(e) => {
+                tracing::warn!(export = name, reason = %e, "export refused");
+                Err(e)
+            }
+        }
+    }
+
+    fn exists(&self, name: &str) -> io::Result<bool> {
+        match self.resolve(name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -17,16 +17,18 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Remove every tree no image names, every object no remaining tree names, and every file
+    /// Remove every tree no image or running server's lease names, every object no remaining tree names, and every file
     /// in `tmp/`. Holds the store lock exclusively, so no import is writing meanwhile. Stops
     /// without removing anything if an image or a referenced tree cannot be read: deleting on
     /// partial knowledge could destroy live data. With `dry_run`, only counts.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport, ImageError> {
-        let _lock = self.lock(true)?;
+        let lock = self.lock(true)?;
         let mut live_trees = HashSet::new();
         for name in self.list_images()? {
             live_trees.extend(image::load(self, &name)?.trees);
         }
+        // What running servers serve, even if its image is gone or was re-created.
+        live_trees.extend(self.leased_trees(&lock)?);
         let mut live_objects: HashSet<ObjectId> = HashSet::new();
         for id in &live_trees {
             let manifest = image::load_tree(self, id)?;

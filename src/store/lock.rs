@@ -15,6 +15,16 @@ pub struct StoreLock {
 impl Store {
     /// Take the store lock, waiting for a conflicting holder to finish.
     pub fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
+        self.flock(exclusive, false)
+            .map(|lock| lock.expect("a blocking flock returns a lock"))
+    }
+
+    /// Take the store lock unless a conflicting holder has it.
+    pub fn try_lock(&self, exclusive: bool) -> Result<Option<StoreLock>, StoreError> {
+        self.flock(exclusive, true)
+    }
+
+    fn flock(&self, exclusive: bool, nonblocking: bool) -> Result<Option<StoreLock>, StoreError> {
         let path = self.root().join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -22,16 +32,23 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e))?;
-        let op = if exclusive {
+        let mut op = if exclusive {
             libc::LOCK_EX
         } else {
             libc::LOCK_SH
         };
+        if nonblocking {
+            op |= libc::LOCK_NB;
+        }
         // SAFETY: flock on a file descriptor we own; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc != 0 {
-            return Err(StoreError::io("lock", &path, io::Error::last_os_error()));
+            let err = io::Error::last_os_error();
+            if nonblocking && err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(StoreError::io("lock", &path, err));
         }
-        Ok(StoreLock { _file: file })
+        Ok(Some(StoreLock { _file: file }))
     }
 }

@@ -14,6 +14,9 @@
 //! ├── trees/ab/cdef…        tree manifests (JSON, `"format": 1`, see [`crate::tree`]), named
 //! │                         by the BLAKE3 of their serialized bytes
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
+//! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
+//! ├── run/                  sockets and leases of running servers; `leases/` holds the
+//! │                         trees each server process serves, which gc keeps (see [`lease`])
 //! └── tmp/                  files being written
 //! ```
 //!
@@ -29,6 +32,7 @@ mod atomic;
 mod error;
 mod gc;
 mod id;
+mod lease;
 pub mod location;
 mod lock;
 pub mod outboard;
@@ -43,6 +47,7 @@ pub use atomic::Staged;
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use id::{ObjectId, ParseIdError};
+pub use lease::{LeaseGuard, Leases};
 pub use lock::StoreLock;
 pub use outboard::{GroupMismatch, Outboard, OutboardError};
 pub use stats::StoreStats;

@@ -16,7 +16,22 @@ pub struct Served {
 
 impl Served {
     pub fn start(env: &Env, extra: &[&str]) -> Served {
-        let sock = env.path("nbd.sock");
+        Served::spawn(env, "nbd.sock", extra, Stdio::inherit())
+    }
+
+    /// Like `start`, on socket `sock` (a name in the test's directory), with the server's
+    /// log (stderr) going to `log` for the test to read.
+    pub fn start_logged(env: &Env, sock: &str, log: &Path, extra: &[&str]) -> Served {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the server log");
+        Served::spawn(env, sock, extra, Stdio::from(file))
+    }
+
+    fn spawn(env: &Env, sock: &str, extra: &[&str], stderr: Stdio) -> Served {
+        let sock = env.path(sock);
         let mut child = env
             .command()
             .arg("serve")
@@ -24,7 +39,7 @@ impl Served {
             .arg(format!("unix:{}", sock.display()))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tessera serve");
         // The banner goes out once every listener is bound.
@@ -34,7 +49,7 @@ impl Served {
             let line = line.unwrap();
             banner.push_str(&line);
             banner.push('\n');
-            if line.contains("qemu-system") || line.starts_with("no images") {
+            if line.starts_with("ready: ") {
                 break;
             }
         }

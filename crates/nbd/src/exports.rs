@@ -31,7 +31,19 @@ pub trait Exports: Send + Sync + 'static {
 
     /// Resolves a client-supplied name. The empty name means "the default
     /// export", if the implementation has one. `Ok(None)` means unknown.
+    ///
+    /// An error's message goes to the client; its kind picks the NBD error:
+    /// `PermissionDenied` and `ResourceBusy` (refused by policy, or in use)
+    /// send `NBD_REP_ERR_POLICY`, `Unsupported` sends `NBD_REP_ERR_UNSUP`, and
+    /// anything else `NBD_REP_ERR_UNKNOWN`.
     fn open(&self, name: &str) -> io::Result<Option<Export>>;
+
+    /// Whether `name` would resolve, without opening it: used where the spec
+    /// only asks whether an export exists (NBD_OPT_*_META_CONTEXT), so that
+    /// opening has no side effects there (attaching an overlay, say).
+    fn exists(&self, name: &str) -> io::Result<bool> {
+        self.open(name).map(|e| e.is_some())
+    }
 }
 
 /// A fixed map of names to devices.

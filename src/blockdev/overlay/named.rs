@@ -50,6 +50,8 @@ impl From<OverlayError> for io::Error {
         let kind = match e {
             OverlayError::Busy(_) => io::ErrorKind::ResourceBusy,
             OverlayError::NotFound(_) => io::ErrorKind::NotFound,
+            // A refusal by policy (NBD_REP_ERR_POLICY), not a malformed request.
+            OverlayError::WrongImage { .. } => io::ErrorKind::PermissionDenied,
             _ => io::ErrorKind::InvalidInput,
         };
         io::Error::new(kind, e.to_string())
@@ -123,13 +125,38 @@ impl Lock {
     }
 }
 
-/// Attach `name` over `base` (image `image` with `fingerprint`), creating it if new.
+/// Whether the overlay `name` exists (has a record).
+pub fn exists(store_root: &Path, name: &str) -> bool {
+    check_name(name).is_ok()
+        && overlays_dir(store_root)
+            .join(name)
+            .join("overlay.json")
+            .exists()
+}
+
+/// The records of every overlay, read cheaply (no block maps), skipping unreadable ones.
+pub fn records(store_root: &Path) -> Vec<OverlayRecord> {
+    let Ok(dir) = fs::read_dir(overlays_dir(store_root)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<OverlayRecord> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| fs::read(e.path().join("overlay.json")).ok())
+        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Attach `name` over `base` (image `image` with `fingerprint`), creating it if new and
+/// `create` allows.
 pub fn attach(
     store_root: &Path,
     name: &str,
     image: &str,
     fingerprint: &str,
     base: Arc<dyn Device>,
+    create: bool,
 ) -> Result<Overlay, OverlayError> {
     check_name(name)?;
     let io_err = |source| OverlayError::Io {
@@ -137,6 +164,24 @@ pub fn attach(
         source,
     };
     let dir = overlays_dir(store_root).join(name);
+    if !create && !dir.join("overlay.json").exists() {
+        return Err(OverlayError::NotFound(name.to_owned()));
+    }
+    // An overlay of another image is refused as such even while attached: that is the
+    // more useful of the two reasons.
+    if let Ok(bytes) = fs::read(dir.join("overlay.json")) {
+        if let Ok(record) = serde_json::from_slice::<OverlayRecord>(&bytes) {
+            if record.image != image || record.image_fingerprint != fingerprint {
+                return Err(OverlayError::WrongImage {
+                    name: name.to_owned(),
+                    image: record.image,
+                    fingerprint: record.image_fingerprint,
+                    wanted: image.to_owned(),
+                    wanted_fingerprint: fingerprint.to_owned(),
+                });
+            }
+        }
+    }
     fs::create_dir_all(&dir).map_err(io_err)?;
     let lock = Lock::try_exclusive(&dir.join("lock"))
         .map_err(io_err)?

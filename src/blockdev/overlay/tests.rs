@@ -108,10 +108,10 @@ fn ephemeral_overlays_start_clean_and_vanish() {
 fn persistent_overlay_keeps_flushed_writes_and_refuses_a_second_client() {
     let store = tempfile::tempdir().unwrap();
     let b = base(256 << 10);
-    let ov = named::attach(store.path(), "vm1", "img", "fp1", b.clone()).unwrap();
+    let ov = named::attach(store.path(), "vm1", "img", "fp1", b.clone(), true).unwrap();
     ov.write_at(b"persisted", 4096 * 3 + 7, false).unwrap();
     ov.write_zeroes(0, 8192, ZeroFlags::default()).unwrap();
-    let busy = named::attach(store.path(), "vm1", "img", "fp1", b.clone())
+    let busy = named::attach(store.path(), "vm1", "img", "fp1", b.clone(), true)
         .err()
         .unwrap();
     assert!(matches!(busy, OverlayError::Busy(_)), "{busy}");
@@ -141,15 +141,15 @@ fn persistent_overlay_reattaches_and_refuses_another_image() {
     let store = tempfile::tempdir().unwrap();
     let b = base(128 << 10);
     {
-        let ov = named::attach(store.path(), "keep", "img", "fp1", b.clone()).unwrap();
+        let ov = named::attach(store.path(), "keep", "img", "fp1", b.clone(), true).unwrap();
         ov.write_at(b"hello", 100, true).unwrap();
     }
-    let ov = named::attach(store.path(), "keep", "img", "fp1", b.clone()).unwrap();
+    let ov = named::attach(store.path(), "keep", "img", "fp1", b.clone(), true).unwrap();
     let mut buf = [0u8; 5];
     ov.read_at(&mut buf, 100).unwrap();
     assert_eq!(&buf, b"hello");
     drop(ov);
-    let err = named::attach(store.path(), "keep", "img", "fp2", b.clone())
+    let err = named::attach(store.path(), "keep", "img", "fp2", b.clone(), true)
         .err()
         .unwrap();
     assert!(matches!(err, OverlayError::WrongImage { .. }), "{err}");
@@ -161,7 +161,7 @@ fn persistent_overlay_reattaches_and_refuses_another_image() {
         Err(OverlayError::NotFound(_))
     ));
     assert!(matches!(
-        named::attach(store.path(), "../x", "img", "fp", b),
+        named::attach(store.path(), "../x", "img", "fp", b, true),
         Err(OverlayError::BadName(_))
     ));
 }
