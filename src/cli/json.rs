@@ -202,7 +202,8 @@ pub(super) struct VerifyView {
 #[derive(Debug, Serialize)]
 pub(super) struct ProblemView {
     /// `corrupt_object`, `unreadable_object`, `corrupt_tree`, `bad_tree`, `bad_image`,
-    /// `missing_tree`, `missing_object`, `wrong_object_size` or `stray_file`.
+    /// `missing_tree`, `missing_object`, `wrong_object_size`, `stray_file`, `bad_outboard`
+    /// or `orphan_outboard`.
     pub kind: &'static str,
     /// The same sentence the text output prints.
     pub message: String,
@@ -238,6 +239,8 @@ fn problem_kind(p: &Problem) -> &'static str {
         Problem::MissingObject { .. } => "missing_object",
         Problem::WrongObjectSize { .. } => "wrong_object_size",
         Problem::StrayFile { .. } => "stray_file",
+        Problem::BadOutboard { .. } => "bad_outboard",
+        Problem::OrphanOutboard { .. } => "orphan_outboard",
     }
 }
 
