@@ -6,6 +6,7 @@
 //! to it: export lookup ([`exports`]), the device adapter ([`device`]) and
 //! listen addresses ([`listen`]).
 
+mod activation;
 mod device;
 mod exports;
 mod listen;
@@ -38,8 +39,8 @@ pub enum TlsArg {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Where to listen: unix:PATH or tcp:ADDR:PORT; repeatable
-    /// [default: unix:STORE/run/nbd.sock]
+    /// Where to listen: unix:PATH or tcp:ADDR:PORT; repeatable [default: the sockets
+    /// passed by systemd socket activation (LISTEN_FDS), else unix:STORE/run/nbd.sock]
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
     /// Export only this image, read-only (NAME), with a fresh overlay per connection
@@ -74,6 +75,11 @@ pub struct ServeArgs {
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = &store.clone().verifying_reads(args.verify);
+    // Before anything can start a thread: this unsets the LISTEN_* variables.
+    let mut listening = activation::Listening::new(
+        &args.listen,
+        ListenAddr::Unix(store.root().join("run").join("nbd.sock")),
+    )?;
     let tls = tls_mode(&args)?;
     let tls_on = !matches!(tls, TlsMode::Off);
 
@@ -104,11 +110,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let only = (!args.export.is_empty()).then(|| args.export.clone());
     let exports = Arc::new(StoreExports::new(store.clone(), only, default));
 
-    let listen = if args.listen.is_empty() {
-        vec![ListenAddr::Unix(store.root().join("run").join("nbd.sock"))]
-    } else {
-        args.listen.clone()
-    };
+    let listen = listening.addrs().to_vec();
     let config = Config {
         max_connections: args.max_connections,
         tls,
@@ -127,15 +129,10 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut listeners = Vec::new();
-        for addr in &listen {
-            listeners.push(addr.bind().await?);
-        }
+        let listeners = listening.open().await?;
         print_banner(&listen, &names, tls_on);
         tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
-        for addr in &listen {
-            addr.cleanup();
-        }
+        listening.cleanup();
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
