@@ -11,12 +11,13 @@ mod device;
 mod exports;
 mod listen;
 mod spec;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tessera_nbd::{Config, TlsMode};
 
@@ -57,9 +58,23 @@ pub struct ServeArgs {
     /// PEM certificate chain for TLS
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS
+    /// PEM private key for TLS (RSA ≥ 2048 bits, ECDSA P-256/P-384, Ed25519;
+    /// PKCS#8, PKCS#1 or SEC1). SIGHUP re-reads the certificate, key and CA
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Require a client certificate that chains to --tls-ca (like nbdkit
+    /// --tls-verify-peer); clients without one fail the TLS handshake
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// PEM CA certificate(s) that client certificates must chain to
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve EXPORT only to clients whose certificate's subject CN or a DNS
+    /// subjectAltName is one of the IDs; others do not see it listed and get
+    /// NBD_REP_ERR_POLICY. Exports without such a list are open to every
+    /// verified client; repeatable
+    #[arg(long, value_name = "EXPORT=ID[,ID…]")]
+    pub tls_allow: Vec<tls::AllowArg>,
     /// With an empty store, serve nothing instead of creating the demo image first
     #[arg(long)]
     pub no_demo: bool,
@@ -80,7 +95,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         &args.listen,
         ListenAddr::Unix(store.root().join("run").join("nbd.sock")),
     )?;
-    let tls = tls_mode(&args)?;
+    let (tls, tls_allow) = tls::setup(&args)?;
     let tls_on = !matches!(tls, TlsMode::Off);
 
     let names = if args.export.is_empty() {
@@ -114,6 +129,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config {
         max_connections: args.max_connections,
         tls,
+        tls_allow,
         extended_headers: !args.no_extended_headers,
         ..Config::default()
     };
@@ -131,32 +147,12 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let listeners = listening.open().await?;
         print_banner(&listen, &names, tls_on);
+        tls::reload_on_sighup(&config.tls);
         tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
         listening.cleanup();
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn tls_mode(args: &ServeArgs) -> anyhow::Result<TlsMode> {
-    if args.tls == TlsArg::Off {
-        if args.tls_cert.is_some() || args.tls_key.is_some() {
-            bail!("--tls-cert/--tls-key given but --tls is off; add --tls on or --tls require");
-        }
-        return Ok(TlsMode::Off);
-    }
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
-        bail!(
-            "--tls {:?} needs --tls-cert FILE and --tls-key FILE",
-            args.tls
-        );
-    };
-    let acceptor =
-        tessera_nbd::tls::load_acceptor(cert, key).context("cannot load TLS credentials")?;
-    Ok(match args.tls {
-        TlsArg::On => TlsMode::On(acceptor),
-        _ => TlsMode::Require(acceptor),
-    })
 }
 
 /// Ready-to-paste client commands, on stdout so scripts can pick them up.

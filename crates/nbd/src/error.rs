@@ -51,6 +51,8 @@ pub enum SessionError {
     TlsRequired,
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
+    #[error("export {name:?} refused to client {client}: not on its TLS allow-list")]
+    ExportDenied { name: String, client: String },
     #[error("opening export {name:?}: {source}")]
     OpenExport { name: String, source: io::Error },
     #[error("server is shutting down")]
@@ -67,8 +69,20 @@ pub enum TlsConfigError {
     },
     #[error("no certificate in {0}")]
     NoCertificate(std::path::PathBuf),
+    #[error("{0}: not a usable X.509 certificate: {1}")]
+    BadCertificate(std::path::PathBuf, String),
     #[error("no private key in {0}: {1}")]
     NoKey(std::path::PathBuf, String),
-    #[error("invalid certificate/key: {0}")]
+    /// The key decoded but the crypto provider cannot sign with it (for
+    /// example RSA under 2048 bits, or an unsupported curve).
+    #[error("{0}: unsupported private key: {1}")]
+    BadKey(std::path::PathBuf, String),
+    #[error("the key in {key} does not belong to the certificate in {cert}: {reason}")]
+    KeyMismatch {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("TLS configuration: {0}")]
     Rustls(#[from] tokio_rustls::rustls::Error),
 }

@@ -15,6 +15,7 @@ use crate::io::BoxIo;
 use crate::option::{self, ClientOption, InfoRequest, MetaRequest, OPTION_HEADER_LEN};
 use crate::proto::*;
 use crate::reply::{self, ReplyMode};
+use crate::tls::PeerIdentity;
 
 /// Option payloads above this are refused with NBD_REP_ERR_TOO_BIG: the
 /// largest legitimate one is a meta-context query list, far below it.
@@ -32,6 +33,8 @@ pub(crate) struct Negotiated {
     /// `base:allocation` was selected for this export.
     pub block_status: bool,
     pub tls: bool,
+    /// The verified client certificate's identity, for the log.
+    pub client: Option<PeerIdentity>,
 }
 
 pub(crate) enum Outcome {
@@ -81,6 +84,8 @@ struct State<'a> {
     fixed_newstyle: bool,
     no_zeroes: bool,
     tls: bool,
+    /// Set once a TLS client presented a certificate the verifier accepted.
+    peer: Option<PeerIdentity>,
     mode: ReplyMode,
     /// Export name of the last successful SET_META_CONTEXT that selected
     /// `base:allocation`.
@@ -118,6 +123,7 @@ pub(crate) async fn negotiate(
         fixed_newstyle: flags.fixed_newstyle,
         no_zeroes: flags.no_zeroes,
         tls: false,
+        peer: None,
         mode: ReplyMode::Simple,
         meta_export: None,
     };
@@ -189,7 +195,12 @@ pub(crate) async fn negotiate(
             }
             ClientOption::List => {
                 let mut out = Vec::new();
-                for e in st.exports.list() {
+                let allowed = st
+                    .exports
+                    .list()
+                    .into_iter()
+                    .filter(|e| st.permits(&e.name));
+                for e in allowed {
                     let data = reply::rep_server(&e.name, e.description.as_deref());
                     out.extend(reply::option_reply(h.code, REP_SERVER, &data));
                 }
@@ -197,7 +208,7 @@ pub(crate) async fn negotiate(
                 send(&mut stream, &out).await?;
             }
             ClientOption::StartTls => {
-                let Some(acceptor) = config.tls.acceptor() else {
+                let Some(server) = config.tls.server() else {
                     reply_err(&mut stream, h.code, REP_ERR_POLICY, "TLS is disabled").await?;
                     continue;
                 };
@@ -206,7 +217,19 @@ pub(crate) async fn negotiate(
                     continue;
                 }
                 send(&mut stream, &reply::option_reply(h.code, REP_ACK, b"")).await?;
-                let tls = acceptor.accept(stream).await.map_err(SessionError::Tls)?;
+                // With a client CA, rustls refuses unverified clients here,
+                // before they can send another option.
+                let tls = server
+                    .acceptor()
+                    .accept(stream)
+                    .await
+                    .map_err(SessionError::Tls)?;
+                st.peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(PeerIdentity::from_cert);
                 stream = Box::new(tls);
                 // "the server MUST NOT preserve any negotiation state"
                 st.tls = true;
@@ -259,6 +282,7 @@ pub(crate) async fn negotiate(
                         mode: st.mode,
                         block_status,
                         tls: st.tls,
+                        client: st.peer,
                     })));
                 }
             }
@@ -268,6 +292,9 @@ pub(crate) async fn negotiate(
                     // MUST terminate the session."
                     return Err(SessionError::UnknownExport { name });
                 };
+                if !st.permits(&export.name) {
+                    return Err(st.denied(&export.name));
+                }
                 let eflags = transmission_flags(export.device.as_ref(), st.mode);
                 let size = export.device.size();
                 send(
@@ -284,6 +311,7 @@ pub(crate) async fn negotiate(
                     mode: st.mode,
                     block_status,
                     tls: st.tls,
+                    client: st.peer,
                 })));
             }
             ClientOption::Unknown(code) => {
@@ -295,6 +323,23 @@ pub(crate) async fn negotiate(
 }
 
 impl State<'_> {
+    /// The TLS allow-list's verdict on `export` for this client.
+    fn permits(&self, export: &str) -> bool {
+        self.config.tls_allow.permits(export, self.peer.as_ref())
+    }
+
+    fn denied(&self, export: &str) -> SessionError {
+        let client = match (&self.peer, self.tls) {
+            (Some(p), _) => p.to_string(),
+            (None, true) => "(no certificate)".to_string(),
+            (None, false) => "(plain text)".to_string(),
+        };
+        SessionError::ExportDenied {
+            name: export.to_string(),
+            client,
+        }
+    }
+
     /// Resolves an export name on a blocking thread (opening a synthesized
     /// image may compute its layout).
     async fn open(&self, name: &str) -> Result<Option<Export>, SessionError> {
@@ -329,6 +374,11 @@ impl State<'_> {
                 return Ok(None);
             }
         };
+        if !self.permits(&export.name) {
+            let msg = self.denied(&export.name).to_string();
+            reply_err(stream, code, REP_ERR_POLICY, &msg).await?;
+            return Ok(None);
+        }
         let dev = export.device.as_ref();
         let eflags = transmission_flags(dev, self.mode);
         let mut out = reply::option_reply(code, REP_INFO, &reply::info_export(dev.size(), eflags));
@@ -344,8 +394,8 @@ impl State<'_> {
             }
         }
         // Sent unasked too: our constraints are the defaults apart from the
-        // maximum, which a client that did not ask is expected to respect
-        // anyway (32 MiB).
+        // maximum, and a client that did not ask may assume only 32 MiB,
+        // which is below ours.
         let bs = self.config.block_size;
         let data = reply::info_block_size(bs.min, bs.preferred, bs.max);
         out.extend(reply::option_reply(code, REP_INFO, &data));

@@ -21,8 +21,9 @@
 //! - One metadata context, `base:allocation`; no `qemu:` contexts, no
 //!   NBD_OPT_EXTENDED_HEADERS block-status payloads
 //!   (`NBD_FLAG_BLOCK_STAT_PAYLOAD`), no RESIZE.
-//! - TLS is X.509 server certificates only: no client-certificate
-//!   verification and no PSK (nbdkit's `--tls-psk`).
+//! - TLS is X.509 only (optionally verifying client certificates against a
+//!   CA, with per-export allow-lists of client names): no PSK (nbdkit's
+//!   `--tls-psk`), no CRLs.
 //! - No oldstyle negotiation (the spec's reference server dropped it too).
 //! - Requests are executed out of order; FLUSH waits only for the device's
 //!   own ordering, which is what the spec requires ("writes the server
@@ -57,11 +58,12 @@ pub mod tls;
 mod transmission;
 mod workers;
 
-pub use config::{BlockSize, Config, TlsMode};
+pub use config::{BlockSize, ClientAllowList, Config, TlsMode};
 pub use device::{Device, Extent, ZeroFlags};
 pub use error::{OptionError, RequestError, SessionError, TlsConfigError};
 pub use exports::{Export, ExportInfo, ExportMap, Exports};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 pub use server::{run, run_all, Listener};
+pub use tls::{PeerIdentity, TlsFiles, TlsServer};
 pub use transmission::EndReason;

@@ -87,7 +87,10 @@ pub async fn run_all(
     } else {
         config.io_threads
     };
-    let workers = Arc::new(Workers::new(threads));
+    let total = config
+        .max_total_in_flight_bytes
+        .max(config.block_size.max as usize + transmission::REQUEST_COST);
+    let workers = Arc::new(Workers::new(threads, total));
     let config = Arc::new(config);
 
     let accepting = async {
@@ -150,7 +153,16 @@ async fn accept_loop(
         let done = done.clone();
         let workers = workers.clone();
         tokio::spawn(async move {
+            workers.live.fetch_add(1, Ordering::Relaxed);
             connection(stream, peer, &exports, &config, &workers, &mut shutdown).await;
+            let live = workers.live.fetch_sub(1, Ordering::Relaxed) - 1;
+            // Give back what this client's requests left behind: idle pooled
+            // buffers beyond what the remaining clients may reuse, and the
+            // allocator's free pages.
+            workers
+                .pool
+                .trim(live * crate::buffers::KEEP_PER_CONNECTION);
+            crate::buffers::release_free_memory();
             drop(permit);
             drop(done);
         });
@@ -188,8 +200,9 @@ async fn connection(
         Ok(Ok(Outcome::Transmission(n))) => n,
     };
     let export = n.export.name.clone();
+    let client = n.client.as_ref().map(|c| c.to_string());
     info!(
-        %peer, %export, tls = n.tls, mode = ?n.mode, flags = format_args!("{:#x}", n.eflags),
+        %peer, %export, tls = n.tls, client, mode = ?n.mode, flags = format_args!("{:#x}", n.eflags),
         "connection open"
     );
     let counters = Arc::new(Counters::default());

@@ -2,10 +2,14 @@
 //! on a blocking thread against the device, and one writer task serializes the
 //! replies, which go out in completion order (the spec allows any order).
 //!
-//! Memory is bounded per connection by a semaphore counted in bytes: a
-//! request takes permits for its read buffer or write payload before the
-//! reader looks at the next one, and gives them back once its reply is on the
-//! socket.
+//! Memory is bounded per connection and server-wide by two semaphores
+//! counted in bytes: a request takes permits from both for its read buffer
+//! or write payload before the reader looks at the next one, and gives them
+//! back once its reply is on the socket. Nothing is allocated on a client's
+//! word alone: write payloads are read in chunks of at most
+//! [`PAYLOAD_CHUNK`] bytes, each allocated just before its bytes are read,
+//! and read buffers only after the request passed validation and its
+//! permits were granted.
 
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -28,7 +32,7 @@ use crate::workers::Workers;
 
 /// Fixed cost charged to every request against the in-flight budget, so that
 /// a flood of payload-less requests is bounded too.
-const REQUEST_COST: usize = 4096;
+pub(crate) const REQUEST_COST: usize = 4096;
 /// Zero runs shorter than this inside a read are sent as data: a hole chunk
 /// costs a header, and tiny ones only fragment the reply.
 const MIN_HOLE: u64 = 4096;
@@ -37,6 +41,8 @@ const MIN_HOLE: u64 = 4096;
 const INLINE_READ_MAX: u64 = 1 << 20;
 /// Bytes of inline replies after which the reader yields to the writer.
 const INLINE_YIELD_BYTES: usize = 512 << 10;
+/// Write payloads arrive in pooled buffers of at most this size.
+const PAYLOAD_CHUNK: usize = 1 << 20;
 
 /// Why transmission ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,16 +94,21 @@ impl From<Vec<u8>> for ReplyBuf {
     }
 }
 
+/// A request's share of the connection's and the server's budgets.
+struct Charge {
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+}
+
 /// A reply ready for the socket, holding its share of the budget until sent.
 struct Outgoing {
     reply: ReplyBuf,
-    _permit: OwnedSemaphorePermit,
+    _permit: Charge,
 }
 
-/// A write payload: the first `len` bytes of a pooled buffer.
+/// A write payload: the first `len` bytes of each pooled buffer, in order.
 struct Payload {
-    buf: Vec<u8>,
-    len: usize,
+    chunks: Vec<(Vec<u8>, usize)>,
 }
 
 /// Everything a request handler needs, cloned into each blocking task.
@@ -172,20 +183,48 @@ pub(crate) async fn serve(
                 CMD_READ => h.len.min(max_len) as usize,
                 _ => payload_len.min(max_len) as usize,
             };
-        let permit = budget
-            .clone()
-            .acquire_many_owned(cost as u32)
-            .await
-            .expect("budget semaphore is never closed");
+        let permit = Charge {
+            _connection: budget
+                .clone()
+                .acquire_many_owned(cost as u32)
+                .await
+                .expect("budget semaphore is never closed"),
+            _server: workers
+                .budget
+                .clone()
+                .acquire_many_owned(cost as u32)
+                .await
+                .expect("budget semaphore is never closed"),
+        };
 
         let verdict = request::validate(&h, &session);
         let payload = if payload_len == 0 {
             None
         } else if verdict.is_ok() && payload_len <= max_len {
-            let len = payload_len as usize;
-            let mut buf = ctx.pool.get(len);
-            rd.read_exact(&mut buf[..len]).await?;
-            Some(Payload { buf, len })
+            let mut left = payload_len as usize;
+            let mut chunks = Vec::with_capacity(left.div_ceil(PAYLOAD_CHUNK));
+            while left > 0 {
+                let n = left.min(PAYLOAD_CHUNK);
+                let mut buf = ctx.pool.get(n);
+                match rd.read_exact(&mut buf[..n]).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        ctx.pool.put(buf);
+                        for (buf, _) in chunks.drain(..) {
+                            ctx.pool.put(buf);
+                        }
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                chunks.push((buf, n));
+                left -= n;
+            }
+            if left > 0 {
+                // The client hung up in the middle of a write payload.
+                break EndReason::Eof;
+            }
+            Some(Payload { chunks })
         } else {
             let mut skip = (&mut rd).take(payload_len);
             let skipped = tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
@@ -268,7 +307,7 @@ async fn write_replies(
 }
 
 impl Ctx {
-    fn send(&self, reply: ReplyBuf, permit: OwnedSemaphorePermit) {
+    fn send(&self, reply: ReplyBuf, permit: Charge) {
         // Fails only if the writer is gone, which the reader notices.
         let _ = self.tx.send(Outgoing {
             reply,
@@ -298,13 +337,7 @@ impl Ctx {
 
     /// Executes one validated request on a blocking thread and queues its
     /// reply. A panicking device turns into EIO for that request only.
-    fn run(
-        self,
-        h: RequestHeader,
-        cmd: Command,
-        payload: Option<Payload>,
-        permit: OwnedSemaphorePermit,
-    ) {
+    fn run(self, h: RequestHeader, cmd: Command, payload: Option<Payload>, permit: Charge) {
         let reply = catch_unwind(AssertUnwindSafe(|| self.execute(&h, cmd, payload)))
             .unwrap_or_else(|_| {
                 Err((
@@ -339,8 +372,20 @@ impl Ctx {
                 let Some(p) = payload else {
                     return Ok(ok());
                 };
-                let r = dev.write_at(&p.buf[..p.len], offset, fua);
-                self.pool.put(p.buf);
+                // One device write per chunk, in order; the spec promises
+                // nothing about overlapping requests in flight, so a split
+                // write is as good as a whole one.
+                let mut r = Ok(());
+                let mut at = offset;
+                for (buf, n) in &p.chunks {
+                    if r.is_ok() {
+                        r = dev.write_at(&buf[..*n], at, fua);
+                    }
+                    at += *n as u64;
+                }
+                for (buf, _) in p.chunks {
+                    self.pool.put(buf);
+                }
                 r.map_err(fail)?;
                 Ok(ok())
             }

@@ -7,9 +7,12 @@
 //! sized to the machine keeps the parallelism that helps (cores, plus some
 //! slack for reads that wait on the disk) and queues the rest.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
+
+use tokio::sync::Semaphore;
 
 use crate::buffers::BufPool;
 
@@ -20,10 +23,14 @@ pub(crate) struct Workers {
     /// Reply and payload buffers, shared by all connections so that a new
     /// connection starts with warm buffers.
     pub pool: Arc<BufPool>,
+    /// Server-wide in-flight byte budget (`Config::max_total_in_flight_bytes`).
+    pub budget: Arc<Semaphore>,
+    /// Connections being served.
+    pub live: AtomicUsize,
 }
 
 impl Workers {
-    pub fn new(threads: usize) -> Workers {
+    pub fn new(threads: usize, budget_bytes: usize) -> Workers {
         let (tx, rx) = mpsc::channel::<Job>();
         // One thread at a time waits in recv() while holding the lock, so a
         // job wakes exactly one worker.
@@ -44,6 +51,8 @@ impl Workers {
         Workers {
             tx,
             pool: Arc::new(BufPool::default()),
+            budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),
+            live: AtomicUsize::new(0),
         }
     }
 

@@ -177,7 +177,7 @@ fn read_past_end_is_einval() {
 fn oversized_read_is_einval() {
     let (server, _) = server();
     let (mut s, _, _) = open(&server, "ro");
-    assert_eq!(pread(&mut s, 0, (32 << 20) + 1), Err(Errno::Inval.code()));
+    assert_eq!(pread(&mut s, 0, (64 << 20) + 1), Err(Errno::Inval.code()));
 }
 
 #[test]

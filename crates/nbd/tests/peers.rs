@@ -56,7 +56,7 @@ fn nbdinfo_json_describes_the_export() {
     assert_eq!(e["can_zero"], false);
     assert_eq!(e["block_size_minimum"], 1);
     assert_eq!(e["block_size_preferred"], 4096);
-    assert_eq!(e["block_size_maximum"], 32 << 20);
+    assert_eq!(e["block_size_maximum"], 64 << 20);
     assert_eq!(e["contexts"], serde_json::json!(["base:allocation"]));
 
     let out = run(Command::new("nbdinfo").arg("--json").arg(server.uri("rw")));
