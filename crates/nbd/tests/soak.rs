@@ -216,7 +216,7 @@ fn soak_memory_returns() {
         .map(|i| {
             let sock = sock.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1) * 0x1234_5678_9abc);
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) * 0x1234_5678_9abc));
                 let mut sessions = 0u64;
                 while Instant::now() < deadline {
                     let _ = session(&sock, &mut rng);
