@@ -1,14 +1,17 @@
 //! `tessera serve`: the store's images over NBD.
 //!
 //! Each image is synthesized (its layout computed) the first time a client
-//! opens it and then shared by all connections; nothing is written anywhere.
-//! The protocol lives in the `tessera-nbd` crate; this module wires the store
-//! to it: export lookup ([`exports`]), the device adapter ([`device`]) and
-//! listen addresses ([`listen`]).
+//! opens it and then shared by all connections and modes; writes go to
+//! overlays. The protocol lives in the `tessera-nbd` crate; this module wires
+//! the store to it: export names ([`spec`]), their resolution and policy
+//! ([`exports`]), the device adapter ([`device`]), leases that keep `gc` away
+//! from served data ([`leased`]) and listen addresses ([`listen`]).
 
 mod activation;
+mod banner;
 mod device;
 mod exports;
+mod leased;
 mod listen;
 mod spec;
 mod tls;
@@ -22,9 +25,9 @@ use clap::{Args, ValueEnum};
 use tessera_nbd::{Config, TlsMode};
 
 pub use device::ImageExport;
-pub use exports::StoreExports;
+pub use exports::{OverlayPolicy, Policy, StoreExports};
 pub use listen::ListenAddr;
-pub use spec::{ExportSpec, WriteMode};
+pub use spec::{ExportName, ExportSpec, WriteMode};
 
 use crate::store::Store;
 
@@ -44,11 +47,19 @@ pub struct ServeArgs {
     /// passed by systemd socket activation (LISTEN_FDS), else unix:STORE/run/nbd.sock]
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<ListenAddr>,
-    /// Export only this image, read-only (NAME), with a fresh overlay per connection
-    /// (NAME:ephemeral) or with a named overlay kept in the store
-    /// (NAME:persistent=OVERLAY); repeatable [default: every image, read-only]
-    #[arg(long, value_name = "NAME[:MODE]")]
+    /// Serve only this export: IMAGE (read-only), IMAGE@OVERLAY (the persistent overlay
+    /// OVERLAY, created on first connect) or IMAGE+ephemeral (a fresh overlay per
+    /// connection); repeatable. The old spellings IMAGE:ephemeral and
+    /// IMAGE:persistent=OVERLAY also make the plain name IMAGE mean that mode
+    /// [default: every image, as --overlays and --ephemeral allow]
+    #[arg(long, value_name = "EXPORT")]
     pub export: Vec<ExportSpec>,
+    /// Without --export: which IMAGE@OVERLAY names clients may open
+    #[arg(long, value_enum, default_value_t = OverlayPolicy::None, value_name = "POLICY")]
+    pub overlays: OverlayPolicy,
+    /// Without --export: let clients open IMAGE+ephemeral (a fresh overlay per connection)
+    #[arg(long)]
+    pub ephemeral: bool,
     /// Connections served at once; more wait in the listen queue
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_connections: usize,
@@ -98,32 +109,36 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let (tls, tls_allow) = tls::setup(&args)?;
     let tls_on = !matches!(tls, TlsMode::Off);
 
-    let names = if args.export.is_empty() {
-        let names = store
-            .list_images()
-            .context("cannot list the store's images")?;
-        if names.is_empty() && !args.no_demo {
-            vec![seed_demo(store)?]
-        } else {
-            names
-        }
-    } else {
-        let mut seen = std::collections::HashSet::new();
-        for spec in &args.export {
-            let name = &spec.image;
-            crate::image::load(store, name)
-                .with_context(|| format!("cannot export image {name:?}"))?;
-            anyhow::ensure!(
-                seen.insert(name.clone()),
-                "image {name:?} is exported twice"
-            );
-        }
-        args.export.iter().map(|s| s.image.clone()).collect()
+    if args.export.is_empty() && store.list_images()?.is_empty() && !args.no_demo {
+        seed_demo(store)?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for spec in &args.export {
+        let image = &spec.name.image;
+        crate::image::load(store, image)
+            .with_context(|| format!("cannot export image {image:?}"))?;
+        anyhow::ensure!(
+            seen.insert(spec.name.to_string()),
+            "export {} is given twice",
+            spec.name
+        );
+        // The old spelling claims the plain image name, so only one such export per image.
+        anyhow::ensure!(
+            !spec.legacy || seen.insert(format!("{image}:")),
+            "image {image:?} is exported twice in the IMAGE:MODE spelling; use IMAGE@OVERLAY names"
+        );
+    }
+    let policy = Policy {
+        only: (!args.export.is_empty()).then(|| args.export.clone()),
+        overlays: args.overlays,
+        ephemeral: args.ephemeral,
     };
+    let probe = StoreExports::new(store.clone(), policy.clone(), None)?;
+    let listed = tessera_nbd::Exports::list(&probe);
+    drop(probe);
     // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
-    let default = (names.len() == 1).then(|| names[0].clone());
-    let only = (!args.export.is_empty()).then(|| args.export.clone());
-    let exports = Arc::new(StoreExports::new(store.clone(), only, default));
+    let default = (listed.len() == 1).then(|| listed[0].name.clone());
+    let exports = Arc::new(StoreExports::new(store.clone(), policy.clone(), default)?);
 
     let listen = listening.addrs().to_vec();
     let config = Config {
@@ -146,7 +161,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listeners = listening.open().await?;
-        print_banner(&listen, &names, tls_on);
+        banner::print(&listen, &listed, &policy, tls_on);
         tls::reload_on_sighup(&config.tls);
         tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
         listening.cleanup();
@@ -155,37 +170,9 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Ready-to-paste client commands, on stdout so scripts can pick them up.
-fn print_banner(listen: &[ListenAddr], names: &[String], tls: bool) {
-    for addr in listen {
-        println!("listening on {addr}");
-    }
-    if names.is_empty() {
-        println!("no images in the store yet: create one with `tessera image create`");
-    }
-    let addr = &listen[0];
-    for name in names {
-        let uri = addr.uri(name, tls);
-        println!();
-        println!("export {name}:");
-        println!("  nbdinfo '{uri}'");
-        println!("  nbdcopy '{uri}' {name}.img");
-        println!(
-            "  mkdir -p /tmp/{name}/fuse /tmp/{name}/mnt && (nbdfuse -r /tmp/{name}/fuse/disk.img '{uri}' &) \\"
-        );
-        println!(
-            "      && sleep 1 && sudo mount -o loop,ro /tmp/{name}/fuse/disk.img /tmp/{name}/mnt"
-        );
-        println!("  # boot it: any kernel with virtio-blk and ext4 (vmtests/ fetches one), an init in the image");
-        println!(
-            "  qemu-system-x86_64 -m 256 -nographic -kernel VMLINUZ -append 'root=/dev/vda ro console=ttyS0' -drive 'file={uri},format=raw,if=virtio,readonly=on'"
-        );
-    }
-}
-
 /// A fresh store gets the built-in demo tree as image `demo`, so the first `tessera serve`
 /// on a new machine has something to show.
-fn seed_demo(store: &Store) -> anyhow::Result<String> {
+fn seed_demo(store: &Store) -> anyhow::Result<()> {
     const NAME: &str = "demo";
     let tree = crate::demo::store_demo_tree(store).context("cannot store the demo tree")?;
     crate::image::create(
@@ -199,7 +186,7 @@ fn seed_demo(store: &Store) -> anyhow::Result<String> {
         "the store at {} had no images: created `{NAME}` from the built-in demo tree",
         store.root().display()
     );
-    Ok(NAME.to_owned())
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -354,6 +354,14 @@ impl State<'_> {
             })
     }
 
+    async fn exists(&self, name: &str) -> std::io::Result<bool> {
+        let exports = self.exports.clone();
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || exports.exists(&owned))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+
     /// Answers NBD_OPT_INFO / NBD_OPT_GO. Returns the export when the reply
     /// ended in NBD_REP_ACK.
     async fn info(
@@ -370,7 +378,11 @@ impl State<'_> {
                 return Ok(None);
             }
             Err(e) => {
-                reply_err(stream, code, REP_ERR_UNKNOWN, &e.to_string()).await?;
+                let kind = match &e {
+                    SessionError::OpenExport { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                reply_err(stream, code, refusal_code(kind), &e.to_string()).await?;
                 return Ok(None);
             }
         };
@@ -424,10 +436,17 @@ impl State<'_> {
                 return Ok(());
             }
         }
-        if self.open(&req.export).await.ok().flatten().is_none() {
-            let msg = format!("unknown export {:?}", req.export);
-            reply_err(stream, code, REP_ERR_UNKNOWN, &msg).await?;
-            return Ok(());
+        match self.exists(&req.export).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let msg = format!("unknown export {:?}", req.export);
+                reply_err(stream, code, REP_ERR_UNKNOWN, &msg).await?;
+                return Ok(());
+            }
+            Err(e) => {
+                reply_err(stream, code, refusal_code(e.kind()), &e.to_string()).await?;
+                return Ok(());
+            }
         }
         let selected = if set {
             req.queries.iter().any(|q| q == BASE_ALLOCATION)
@@ -452,6 +471,16 @@ impl State<'_> {
         out.extend(reply::option_reply(code, REP_ACK, b""));
         send(stream, &out).await?;
         Ok(())
+    }
+}
+
+/// The NBD error for an export that cannot be opened (see [`Exports::open`]).
+fn refusal_code(kind: std::io::ErrorKind) -> u32 {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::PermissionDenied | K::ResourceBusy => REP_ERR_POLICY,
+        K::Unsupported => REP_ERR_UNSUP,
+        _ => REP_ERR_UNKNOWN,
     }
 }
 
