@@ -643,3 +643,107 @@ print("ok")
     assert_eq!(line.trim(), "old bytes");
     assert!(old_client.wait().unwrap().success());
 }
+
+#[test]
+fn a_shared_overlay_offers_multi_conn_and_a_flush_on_one_connection_covers_all() {
+    if !can_run("a_shared_overlay_offers_multi_conn")
+        || !common::can_run("multi_conn", false, &["nbdcopy"])
+    {
+        return;
+    }
+    let env = Env::new();
+    let raw = image(&env, "img", 8, &[20_000]);
+    let mut served = Served::start(
+        &env,
+        &[
+            "--overlays",
+            "create",
+            "--ephemeral",
+            "--overlay-connections",
+            "2",
+        ],
+    );
+    let sock = served.sock.display().to_string();
+    let script = format!(
+        r#"{CONNECT}
+sock = sys.argv[1]
+a, err = connect(sock, "img@shared")
+assert err is None, err
+b, err = connect(sock, "img@shared")
+assert err is None, err
+assert a.can_multi_conn() and b.can_multi_conn()
+c, err = connect(sock, "img@shared")
+assert err is not None and "allows 2" in err.string, err
+e, err = connect(sock, "img+ephemeral")
+assert err is None and not e.can_multi_conn(), err
+ro, err = connect(sock, "img")
+assert err is None and ro.can_multi_conn(), err
+OFF = 3000 * 4096
+a.pwrite(b"\x5a" * 8192, OFF)
+b.flush()  # covers the write made on the other connection
+assert a.pread(8192, OFF) == b"\x5a" * 8192
+assert b.pread(8192, OFF) == b"\x5a" * 8192
+print("ok", flush=True)
+sys.stdin.read()
+"#
+    );
+    let mut child = Command::new(PY)
+        .arg("-c")
+        .arg(&script)
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ok");
+    // A crash right after: only the flush made the write durable.
+    served.crash();
+    drop(child.stdin.take());
+    child.wait().unwrap();
+
+    let served = Served::start(
+        &env,
+        &["--overlays", "create", "--overlay-connections", "4"],
+    );
+    let sock = served.sock.display().to_string();
+    let check = format!(
+        "{CONNECT}\nh, err = connect(sys.argv[1], 'img@shared')\nassert err is None, err\nassert h.pread(8192, 3000 * 4096) == b'\\x5a' * 8192\nprint('ok')\n"
+    );
+    assert_eq!(python(&check, &[&sock]).trim(), "ok");
+
+    // nbdcopy writes through several connections when the export offers multi-conn.
+    let pattern: Vec<u8> = (0..(8 << 20)).map(|i: u32| (i % 253) as u8).collect();
+    let src = env.path("pattern.raw");
+    fs::write(&src, &pattern).unwrap();
+    let uri = format!("nbd+unix:///img@copied?socket={sock}");
+    let o = Command::new("nbdcopy")
+        .args(["--connections=4", "--destination-is-zero"])
+        .arg(&src)
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = env.path("back.raw");
+    let o = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = fs::read(&back).unwrap();
+    let base = fs::read(&raw).unwrap();
+    assert!(
+        back[..pattern.len()] == pattern[..],
+        "nbdcopy's writes read back"
+    );
+    assert!(
+        back[pattern.len()..] == base[pattern.len()..],
+        "the rest is the image"
+    );
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tessera_nbd::{Device, Export, ExportInfo, Exports};
 
@@ -32,6 +32,9 @@ pub struct Policy {
     pub only: Option<Vec<ExportSpec>>,
     pub overlays: OverlayPolicy,
     pub ephemeral: bool,
+    /// Connections of this server that may attach one persistent overlay at once (they
+    /// share it, and it is offered with NBD_FLAG_CAN_MULTI_CONN when more than one).
+    pub overlay_connections: usize,
 }
 
 type Slot = Arc<Mutex<Option<Arc<ImageExport>>>>;
@@ -47,6 +50,9 @@ pub struct StoreExports {
     default: Option<String>,
     leases: Arc<Leases>,
     cache: Cache,
+    /// Persistent overlays attached by this server, by overlay name, for sharing among
+    /// connections. Held while attaching, so two first connections do not race.
+    attached: Mutex<HashMap<String, Weak<Overlay>>>,
 }
 
 /// Why a name is not served; the `io::ErrorKind` tells the NBD layer which error to send
@@ -68,6 +74,7 @@ impl StoreExports {
             default,
             leases,
             cache: Arc::default(),
+            attached: Mutex::default(),
         })
     }
 
@@ -184,24 +191,58 @@ impl StoreExports {
                 base,
                 &self.store.root().join("run").join("ephemeral"),
             )?),
-            WriteMode::Persistent { overlay } => {
-                let create =
-                    self.policy.overlays == OverlayPolicy::Create || self.policy.only.is_some();
-                Arc::new(named::attach(
-                    self.store.root(),
-                    overlay,
-                    &export.image,
-                    image.fingerprint(),
-                    base,
-                    create,
-                )?)
-            }
+            WriteMode::Persistent { overlay } => self.persistent(overlay, &export.image, &image)?,
         };
         let device = Leased::new(device, lease, self.cache.clone(), &self.store, &image);
         Ok(Export {
             name: export.to_string(),
             device: Arc::new(device),
         })
+    }
+
+    /// The persistent overlay `name` on `image`: the one this server has attached already,
+    /// if it admits another connection, else a new attachment.
+    fn persistent(
+        &self,
+        name: &str,
+        image_name: &str,
+        image: &Arc<ImageExport>,
+    ) -> io::Result<Arc<dyn Device>> {
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(overlay) = attached.get(name).and_then(Weak::upgrade) {
+            // Every holder but this `overlay` is a connection.
+            let users = Arc::strong_count(&overlay) - 1;
+            if overlay.base_is(image) && users < self.policy.overlay_connections {
+                return Ok(overlay);
+            }
+            if overlay.base_is(image) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "overlay {name:?} is attached by another client ({users} connection(s); this server allows {} per overlay: --overlay-connections)",
+                        self.policy.overlay_connections
+                    ),
+                ));
+            }
+        }
+        let create = self.policy.overlays == OverlayPolicy::Create || self.policy.only.is_some();
+        let base = image.clone() as Arc<dyn Device>;
+        let overlay = named::attach(
+            self.store.root(),
+            name,
+            image_name,
+            image.fingerprint(),
+            base,
+            create,
+        )?;
+        let overlay = Arc::new(if self.policy.overlay_connections > 1 {
+            overlay.share()
+        } else {
+            overlay
+        });
+        attached.retain(|_, w| w.strong_count() > 0);
+        attached.insert(name.to_owned(), Arc::downgrade(&overlay));
+        Ok(overlay)
     }
 
     fn info(&self, export: ExportName) -> ExportInfo {

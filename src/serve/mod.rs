@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Without --export: let clients open IMAGE+ephemeral (a fresh overlay per connection)
     #[arg(long)]
     pub ephemeral: bool,
+    /// Connections that may attach one persistent overlay at once; more than 1 shares it
+    /// among them and offers multi-conn (qemu, nbdcopy use several connections)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub overlay_connections: u32,
     /// Connections served at once; more wait in the listen queue
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_connections: usize,
@@ -132,6 +136,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         only: (!args.export.is_empty()).then(|| args.export.clone()),
         overlays: args.overlays,
         ephemeral: args.ephemeral,
+        overlay_connections: args.overlay_connections as usize,
     };
     let probe = StoreExports::new(store.clone(), policy.clone(), None)?;
     let listed = tessera_nbd::Exports::list(&probe);

@@ -43,6 +43,8 @@ pub struct Overlay {
     /// Serializes flushes; holds the generation of the map on disk.
     saved_generation: Mutex<u64>,
     persistent: bool,
+    /// Connections share this device (see [`Overlay::share`]).
+    shared: bool,
     description: Option<String>,
     /// Keeps a persistent overlay's lock or an ephemeral overlay's directory alive.
     _hold: Box<dyn Send + Sync>,
@@ -94,9 +96,24 @@ impl Overlay {
             rmw: Mutex::new(()),
             saved_generation: Mutex::new(map_generation),
             persistent,
+            shared: false,
             description,
             _hold: hold,
         })
+    }
+
+    /// Marks this overlay as served to several connections at once. They all write the
+    /// same data file and map, and a flush on any of them syncs both, so a write a client
+    /// sees completed before it flushes on another connection is durable: the spec's rule
+    /// for NBD_FLAG_CAN_MULTI_CONN holds, and it is advertised.
+    pub fn share(mut self) -> Overlay {
+        self.shared = true;
+        self
+    }
+
+    /// Whether this overlay lies over exactly `device` (the same object, not equal bytes).
+    pub fn base_is<T: ?Sized>(&self, device: &Arc<T>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.base), Arc::as_ptr(device))
     }
 
     /// Blocks that differ from the image.
@@ -212,6 +229,20 @@ impl Overlay {
     }
 }
 
+impl Drop for Overlay {
+    /// A client that disconnects cleanly without flushing (`nbdcopy` does not flush unless
+    /// asked) still expects its completed writes to be there next time, as they would be
+    /// with nbd-server or qemu-nbd writing a file: save them now. Only a crash loses
+    /// unflushed writes.
+    fn drop(&mut self) {
+        if self.persistent && self.map_dirty.load(Ordering::Acquire) {
+            if let Err(e) = self.flush_all() {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot save the overlay's writes on close");
+            }
+        }
+    }
+}
+
 fn punch_hole(file: &File, offset: u64, len: u64) {
     // SAFETY: fallocate on a valid, owned descriptor; failure only means space is not freed.
     unsafe {
@@ -267,11 +298,10 @@ impl Device for Overlay {
     fn can_fast_zero(&self) -> bool {
         true
     }
-    /// Every connection to a persistent overlay shares this one device and a flush covers
-    /// all of them, so multi-conn would be safe there; but an ephemeral overlay is per
-    /// connection, and a persistent one admits one client at a time, so we never offer it.
+    /// An ephemeral overlay is per connection, and a persistent one shared by several
+    /// connections only when the server allows it ([`Overlay::share`]).
     fn can_multi_conn(&self) -> bool {
-        false
+        self.shared
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

@@ -165,3 +165,18 @@ fn persistent_overlay_reattaches_and_refuses_another_image() {
         Err(OverlayError::BadName(_))
     ));
 }
+
+/// Regression: a client that disconnected without flushing (nbdcopy does not flush by
+/// default) lost every write, because only FLUSH saved the block map.
+#[test]
+fn persistent_overlay_keeps_unflushed_writes_on_a_clean_close() {
+    let store = tempfile::tempdir().unwrap();
+    let b = base(128 << 10);
+    let ov = named::attach(store.path(), "closed", "img", "fp1", b.clone(), true).unwrap();
+    ov.write_at(b"never flushed", 4096 * 5 + 3, false).unwrap();
+    drop(ov);
+    let ov = named::attach(store.path(), "closed", "img", "fp1", b.clone(), true).unwrap();
+    let mut buf = [0u8; 13];
+    ov.read_at(&mut buf, 4096 * 5 + 3).unwrap();
+    assert_eq!(&buf, b"never flushed");
+}
