@@ -4,6 +4,7 @@
 //! everything else is zeros.
 
 mod check;
+mod device;
 mod export;
 mod object;
 pub mod overlay;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use tessera_ext4::{Layout, Piece};
 
+pub use device::ImageExport;
 pub use export::export;
 use object::Object;
 

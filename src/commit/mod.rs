@@ -121,7 +121,7 @@ pub fn commit(store: &Store, overlay: &str, name: &str) -> Result<CommitReport, 
         source,
     };
     let export =
-        crate::serve::ImageExport::open(store, &image_name).map_err(|e| base_err(e.into()))?;
+        crate::blockdev::ImageExport::open(store, &image_name).map_err(|e| base_err(e.into()))?;
     let fingerprint = export.fingerprint().to_owned();
     let base: Arc<dyn Device> = Arc::new(export);
     let (ov, _) = detached::open(store.root(), overlay, &fingerprint, base.clone())?;

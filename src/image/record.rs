@@ -105,6 +105,38 @@ mod hex16 {
     }
 }
 
+impl ImageRecord {
+    /// BLAKE3 of everything that determines the synthesized bytes (not the creation time), so
+    /// an overlay refuses an image re-created with other trees or options under the same name.
+    pub fn fingerprint(&self) -> String {
+        let identity = serde_json::json!({
+            "trees": self.trees,
+            "size": self.size,
+            "inodes": self.inodes,
+            "label": self.label,
+            "uuid": self.uuid,
+            "hash_seed": self.hash_seed,
+            "checksum_seed": self.checksum_seed,
+        });
+        blake3::hash(identity.to_string().as_bytes()).to_hex()[..32].to_owned()
+    }
+
+    /// One line for NBD_INFO_DESCRIPTION and `nbdinfo`.
+    pub fn describe(&self) -> String {
+        let label = if self.label.is_empty() {
+            String::new()
+        } else {
+            format!(" label {:?},", self.label)
+        };
+        format!(
+            "tessera ext4 image {:?}:{label} {} tree(s), uuid {}",
+            self.name,
+            self.trees.len(),
+            format_uuid(&self.uuid)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tessera_nbd::{Device, Export, ExportInfo, Exports};
 
-use super::device::{describe, fingerprint, ImageExport};
 use super::leased::Leased;
 use super::spec::{ExportName, ExportSpec, WriteMode};
 use crate::blockdev::overlay::{named, Overlay};
+use crate::blockdev::ImageExport;
 use crate::store::{Leases, Store};
 
 /// Which writable exports a server hands out, beyond read-only images.
@@ -153,7 +153,7 @@ impl StoreExports {
         };
         // An image removed and re-created under the same name while we serve must not be
         // answered from the old layout: its record's fingerprint tells them apart.
-        let current = fingerprint(&record);
+        let current = record.fingerprint();
         let slot = self.slot(image);
         let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
         let device = match &*guard {
@@ -250,10 +250,10 @@ impl StoreExports {
             crate::image::load(&self.store, &export.image)
                 .ok()
                 .map(|r| match &export.mode {
-                    WriteMode::ReadOnly => describe(&r),
-                    WriteMode::Ephemeral => format!("{} (ephemeral overlay)", describe(&r)),
+                    WriteMode::ReadOnly => r.describe(),
+                    WriteMode::Ephemeral => format!("{} (ephemeral overlay)", r.describe()),
                     WriteMode::Persistent { overlay } => {
-                        format!("{} (persistent overlay {overlay:?})", describe(&r))
+                        format!("{} (persistent overlay {overlay:?})", r.describe())
                     }
                 });
         ExportInfo {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tessera_nbd::{Device, Extent, ZeroFlags};
 
-use super::device::{fingerprint, ImageExport};
 use super::exports::Cache;
+use crate::blockdev::ImageExport;
 use crate::store::{LeaseGuard, Store};
 
 pub struct Leased {
@@ -62,7 +62,7 @@ impl Drop for Leased {
             if ours_unused {
                 let current = crate::image::load(&self.store, &self.image)
                     .ok()
-                    .map(|r| fingerprint(&r));
+                    .map(|r| r.fingerprint());
                 if current.as_deref() != Some(self.fingerprint.as_str()) {
                     *guard = None;
                 }

@@ -9,7 +9,6 @@
 
 mod activation;
 mod banner;
-mod device;
 mod exports;
 mod leased;
 mod listen;
@@ -24,7 +23,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tessera_nbd::{Config, TlsMode};
 
-pub use device::ImageExport;
+pub use crate::blockdev::ImageExport;
 pub use exports::{OverlayPolicy, Policy, StoreExports};
 pub use listen::ListenAddr;
 pub use spec::{ExportName, ExportSpec, WriteMode};

@@ -1,11 +1,11 @@
-//! A synthesized image as an NBD device.
+//! A synthesized image as the block device every frontend serves (NBD, ublk) and that
+//! overlays and `overlay commit` stack on.
 
 use std::io;
 
 use tessera_nbd::{Device, Extent};
 
-use crate::blockdev::ImageDevice;
-use crate::image::ImageRecord;
+use super::ImageDevice;
 use crate::store::Store;
 
 /// An [`ImageDevice`] plus what clients are told about it.
@@ -24,8 +24,8 @@ impl ImageExport {
         let dev = ImageDevice::open(store, name)?;
         Ok(ImageExport {
             name: name.to_owned(),
-            description: describe(&record),
-            fingerprint: fingerprint(&record),
+            description: record.describe(),
+            fingerprint: record.fingerprint(),
             dev,
         })
     }
@@ -39,36 +39,6 @@ impl ImageExport {
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
-}
-
-/// BLAKE3 of everything that determines the synthesized bytes (not the creation time), so
-/// an overlay refuses an image re-created with other trees or options under the same name.
-pub fn fingerprint(record: &ImageRecord) -> String {
-    let identity = serde_json::json!({
-        "trees": record.trees,
-        "size": record.size,
-        "inodes": record.inodes,
-        "label": record.label,
-        "uuid": record.uuid,
-        "hash_seed": record.hash_seed,
-        "checksum_seed": record.checksum_seed,
-    });
-    blake3::hash(identity.to_string().as_bytes()).to_hex()[..32].to_owned()
-}
-
-/// One line for NBD_INFO_DESCRIPTION and `nbdinfo`.
-pub fn describe(record: &ImageRecord) -> String {
-    let label = if record.label.is_empty() {
-        String::new()
-    } else {
-        format!(" label {:?},", record.label)
-    };
-    format!(
-        "tessera ext4 image {:?}:{label} {} tree(s), uuid {}",
-        record.name,
-        record.trees.len(),
-        crate::image::format_uuid(&record.uuid)
-    )
 }
 
 impl Device for ImageExport {
