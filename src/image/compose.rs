@@ -8,10 +8,11 @@ use tessera_ext4::{
     Timestamp,
 };
 
-use super::{merged_entries, ImageError, ImageRecord};
+use super::{load_tree_view, ImageError, ImageRecord};
 use crate::store::{ObjectId, Store};
-use crate::tree::merge::Layered;
-use crate::tree::{Entry, Kind, Time};
+use crate::tree::binary::{EntryRef, TreeView};
+use crate::tree::merge::{self, Pick};
+use crate::tree::{Bytes, Kind, Time};
 
 /// An [`FsTree`] whose `DataHandle(i)` is the object `objects[i]`.
 #[derive(Debug)]
@@ -30,9 +31,14 @@ pub struct Built {
 /// Merge the image's trees and lay them out as ext4. Reads manifests only.
 pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
     let start = Instant::now();
-    let merged = merged_entries(store, record)?;
+    let layers = record
+        .trees
+        .iter()
+        .map(|id| load_tree_view(store, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let picks = merge::merge_picks(&layers);
     let loaded = start.elapsed();
-    let composed = compose(&record.name, &merged)?;
+    let composed = compose(&record.name, &layers, &picks)?;
     let composed_at = start.elapsed();
     let layout = tessera_ext4::build(&composed.tree, &options(record)).map_err(|source| {
         ImageError::Ext4 {
@@ -42,7 +48,7 @@ pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
     })?;
     tracing::debug!(
         image = %record.name,
-        entries = merged.len(),
+        entries = picks.len(),
         load_ms = loaded.as_millis() as u64,
         compose_ms = (composed_at - loaded).as_millis() as u64,
         layout_ms = (start.elapsed() - composed_at).as_millis() as u64,
@@ -66,26 +72,44 @@ fn options(record: &ImageRecord) -> Options {
     }
 }
 
-/// Turn merged entries (sorted, parents first, as [`crate::tree::merge::merge`] returns) into
-/// an [`FsTree`]. Entries of one hardlink group of one layer become one node; identical
-/// objects share one handle.
-pub fn compose(image: &str, merged: &[Layered]) -> Result<Composed, ImageError> {
-    let root = merged.first().expect("a merged tree has a root");
-    let mut tree = FsTree::new(metadata(&root.entry));
-    let mut dirs: HashMap<&[u8], NodeId> = HashMap::from([(&b""[..], FsTree::ROOT)]);
-    let mut links: HashMap<(usize, u64), NodeId> = HashMap::new();
+/// Turn merged entries (`picks` into `layers`, sorted, parents first, as
+/// [`merge::merge_picks`] returns them) into an [`FsTree`], reading the layers in place.
+/// Entries of one hardlink group of one layer become one node; identical objects share one
+/// handle.
+pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Composed, ImageError> {
+    let root = picks.first().expect("a merged tree has a root");
+    let mut tree = FsTree::new(metadata(&layers[root.layer as usize].entry(root.index)));
+    // The node of each directory entry that made it into the tree, per layer; a directory
+    // replaced by an upper layer's is found by path instead.
+    let mut dir_nodes: Vec<Vec<NodeId>> = layers.iter().map(|_| Vec::new()).collect();
+    dir_nodes[root.layer as usize] = vec![NodeId::MAX; layers[root.layer as usize].len()];
+    dir_nodes[root.layer as usize][root.index as usize] = FsTree::ROOT;
+    let mut dirs_by_path: HashMap<&[u8], NodeId> = HashMap::from([(&b""[..], FsTree::ROOT)]);
+    let mut links: HashMap<(u32, u64), NodeId> = HashMap::new();
     let mut handles: HashMap<ObjectId, u64> = HashMap::new();
     let mut objects = Vec::new();
-    for Layered { layer, entry } in &merged[1..] {
+    for &Pick { layer, index } in &picks[1..] {
+        let view = &layers[layer as usize];
+        let entry = view.entry(index);
         let err = |source| ImageError::Entry {
             name: image.to_owned(),
-            path: entry.path.clone(),
+            path: Bytes(entry.path().to_vec()),
             source,
         };
-        let parent = *dirs
-            .get(entry.parent().expect("only the root has no parent"))
-            .expect("merged trees list parents first");
-        if let Some(&node) = entry.link.and_then(|l| links.get(&(*layer, l))) {
+        let nodes = &mut dir_nodes[layer as usize];
+        if nodes.is_empty() {
+            *nodes = vec![NodeId::MAX; view.len()];
+        }
+        let parent = match nodes[entry.parent() as usize] {
+            NodeId::MAX => {
+                let path = view.entry(entry.parent()).path();
+                *dirs_by_path
+                    .get(path)
+                    .expect("merged trees list parents first")
+            }
+            node => node,
+        };
+        if let Some(&node) = entry.link().and_then(|l| links.get(&(layer, l))) {
             tree.link(parent, entry.name(), node).map_err(err)?;
             continue;
         }
@@ -95,49 +119,44 @@ pub fn compose(image: &str, merged: &[Layered]) -> Result<Composed, ImageError> 
                 objects.len() as u64 - 1
             }))
         };
-        let kind = node_kind(entry, &mut handle);
+        let kind = node_kind(&entry, &mut handle);
         let node = tree
             .add(
                 parent,
                 entry.name(),
                 Node {
                     kind,
-                    meta: metadata(entry),
+                    meta: metadata(&entry),
                 },
             )
             .map_err(err)?;
-        if entry.kind == Kind::Dir {
-            dirs.insert(&entry.path.0, node);
+        if entry.kind() == Kind::Dir {
+            dir_nodes[layer as usize][index as usize] = node;
+            dirs_by_path.insert(entry.path(), node);
         }
-        if let Some(link) = entry.link {
-            links.insert((*layer, link), node);
+        if let Some(link) = entry.link() {
+            links.insert((layer, link), node);
         }
     }
     Ok(Composed { tree, objects })
 }
 
-fn node_kind(e: &Entry, handle: &mut impl FnMut(ObjectId) -> DataHandle) -> NodeKind {
-    let (major, minor) = e.rdev.unwrap_or_default();
-    match e.kind {
+fn node_kind(e: &EntryRef<'_>, handle: &mut impl FnMut(ObjectId) -> DataHandle) -> NodeKind {
+    let (major, minor) = e.rdev().unwrap_or_default();
+    match e.kind() {
         Kind::File => NodeKind::File(FileData {
-            handle: handle(e.object.expect("validated: files have an object")),
-            size: e.size.expect("validated: files have a size"),
-            segments: e.segments.as_ref().map(|segs| {
-                segs.iter()
-                    .map(|s| Segment {
-                        offset: s.0,
-                        len: s.1,
-                    })
-                    .collect()
+            handle: handle(e.object().expect("files have an object")),
+            size: e.size().expect("files have a size"),
+            segments: e.segments().map(|segs| {
+                segs.map(|s| Segment {
+                    offset: s.0,
+                    len: s.1,
+                })
+                .collect()
             }),
         }),
         Kind::Dir => NodeKind::Dir(Vec::new()),
-        Kind::Symlink => NodeKind::Symlink(
-            e.target
-                .clone()
-                .expect("validated: symlinks have a target")
-                .0,
-        ),
+        Kind::Symlink => NodeKind::Symlink(e.target().expect("symlinks have a target").to_vec()),
         Kind::Chardev => NodeKind::CharDev { major, minor },
         Kind::Blockdev => NodeKind::BlockDev { major, minor },
         Kind::Fifo => NodeKind::Fifo,
@@ -154,21 +173,20 @@ fn ts(t: Time) -> Timestamp {
 }
 
 /// The entry's metadata; an unknown creation time becomes the change time.
-fn metadata(e: &Entry) -> Metadata {
+fn metadata(e: &EntryRef<'_>) -> Metadata {
     Metadata {
-        mode: e.mode,
-        uid: e.uid,
-        gid: e.gid,
-        atime: ts(e.atime),
-        mtime: ts(e.mtime),
-        ctime: ts(e.ctime),
-        crtime: ts(e.crtime.unwrap_or(e.ctime)),
+        mode: e.mode(),
+        uid: e.uid(),
+        gid: e.gid(),
+        atime: ts(e.atime()),
+        mtime: ts(e.mtime()),
+        ctime: ts(e.ctime()),
+        crtime: ts(e.crtime().unwrap_or(e.ctime())),
         xattrs: e
-            .xattrs
-            .iter()
-            .map(|x| tessera_ext4::Xattr {
-                name: x.name.0.clone(),
-                value: x.value.0.clone(),
+            .xattrs()
+            .map(|(name, value)| tessera_ext4::Xattr {
+                name: name.to_vec(),
+                value: value.to_vec(),
             })
             .collect(),
     }
@@ -177,7 +195,18 @@ fn metadata(e: &Entry) -> Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::{merge, Bytes, Manifest};
+    use crate::tree::{binary, Entry, Manifest};
+
+    fn compose_manifests(layers: Vec<Manifest>) -> Result<Composed, ImageError> {
+        let views: Vec<TreeView> = layers
+            .iter()
+            .map(|m| {
+                let bytes = binary::encode(m, &ObjectId::of(&m.to_bytes())).unwrap();
+                TreeView::new(std::sync::Arc::new(bytes)).unwrap()
+            })
+            .collect();
+        compose("t", &views, &merge::merge_picks(&views))
+    }
 
     fn entry(path: &str, kind: Kind) -> Entry {
         Entry {
@@ -219,7 +248,7 @@ mod tests {
             file("c", b"one", None),
             file("e", b"two", None),
         ]);
-        let composed = compose("t", &merge::merge(vec![m])).unwrap();
+        let composed = compose_manifests(vec![m]).unwrap();
         let tree = &composed.tree;
         let d = tree.lookup(FsTree::ROOT, b"d").unwrap();
         let a = tree.lookup(FsTree::ROOT, b"a").unwrap();
@@ -239,14 +268,17 @@ mod tests {
     fn link_groups_are_per_layer() {
         let lower = Manifest::new(vec![entry("", Kind::Dir), file("a", b"x", Some(0))]);
         let upper = Manifest::new(vec![entry("", Kind::Dir), file("b", b"x", Some(0))]);
-        let composed = compose("t", &merge::merge(vec![lower, upper])).unwrap();
+        let composed = compose_manifests(vec![lower, upper]).unwrap();
         let t = &composed.tree;
         assert_ne!(t.lookup(FsTree::ROOT, b"a"), t.lookup(FsTree::ROOT, b"b"));
     }
 
     #[test]
     fn unknown_crtime_falls_back_to_ctime() {
-        let m = metadata(&entry("x", Kind::Fifo));
-        assert_eq!(m.crtime, Timestamp { sec: 3, nsec: 0 });
+        let m = Manifest::new(vec![entry("", Kind::Dir)]);
+        let bytes = binary::encode(&m, &ObjectId::of(b"")).unwrap();
+        let view = TreeView::new(std::sync::Arc::new(bytes)).unwrap();
+        let meta = metadata(&view.entry(0));
+        assert_eq!(meta.crtime, Timestamp { sec: 3, nsec: 0 });
     }
 }

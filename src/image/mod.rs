@@ -9,6 +9,7 @@ mod record;
 mod size;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use compose::{build, compose, Built, Composed};
@@ -16,6 +17,7 @@ pub use record::{derive_identity, format_uuid, ImageRecord, Runtime, FORMAT};
 pub use size::{parse_size, SizeError};
 
 use crate::store::{ObjectId, Store, StoreError};
+use crate::tree::binary::{self, TreeView};
 use crate::tree::{merge, Bytes, Manifest, TreeError};
 
 /// Why an image operation failed.
@@ -81,6 +83,27 @@ pub fn validate_name(name: &str) -> Result<(), ImageError> {
             name: name.to_owned(),
         })
     }
+}
+
+/// The binary form of tree `id`, read in place: from the store's tree cache, else derived
+/// from the manifest (validated) and cached for next time. A cache that is damaged, of
+/// another version or of another tree is rebuilt; failing to write the cache (a read-only
+/// store) only costs the next load a parse.
+pub fn load_tree_view(store: &Store, id: &ObjectId) -> Result<TreeView, ImageError> {
+    let tree_err = |source| ImageError::Tree { id: *id, source };
+    if let Some(map) = store.map_tree_cache(id)? {
+        match TreeView::new(Arc::new(map)) {
+            Ok(view) if view.tree() == id => return Ok(view),
+            Ok(_) => tracing::warn!(tree = %id, "tree cache names another tree; rebuilding"),
+            Err(e) => tracing::warn!(tree = %id, error = %e, "unusable tree cache; rebuilding"),
+        }
+    }
+    let manifest = load_tree(store, id)?;
+    let bytes = binary::encode(&manifest, id).map_err(|e| tree_err(e.into()))?;
+    if let Err(e) = store.put_tree_cache(id, &bytes) {
+        tracing::warn!(tree = %id, error = %e, "cannot write the tree cache");
+    }
+    TreeView::new(Arc::new(bytes)).map_err(|e| tree_err(e.into()))
 }
 
 /// Load and validate the manifest of tree `id`.

@@ -119,6 +119,21 @@ pub(crate) fn write(
     sync_dir(dest.parent().expect("store paths have a parent"))
 }
 
+/// Like [`write`], but the rename is not made durable: after a crash `dest` may be missing,
+/// never partial. For derived files that are rebuilt when missing.
+pub(crate) fn write_unsynced_name(
+    store: &Store,
+    dest: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut File) -> Result<(), Abort>,
+) -> Result<(), StoreError> {
+    let (mut staged, file) = create(store, dest, mode, fill)?;
+    file.sync_all()
+        .map_err(|e| StoreError::io("sync", &staged.tmp, e))?;
+    drop(file);
+    rename(&mut staged)
+}
+
 /// Write the content of `dest` under `tmp/` without syncing; [`commit`] names it.
 pub(crate) fn stage(
     store: &Store,

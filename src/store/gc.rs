@@ -41,6 +41,14 @@ impl Store {
             self.remove(&self.tree_path(id), dry_run)?;
             report.trees += 1;
         }
+        // Caches of removed trees, and any that are not named like a tree.
+        let (caches, stray_caches) = self.list(Area::TreeCache)?;
+        for id in caches.iter().filter(|id| !live_trees.contains(id)) {
+            self.remove(&self.tree_cache_path(id), dry_run)?;
+        }
+        for path in &stray_caches {
+            self.remove(path, dry_run)?;
+        }
         let (objects, _) = self.list(Area::Object)?;
         for id in objects.iter().filter(|id| !live_objects.contains(id)) {
             let path = self.object_path(id);

@@ -13,6 +13,9 @@
 //! │                         import, or by the first verified read of an older object
 //! ├── trees/ab/cdef…        tree manifests (JSON, `"format": 1`, see [`crate::tree`]), named
 //! │                         by the BLAKE3 of their serialized bytes
+//! ├── treecache/ab/cdef…    the binary form of each tree (see [`crate::tree::binary`]),
+//! │                         derived from its manifest when first loaded; disposable, local
+//! │                         (never the name of anything), removed by gc with its tree
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
 //! ├── run/                  sockets and leases of running servers; `leases/` holds the
@@ -37,6 +40,7 @@ pub mod location;
 mod lock;
 pub mod outboard;
 mod stats;
+mod treecache;
 mod verify;
 
 use std::fs::{self, File};
@@ -67,6 +71,7 @@ pub(crate) enum Area {
     Object,
     Tree,
     Outboard,
+    TreeCache,
 }
 
 impl Area {
@@ -75,6 +80,7 @@ impl Area {
             Area::Object => "objects",
             Area::Tree => "trees",
             Area::Outboard => "outboard",
+            Area::TreeCache => "treecache",
         }
     }
 }
@@ -82,7 +88,7 @@ impl Area {
 impl Store {
     /// Open the store at `root`, creating its directories if needed.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["objects", "outboard", "trees", "images", "tmp"] {
+        for sub in ["objects", "outboard", "trees", "treecache", "images", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }

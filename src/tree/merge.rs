@@ -11,6 +11,7 @@
 use std::cmp::Ordering;
 use std::collections::HashSet;
 
+use super::binary::TreeView;
 use super::{Entry, Kind, Manifest};
 
 /// An entry of a merged tree and the index of the layer it came from (hardlink groups are
@@ -21,11 +22,75 @@ pub struct Layered {
     pub entry: Entry,
 }
 
+/// What merging reads of a layer: its entries' paths, kinds and opaque flags, by index.
+pub trait Layer {
+    fn entry_count(&self) -> usize;
+    fn path(&self, i: u32) -> &[u8];
+    fn kind(&self, i: u32) -> Kind;
+    fn opaque(&self, i: u32) -> bool;
+}
+
+impl Layer for Manifest {
+    fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+    fn path(&self, i: u32) -> &[u8] {
+        &self.entries[i as usize].path.0
+    }
+    fn kind(&self, i: u32) -> Kind {
+        self.entries[i as usize].kind
+    }
+    fn opaque(&self, i: u32) -> bool {
+        self.entries[i as usize].opaque
+    }
+}
+
+impl Layer for TreeView {
+    fn entry_count(&self) -> usize {
+        self.len()
+    }
+    fn path(&self, i: u32) -> &[u8] {
+        self.entry(i).path()
+    }
+    fn kind(&self, i: u32) -> Kind {
+        self.entry(i).kind()
+    }
+    fn opaque(&self, i: u32) -> bool {
+        self.entry(i).opaque()
+    }
+}
+
+/// One entry of a merged tree: entry `index` of layer `layer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub layer: u32,
+    pub index: u32,
+}
+
 /// Merge `layers` in order; the result is sorted by path, parents before children.
 pub fn merge(layers: Vec<Manifest>) -> Vec<Layered> {
+    let picks = merge_picks(&layers);
+    let mut layers: Vec<Vec<Option<Entry>>> = layers
+        .into_iter()
+        .map(|m| m.entries.into_iter().map(Some).collect())
+        .collect();
+    picks
+        .into_iter()
+        .map(|p| Layered {
+            layer: p.layer as usize,
+            entry: layers[p.layer as usize][p.index as usize]
+                .take()
+                .expect("each entry is picked at most once"),
+        })
+        .collect()
+}
+
+/// Merge `layers` in order without copying entries: which entry of which layer is at each
+/// path of the result, sorted by path, parents before children.
+pub fn merge_picks<L: Layer>(layers: &[L]) -> Vec<Pick> {
     let mut merged = Vec::new();
-    for (layer, manifest) in layers.into_iter().enumerate() {
-        merged = merge_two(merged, layer, manifest.entries);
+    for layer in 0..layers.len() {
+        merged = merge_two(layers, merged, layer as u32);
     }
     merged
 }
@@ -33,38 +98,41 @@ pub fn merge(layers: Vec<Manifest>) -> Vec<Layered> {
 /// One linear pass over two path-sorted lists. A directory of `lower` replaced by a
 /// non-directory of `upper` is remembered, and `lower` entries below it are dropped: they
 /// come later in path order than the directory itself, since a prefix sorts first.
-fn merge_two(lower: Vec<Layered>, layer: usize, upper: Vec<Entry>) -> Vec<Layered> {
-    let mut out = Vec::with_capacity(lower.len().max(upper.len()));
-    let mut removed: HashSet<Vec<u8>> = HashSet::new();
-    let mut whiteouts: HashSet<Vec<u8>> = HashSet::new();
+fn merge_two<L: Layer>(layers: &[L], lower: Vec<Pick>, layer: u32) -> Vec<Pick> {
+    let up = &layers[layer as usize];
+    let n = up.entry_count() as u32;
+    let path = |p: Pick| layers[p.layer as usize].path(p.index);
+    let mut out = Vec::with_capacity(lower.len().max(n as usize));
+    let mut removed: HashSet<&[u8]> = HashSet::new();
+    let mut whiteouts: HashSet<&[u8]> = HashSet::new();
     let mut lower = lower.into_iter().peekable();
-    let mut upper = upper.into_iter().peekable();
+    let mut u = 0u32;
     loop {
-        let order = match (lower.peek(), upper.peek()) {
-            (None, None) => break,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some(l), Some(u)) => l.entry.path.cmp(&u.path),
+        let order = match (lower.peek(), u < n) {
+            (None, false) => break,
+            (Some(_), false) => Ordering::Less,
+            (None, true) => Ordering::Greater,
+            (Some(&l), true) => path(l).cmp(up.path(u)),
         };
         if order == Ordering::Equal {
             let l = lower.next().expect("peeked");
-            let u = upper.peek().expect("peeked");
-            if l.entry.kind == Kind::Dir && (u.kind != Kind::Dir || u.opaque) {
-                removed.insert(l.entry.path.0);
+            let lower_layer = &layers[l.layer as usize];
+            if lower_layer.kind(l.index) == Kind::Dir && (up.kind(u) != Kind::Dir || up.opaque(u)) {
+                removed.insert(path(l));
             }
         }
-        let take_upper = order != Ordering::Less;
-        if take_upper {
-            let entry = upper.next().expect("peeked");
+        if order != Ordering::Less {
+            let p = up.path(u);
             // Whiteouts (and their children, which validation forbids) never pass.
-            if entry.kind != Kind::Whiteout && !under_any(&entry.path.0, &whiteouts) {
-                out.push(Layered { layer, entry });
-            } else if entry.kind == Kind::Whiteout {
-                whiteouts.insert(entry.path.0);
+            if up.kind(u) == Kind::Whiteout {
+                whiteouts.insert(p);
+            } else if whiteouts.is_empty() || !under_any(p, &whiteouts) {
+                out.push(Pick { layer, index: u });
             }
+            u += 1;
         } else {
             let l = lower.next().expect("peeked");
-            if removed.is_empty() || !under_any(&l.entry.path.0, &removed) {
+            if removed.is_empty() || !under_any(path(l), &removed) {
                 out.push(l);
             }
         }
@@ -73,7 +141,7 @@ fn merge_two(lower: Vec<Layered>, layer: usize, upper: Vec<Entry>) -> Vec<Layere
 }
 
 /// Whether any proper ancestor of `path` is in `dirs`.
-fn under_any(path: &[u8], dirs: &HashSet<Vec<u8>>) -> bool {
+fn under_any(path: &[u8], dirs: &HashSet<&[u8]>) -> bool {
     path.iter()
         .enumerate()
         .filter(|&(_, &b)| b == b'/')
@@ -266,6 +334,60 @@ mod tests {
                 ("d0".into(), 0)
             ]
         );
+    }
+
+    /// Merging the binary forms in place picks exactly the entries merging manifests keeps.
+    fn views_agree(layers: Vec<Manifest>) {
+        use crate::store::ObjectId;
+        use crate::tree::binary::{encode, TreeView};
+        let views: Vec<TreeView> = layers
+            .iter()
+            .map(|m| TreeView::new(std::sync::Arc::new(encode(m, &ObjectId::of(b"")).unwrap())))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let picked: Vec<Layered> = merge_picks(&views)
+            .into_iter()
+            .map(|p| Layered {
+                layer: p.layer as usize,
+                entry: views[p.layer as usize].entry(p.index).to_entry(),
+            })
+            .collect();
+        assert_eq!(picked, merge(layers));
+    }
+
+    #[test]
+    fn merging_views_agrees_with_merging_manifests() {
+        let mut opaque = entry("d", Kind::Dir, 0o700);
+        opaque.opaque = true;
+        let layers = vec![
+            Manifest::new(vec![
+                entry("", Kind::Dir, 0o755),
+                entry("d", Kind::Dir, 0o755),
+                entry("d-x", Kind::Dir, 0o755),
+                entry("d-x/y", Kind::Fifo, 0),
+                entry("d/e", Kind::Dir, 0o755),
+                entry("d/e/f", Kind::Fifo, 0),
+                entry("g", Kind::Dir, 0o755),
+                entry("g/h", Kind::Fifo, 0),
+                entry("k", Kind::Fifo, 0),
+            ]),
+            Manifest::new(vec![
+                entry("", Kind::Dir, 0o700),
+                opaque,
+                entry("d/new", Kind::Fifo, 0),
+                whiteout("g"),
+                entry("k", Kind::Dir, 0o755),
+                entry("k/z", Kind::Fifo, 0),
+            ]),
+            Manifest::new(vec![
+                entry("", Kind::Dir, 0o755),
+                entry("d-x", Kind::Fifo, 0),
+                entry("g", Kind::Socket, 0),
+            ]),
+        ];
+        for n in 1..=layers.len() {
+            views_agree(layers[..n].to_vec());
+        }
     }
 
     #[test]

@@ -53,7 +53,14 @@
 //!
 //! Merging applies both; whiteouts never reach the synthesizer, and a tree used alone
 //! behaves as if merged over nothing.
+//!
+//! # Binary form
+//!
+//! Readers that only look (composing images) use [`binary::TreeView`], a fixed-layout
+//! binary form of the same manifest read in place from a memory map. It is derived from the
+//! JSON and cached per tree; the JSON stays the tree's identity (see [`binary`] for why).
 
+pub mod binary;
 mod bytes;
 pub mod merge;
 
@@ -175,6 +182,8 @@ pub enum TreeError {
     Format(u32),
     #[error("tree entry {path:?}: {why}")]
     Invalid { path: Bytes, why: &'static str },
+    #[error(transparent)]
+    Binary(#[from] binary::BinaryError),
 }
 
 impl Manifest {
