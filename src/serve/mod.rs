@@ -143,6 +143,13 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
     let default = (listed.len() == 1).then(|| listed[0].name.clone());
     let exports = Arc::new(StoreExports::new(store.clone(), policy.clone(), default)?);
+    // A misspelt name in an allow-list would leave the intended export open to every
+    // verified client: say so at start (names are resolved live, so this is a warning).
+    for allow in &args.tls_allow {
+        if let Err(e) = exports.resolve(&allow.export) {
+            tracing::warn!(export = %allow.export, reason = %e, "--tls-allow names an export this server does not serve now");
+        }
+    }
 
     let listen = listening.addrs().to_vec();
     let config = Config {
