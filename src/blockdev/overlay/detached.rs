@@ -2,15 +2,14 @@
 //! same device a server would attach, taken under the same lock, so no client can attach
 //! (and write) while the command reads it, and a command never reads an attached one.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 use tessera_nbd::Device;
 
-use super::named::{overlays_dir, OverlayError, OverlayRecord};
+use super::named::{overlays_dir, Lock, OverlayError, OverlayRecord};
 use super::{BlockMap, Overlay, State, BS};
 
 /// Open the existing overlay `name` over `base`, which must be its image (`fingerprint`).
@@ -36,23 +35,9 @@ pub fn open(
     };
     let record: OverlayRecord = serde_json::from_slice(&bytes)
         .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-    let lock = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join("lock"))
-        .map_err(io_err)?;
-    // SAFETY: flock on a descriptor we own; the lock lives as long as the File, which the
-    // overlay holds.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let err = io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            OverlayError::Busy(name.to_owned())
-        } else {
-            io_err(err)
-        });
-    }
+    let lock = Lock::try_exclusive(&dir.join("lock"))
+        .map_err(io_err)?
+        .ok_or_else(|| OverlayError::Busy(name.to_owned()))?;
     if record.image_fingerprint != fingerprint {
         return Err(OverlayError::WrongImage {
             name: name.to_owned(),

@@ -98,13 +98,15 @@ fn check_name(name: &str) -> Result<(), OverlayError> {
     }
 }
 
-/// Held for as long as the file stays open.
-struct Lock {
+/// An overlay's `lock` file, flocked exclusively: held by whoever has the overlay open (a
+/// server's client, `overlay commit`) for as long as the file stays open.
+pub(super) struct Lock {
     _file: File,
 }
 
 impl Lock {
-    fn try_exclusive(path: &Path) -> io::Result<Option<Lock>> {
+    /// The lock, or `None` if someone else holds it.
+    pub(super) fn try_exclusive(path: &Path) -> io::Result<Option<Lock>> {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
