@@ -2,32 +2,104 @@
 //! overlays and `overlay commit` stack on.
 
 use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tessera_nbd::{Device, Extent};
 
 use super::ImageDevice;
+use crate::image::{ImageError, ImageRecord};
 use crate::store::Store;
 
+/// Compose the image and lay it out: the expensive step.
+fn synthesize(store: &Store, record: &ImageRecord) -> Result<ImageDevice, ImageError> {
+    let built = crate::image::build(store, record)?;
+    Ok(ImageDevice::new(
+        store,
+        Arc::new(built.layout),
+        &built.objects,
+    ))
+}
+
 /// An [`ImageDevice`] plus what clients are told about it.
+///
+/// An image whose record knows its device size is synthesized on its first read, not when
+/// opened: an export that is listed, probed or opened but never read costs its record and
+/// nothing per file. Older records (no `device_size`) are synthesized when opened.
 pub struct ImageExport {
     name: String,
-    dev: ImageDevice,
+    size: u64,
+    dev: OnceLock<ImageDevice>,
+    /// What the first read needs to synthesize; held while synthesizing, so concurrent
+    /// first reads wait for one build. A failed build is not kept: the next read retries.
+    pending: Mutex<Option<(Store, ImageRecord)>>,
     description: String,
     fingerprint: String,
 }
 
 impl ImageExport {
-    /// Synthesizes `name` (computes its layout): the expensive step, done
-    /// once per image and shared by every connection.
+    /// Opens `name`: synthesizes it now if its record does not give the device size, else
+    /// on the first read.
     pub fn open(store: &Store, name: &str) -> anyhow::Result<Self> {
         let record = crate::image::load(store, name)?;
-        let dev = ImageDevice::open(store, name)?;
+        let dev = OnceLock::new();
+        let size = match record.device_size {
+            Some(size) => {
+                // Refuse now what would fail at the first read: missing or damaged trees.
+                for id in &record.trees {
+                    crate::image::load_tree_view(store, id)?;
+                }
+                size
+            }
+            None => {
+                let d = synthesize(store, &record)?;
+                let size = d.size();
+                let _ = dev.set(d);
+                size
+            }
+        };
         Ok(ImageExport {
             name: name.to_owned(),
+            size,
             description: record.describe(),
             fingerprint: record.fingerprint(),
+            pending: Mutex::new((dev.get().is_none()).then(|| (store.clone(), record))),
             dev,
         })
+    }
+
+    /// The synthesized device, synthesizing it on first use.
+    fn dev(&self) -> io::Result<&ImageDevice> {
+        if let Some(dev) = self.dev.get() {
+            return Ok(dev);
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dev) = self.dev.get() {
+            return Ok(dev);
+        }
+        let (store, record) = pending.as_ref().expect("pending until synthesized");
+        let dev = synthesize(store, record).map_err(|e| {
+            tracing::error!(image = %self.name, error = %anyhow::Error::from(e), "cannot synthesize");
+            io::Error::other(format!("cannot synthesize image {:?}", self.name))
+        })?;
+        if dev.size() != self.size {
+            // A record from a synthesizer that sized images differently: clients were told
+            // another size, so serving these bytes would be wrong.
+            tracing::error!(image = %self.name, recorded = self.size, synthesized = dev.size(),
+                "synthesized size differs from the recorded device size");
+            return Err(io::Error::other(format!(
+                "image {:?} synthesizes to {} bytes, its record says {}",
+                self.name,
+                dev.size(),
+                self.size
+            )));
+        }
+        *pending = None;
+        Ok(self.dev.get_or_init(|| dev))
+    }
+
+    /// Whether the image has been synthesized (its metadata is in memory).
+    pub fn is_synthesized(&self) -> bool {
+        self.dev.get().is_some()
     }
 
     /// The image's name (as it was when synthesized).
@@ -43,18 +115,20 @@ impl ImageExport {
 
 impl Device for ImageExport {
     fn size(&self) -> u64 {
-        self.dev.size()
+        self.size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.dev.read_at(buf, offset)
+        self.dev()?.read_at(buf, offset)
     }
 
     /// Metadata and zeroes are in memory, so reads touching only those are
     /// answered inline; file data is mmapped store objects that may need the
     /// disk, so any data piece sends the read to an I/O thread.
+    /// Before the first read has synthesized the image, nothing is in memory: the read goes
+    /// to an I/O thread, which synthesizes it.
     fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        self.dev.read_at_resident(buf, offset)
+        self.dev.get()?.read_at_resident(buf, offset)
     }
 
     fn description(&self) -> Option<String> {
@@ -69,10 +143,55 @@ impl Device for ImageExport {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, Extent)>> {
         Ok(self
-            .dev
+            .dev()?
             .extents(offset, len)?
             .into_iter()
             .map(|e| (e.len, if e.zero { Extent::Hole } else { Extent::Data }))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::CreateOptions;
+
+    #[test]
+    fn synthesized_on_first_read_with_the_bytes_of_an_eager_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = crate::demo::store_demo_tree(&store).unwrap();
+        let (record, _) =
+            crate::image::create(&store, "lazy", &[tree], &CreateOptions::default()).unwrap();
+        assert!(record.device_size.is_some());
+
+        let export = ImageExport::open(&store, "lazy").unwrap();
+        assert!(!export.is_synthesized(), "opening synthesizes nothing");
+        assert_eq!(Device::size(&export), record.device_size.unwrap());
+
+        let eager = synthesize(&store, &crate::image::load(&store, "lazy").unwrap()).unwrap();
+        let (mut lazy_bytes, mut eager_bytes) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        for offset in (0..eager.size()).step_by(1 << 20) {
+            let n = (eager.size() - offset).min(1 << 20) as usize;
+            export.read_at(&mut lazy_bytes[..n], offset).unwrap();
+            eager.read_at(&mut eager_bytes[..n], offset).unwrap();
+            assert!(lazy_bytes[..n] == eager_bytes[..n], "at {offset}");
+        }
+        assert!(export.is_synthesized());
+    }
+
+    #[test]
+    fn records_without_a_device_size_are_synthesized_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = crate::demo::store_demo_tree(&store).unwrap();
+        let (mut record, _) =
+            crate::image::create(&store, "old", &[tree], &CreateOptions::default()).unwrap();
+        record.device_size = None;
+        store
+            .write_image_bytes("old", &serde_json::to_vec(&record).unwrap())
+            .unwrap();
+        let export = ImageExport::open(&store, "old").unwrap();
+        assert!(export.is_synthesized());
     }
 }

@@ -146,9 +146,14 @@ pub fn create(
         uuid,
         hash_seed,
         checksum_seed,
+        device_size: None,
         runtime: None,
     };
     let built = build(store, &record)?;
+    let record = ImageRecord {
+        device_size: Some(built.layout.size()),
+        ..record
+    };
     let json = serde_json::to_vec_pretty(&record).expect("a record always serializes");
     store.write_image_bytes(name, &json)?;
     Ok((record, built))

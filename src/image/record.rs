@@ -12,6 +12,9 @@
 //! "entrypoint": […], "cmd": […], "working_dir": …}` (absent fields omitted); records
 //! without it load as before.
 //!
+//! Records written since the synthesizer became lazy also have `"device_size"`: the size
+//! in bytes the image was synthesized at when created (see [`ImageRecord::device_size`]).
+//!
 //! `trees` are merged in order (see [`crate::tree::merge`]). `size` and `inodes` are `null`
 //! when the synthesizer picks them. `created` (seconds since the epoch) is the filesystem's
 //! timestamp. `uuid`, `hash_seed` and `checksum_seed` derive from the BLAKE3 of the name
@@ -37,6 +40,12 @@ pub struct ImageRecord {
     #[serde(with = "hex16")]
     pub hash_seed: [u8; 16],
     pub checksum_seed: u32,
+    /// The device size in bytes as synthesized when the image was created (`size`, or what
+    /// the synthesizer picked), so a server can tell clients the size before it synthesizes
+    /// anything. Derived, not an option: absent in older records, which are synthesized
+    /// when opened instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_size: Option<u64>,
     /// How to run the image, from an OCI image config (`import oci`); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<Runtime>,

@@ -359,7 +359,7 @@ mod tests {
     fn merging_views_agrees_with_merging_manifests() {
         let mut opaque = entry("d", Kind::Dir, 0o700);
         opaque.opaque = true;
-        let layers = vec![
+        let layers = [
             Manifest::new(vec![
                 entry("", Kind::Dir, 0o755),
                 entry("d", Kind::Dir, 0o755),
