@@ -747,3 +747,54 @@ sys.stdin.read()
         "the rest is the image"
     );
 }
+
+/// Regression: a farm's server stopped accepting guests at 512 (the old default) or at the
+/// common soft descriptor limit of 1024, silently leaving the rest in the listen queue.
+#[test]
+fn the_descriptor_limit_is_raised_and_connections_fit_in_it() {
+    let env = Env::new();
+    image(&env, "img", 9, &[100]);
+    let limits = |extra: &str, max: &str| -> (String, String) {
+        let log = env.path("limits.log");
+        let sock = env.path("limits.sock");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{extra}; exec \"$0\" --store \"$1\" serve --listen unix:\"$2\" --no-demo --max-connections {max}"
+            ))
+            .arg(env!("CARGO_BIN_EXE_tessera"))
+            .arg(&env.store)
+            .arg(&sock)
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("ready: ") {
+            line.clear();
+            assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0);
+        }
+        let proc_limits = fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let open_files = proc_limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        (open_files, fs::read_to_string(&log).unwrap())
+    };
+    let (open_files, log) = limits("ulimit -S -n 1024; ulimit -H -n 8192", "4096");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["8192", "8192"], "{open_files}");
+    assert!(
+        log.contains("lowered"),
+        "4096 connections need more than 8192 descriptors: {log}"
+    );
+    let (_, log) = limits("ulimit -S -n 1024; ulimit -H -n 8192", "2000");
+    assert!(
+        !log.contains("lowered"),
+        "2000 connections fit in 8192: {log}"
+    );
+}

@@ -11,6 +11,7 @@ mod activation;
 mod banner;
 mod exports;
 mod leased;
+mod limits;
 mod listen;
 mod spec;
 mod tls;
@@ -63,8 +64,9 @@ pub struct ServeArgs {
     /// among them and offers multi-conn (qemu, nbdcopy use several connections)
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub overlay_connections: u32,
-    /// Connections served at once; more wait in the listen queue
-    #[arg(long, default_value_t = 512, value_name = "N")]
+    /// Connections served at once; more wait in the listen queue (lowered, with a warning,
+    /// to what the descriptor limit allows; the soft limit is raised to the hard one)
+    #[arg(long, default_value_t = 4096, value_name = "N")]
     pub max_connections: usize,
     /// TLS policy (like nbdkit --tls)
     #[arg(long, value_enum, default_value_t = TlsArg::Off)]
@@ -153,7 +155,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let listen = listening.addrs().to_vec();
     let config = Config {
-        max_connections: args.max_connections,
+        max_connections: limits::connections_that_fit(args.max_connections),
         tls,
         tls_allow,
         extended_headers: !args.no_extended_headers,
