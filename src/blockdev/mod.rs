@@ -44,7 +44,7 @@ impl ImageDevice {
     pub fn new(store: &Store, layout: Arc<Layout>, objects: &[ObjectId]) -> Self {
         let objects = objects
             .iter()
-            .map(|id| object::shared(*id, store.object_path(id)))
+            .map(|id| object::shared(*id, store.object_path(id), store.remote_cache()))
             .collect();
         ImageDevice {
             layout,

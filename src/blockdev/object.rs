@@ -19,12 +19,17 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use memmap2::Mmap;
 
 use super::check::Check;
+use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
 
 /// Every image that names an object shares one [`Object`] for it, so a thousand images of
 /// one base tree hold one table entry and at most one mapping per object, not a thousand.
 /// Keyed by path (store root included); sound because objects are immutable files.
-pub(super) fn shared(id: ObjectId, path: PathBuf) -> Arc<Object> {
+pub(super) fn shared(
+    id: ObjectId,
+    path: PathBuf,
+    remote: Option<&Arc<RemoteCache>>,
+) -> Arc<Object> {
     static LIVE: OnceLock<Mutex<HashMap<PathBuf, Weak<Object>>>> = OnceLock::new();
     let mut live = LIVE
         .get_or_init(Default::default)
@@ -37,7 +42,9 @@ pub(super) fn shared(id: ObjectId, path: PathBuf) -> Arc<Object> {
     if live.len() >= 1024 && live.len().is_power_of_two() {
         live.retain(|_, w| w.strong_count() > 0);
     }
-    let obj = Arc::new(Object::new(id, path.clone()));
+    let mut obj = Object::new(id, path.clone());
+    obj.remote = remote.cloned();
+    let obj = Arc::new(obj);
     live.insert(path, Arc::downgrade(&obj));
     obj
 }
@@ -52,6 +59,10 @@ pub(super) struct Object {
     backing: OnceLock<Backing>,
     /// Created by the first verified read.
     check: OnceLock<Check>,
+    /// Where the object is fetched from while the local store lacks it (`serve --remote`).
+    remote: Option<Arc<RemoteCache>>,
+    /// The object being fetched, once a read found it missing here.
+    partial: OnceLock<Arc<Partial>>,
 }
 
 #[derive(Debug)]
@@ -67,6 +78,26 @@ impl Object {
             path,
             backing: OnceLock::new(),
             check: OnceLock::new(),
+            remote: None,
+            partial: OnceLock::new(),
+        }
+    }
+
+    /// With a remote store: the object being fetched from it, if the local store lacks it
+    /// (a small object is fetched whole here and then read like any local one).
+    fn fetching(&self) -> io::Result<Option<&Arc<Partial>>> {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        if let Some(p) = self.partial.get() {
+            return Ok(Some(p));
+        }
+        if self.backing.get().is_some() || self.path.exists() {
+            return Ok(None);
+        }
+        match remote.open(self.id).map_err(|e| self.context("fetch", e))? {
+            Fetched::Local => Ok(None),
+            Fetched::Partial(p) => Ok(Some(self.partial.get_or_init(|| p))),
         }
     }
 
@@ -74,6 +105,12 @@ impl Object {
     /// With `verify`, the bytes are first checked against the object's name, and a
     /// mismatch is an error (never wrong bytes).
     pub(super) fn read(&self, out: &mut [u8], offset: u64, verify: bool) -> io::Result<()> {
+        if let Some(partial) = self.fetching()? {
+            // Fetched bytes are always checked (`store::remote::cache`).
+            return partial
+                .read(out, offset)
+                .map_err(|e| self.context("read", e));
+        }
         let len = out.len() as u64;
         match self.backing()? {
             Backing::Mapped(map) => {

@@ -3,8 +3,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::human;
 use super::json::{print as print_json, GcView, StatsView, VerifyView};
+use super::{human, progress_bar};
+use crate::store::remote::{sync, Remote};
 use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
@@ -23,6 +24,28 @@ pub(super) enum StoreCmd {
         /// Report as one JSON object (fields: src/cli/json.rs)
         #[arg(long)]
         json: bool,
+    },
+    /// Upload images (every image if none is named) with their trees and objects to a
+    /// remote store; skips what it has, so an interrupted push is finished by running it again
+    Push {
+        images: Vec<String>,
+        /// s3://BUCKET/PREFIX (AWS_* environment variables) or file:///DIR
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// S3 endpoint for servers other than AWS [default: $AWS_ENDPOINT_URL, $AWS_ENDPOINT]
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+    },
+    /// Download whole images from a remote store, every object checked against its name
+    Pull {
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// s3://BUCKET/PREFIX (AWS_* environment variables) or file:///DIR
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// S3 endpoint for servers other than AWS [default: $AWS_ENDPOINT_URL, $AWS_ENDPOINT]
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
     },
     /// Show counts, sizes and the deduplication ratio
     Stats {
@@ -75,6 +98,51 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 human(r.object_bytes),
                 r.trees,
                 r.tmp_files
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCmd::Push {
+            images,
+            to,
+            endpoint,
+        } => {
+            let remote = Remote::open(&to, endpoint.as_deref())
+                .with_context(|| format!("cannot open the remote store {to}"))?;
+            let bar = progress_bar("pushing");
+            let r = sync::push(store, &remote, &images, &|total, done| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .with_context(|| format!("cannot push to {to}"))?;
+            bar.finish_and_clear();
+            println!(
+                "uploaded {} objects ({}), {} outboards, {} trees, {} image records; {} objects were there",
+                r.objects,
+                human(r.bytes),
+                r.outboards,
+                r.trees,
+                r.images,
+                r.objects_skipped
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCmd::Pull {
+            images,
+            from,
+            endpoint,
+        } => {
+            let remote = Remote::open(&from, endpoint.as_deref())
+                .with_context(|| format!("cannot open the remote store {from}"))?;
+            let bar = progress_bar("pulling");
+            let r = sync::pull(store, &remote, &images, &|_, done| bar.set_position(done))
+                .with_context(|| format!("cannot pull from {from}"))?;
+            bar.finish_and_clear();
+            println!(
+                "fetched {} objects ({}) for {} images; {} objects were here",
+                r.objects,
+                human(r.bytes),
+                r.images,
+                r.objects_skipped
             );
             Ok(ExitCode::SUCCESS)
         }

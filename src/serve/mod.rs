@@ -13,6 +13,7 @@ mod exports;
 mod leased;
 mod limits;
 mod listen;
+mod remote;
 mod spec;
 mod tls;
 
@@ -101,11 +102,22 @@ pub struct ServeArgs {
     /// EIO for that read and an error in the log, never wrong bytes
     #[arg(long)]
     pub verify: bool,
+    /// Serve the images of this remote store (s3://BUCKET/PREFIX or file:///DIR), fetching
+    /// object bytes into the local store as they are read, verified against their names
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// S3 endpoint for servers other than AWS [default: $AWS_ENDPOINT_URL, $AWS_ENDPOINT]
+    #[arg(long, value_name = "URL", requires = "remote")]
+    pub endpoint: Option<String>,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = &store.clone().verifying_reads(args.verify);
+    let store = &match &args.remote {
+        Some(url) => remote::attach(store, url, args.endpoint.as_deref())?,
+        None => store.clone(),
+    };
     // Before anything can start a thread: this unsets the LISTEN_* variables.
     let mut listening = activation::Listening::new(
         &args.listen,

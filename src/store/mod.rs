@@ -18,6 +18,8 @@
 //! │                         (never the name of anything), removed by gc with its tree
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
+//! ├── partial/ab/cdef…      objects being fetched from a remote store, sparse, with a
+//! │                         `.chunks` map beside each (see [`remote::cache`])
 //! ├── run/                  sockets and leases of running servers; `leases/` holds the
 //! │                         trees each server process serves, which gc keeps (see [`lease`])
 //! └── tmp/                  files being written
@@ -39,6 +41,7 @@ mod lease;
 pub mod location;
 mod lock;
 pub mod outboard;
+pub mod remote;
 mod stats;
 mod treecache;
 mod verify;
@@ -46,6 +49,7 @@ mod verify;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use atomic::Staged;
 pub use error::StoreError;
@@ -63,6 +67,8 @@ pub struct Store {
     root: PathBuf,
     /// Check object bytes against their names before serving them (`serve --verify`).
     verify_reads: bool,
+    /// Where objects missing here are fetched from (`serve --remote`).
+    remote: Option<Arc<remote::cache::RemoteCache>>,
 }
 
 /// The directory (`objects` or `trees`) holding one sort of content-addressed file.
@@ -95,6 +101,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             verify_reads: false,
+            remote: None,
         })
     }
 
@@ -103,6 +110,22 @@ impl Store {
     pub fn verifying_reads(mut self, on: bool) -> Store {
         self.verify_reads = on;
         self
+    }
+
+    /// This store as a cache of `remote`: devices opened from it fetch the objects it
+    /// lacks as they are read (see [`remote::cache`]).
+    pub fn with_remote(mut self, remote: Arc<remote::Remote>) -> Store {
+        let local = Store {
+            remote: None,
+            ..self.clone()
+        };
+        self.remote = Some(Arc::new(remote::cache::RemoteCache::new(local, remote)));
+        self
+    }
+
+    /// The remote this store caches, if any.
+    pub fn remote_cache(&self) -> Option<&Arc<remote::cache::RemoteCache>> {
+        self.remote.as_ref()
     }
 
     pub fn verifies_reads(&self) -> bool {

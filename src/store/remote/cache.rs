@@ -1,0 +1,409 @@
+//! The local store as a cache of a remote one: object bytes fetched on demand, verified
+//! against the object's name before anyone sees them, and kept.
+//!
+//! An object of at most [`OUTBOARD_MIN`] bytes (or a larger one the remote has no outboard
+//! for) is fetched whole, hashed, and stored as an ordinary local object. A larger one is
+//! fetched in [`CHUNK`]-aligned chunks (a read's missing chunks in one range request per
+//! run of neighbours), each 64 KiB group checked against the object's outboard, which is
+//! fetched first and checked against the id. Its chunks accumulate in
+//! `STORE/partial/ab/cdef…`, a sparse file of the object's length, beside
+//! `…​.chunks`, one byte per chunk (1: present). A chunk's bytes are written and synced
+//! before its byte is, so after a crash a marked chunk holds fetched bytes; they are checked
+//! against the outboard again when first read after a restart all the same. When every
+//! chunk is there, the file is renamed into `objects/` and is an ordinary object.
+//!
+//! A fetched range that does not match is fetched once more; if it still does not, the read
+//! fails (EIO at the NBD client) and the log names the object. Reads of chunks already
+//! here never touch the network, so they keep working while the backend is down.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::{Kind, Remote, RemoteError};
+use crate::store::outboard::OUTBOARD_MIN;
+use crate::store::{ObjectId, Outboard, Store};
+
+/// The unit of fetching: 16 outboard groups.
+pub const CHUNK: u64 = 1 << 20;
+
+/// Counters of what the cache did since it was opened.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Object reads answered from chunks already here.
+    pub hits: AtomicU64,
+    /// Object reads that had to fetch.
+    pub misses: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    /// Fetched ranges that did not match the object's name.
+    pub mismatches: AtomicU64,
+}
+
+/// A local store backed by a remote one.
+#[derive(Debug)]
+pub struct RemoteCache {
+    local: Store,
+    remote: Arc<Remote>,
+    open: Mutex<HashMap<ObjectId, Weak<Partial>>>,
+    pub stats: CacheStats,
+}
+
+/// What a read of a missing object goes through.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The object is now an ordinary local object: open it.
+    Local,
+    /// The object is being fetched chunk by chunk.
+    Partial(Arc<Partial>),
+}
+
+impl RemoteCache {
+    /// `local` (without a remote of its own) as a cache of `remote`.
+    pub fn new(local: Store, remote: Arc<Remote>) -> RemoteCache {
+        RemoteCache {
+            local,
+            remote,
+            open: Mutex::new(HashMap::new()),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn remote(&self) -> &Arc<Remote> {
+        &self.remote
+    }
+
+    fn partial_path(&self, id: &ObjectId) -> PathBuf {
+        let hex = id.to_hex();
+        self.local
+            .root()
+            .join("partial")
+            .join(&hex[..2])
+            .join(&hex[2..])
+    }
+
+    /// Make object `id`, missing locally, readable: small objects are fetched whole now,
+    /// large ones get a [`Partial`] that fetches as it is read.
+    pub fn open(self: &Arc<Self>, id: ObjectId) -> io::Result<Fetched> {
+        if let Some(p) = self.live(&id) {
+            return Ok(Fetched::Partial(p));
+        }
+        if self.local.has_object(&id) {
+            return Ok(Fetched::Local);
+        }
+        let outboard = if self.local.outboard_path(&id).exists() {
+            self.local.read_outboard(&id).ok().flatten()
+        } else {
+            None
+        };
+        let outboard = match outboard {
+            Some(o) => Some(o),
+            None => match self.remote.get_content(Kind::Outboard, &id) {
+                Ok(bytes) => match Outboard::decode(&id, &bytes) {
+                    Ok(o) => {
+                        self.local.put_outboard(&id, &o).map_err(io::Error::other)?;
+                        Some(o)
+                    }
+                    Err(e) => {
+                        tracing::warn!(object = %id, error = %e, "the remote's outboard is invalid; fetching the object whole");
+                        None
+                    }
+                },
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(backend(e)),
+            },
+        };
+        let Some(outboard) = outboard.filter(|o| o.len() > OUTBOARD_MIN) else {
+            self.fetch_whole(&id)?;
+            return Ok(Fetched::Local);
+        };
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = open.get(&id).and_then(Weak::upgrade) {
+            return Ok(Fetched::Partial(p));
+        }
+        let partial = Arc::new(Partial::open(self.clone(), id, outboard)?);
+        open.insert(id, Arc::downgrade(&partial));
+        Ok(Fetched::Partial(partial))
+    }
+
+    fn live(&self, id: &ObjectId) -> Option<Arc<Partial>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(id).and_then(Weak::upgrade)
+    }
+
+    /// Fetch `id` whole, check it, store it; one refetch on a mismatch.
+    fn fetch_whole(&self, id: &ObjectId) -> io::Result<()> {
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        for attempt in 0..2 {
+            let bytes = self.remote.get_content(Kind::Object, id).map_err(backend)?;
+            self.stats
+                .bytes_fetched
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if ObjectId::of(&bytes) == *id {
+                self.local
+                    .put_object_bytes(&bytes)
+                    .map_err(io::Error::other)?;
+                return Ok(());
+            }
+            self.stats.mismatches.fetch_add(1, Ordering::Relaxed);
+            if attempt == 0 {
+                tracing::warn!(object = %id, "fetched object does not match its name; fetching it again");
+            }
+        }
+        tracing::error!(
+            object = %id,
+            remote = self.remote.url(),
+            "object fetched from the remote store does not match its name (BLAKE3): reads of it fail with EIO"
+        );
+        Err(mismatch(id, 0..u64::MAX))
+    }
+}
+
+/// A large object being fetched chunk by chunk into a sparse file.
+#[derive(Debug)]
+pub struct Partial {
+    cache: Arc<RemoteCache>,
+    id: ObjectId,
+    outboard: Outboard,
+    file: File,
+    map: File,
+    path: PathBuf,
+    /// Per chunk: 0 absent, 1 on disk from an earlier run (unchecked), 2 checked.
+    state: Box<[AtomicU8]>,
+    /// Held while fetching, so two readers of one chunk fetch it once.
+    fetching: Mutex<()>,
+    /// Every chunk is here and the file has been named as the object.
+    completed: AtomicBool,
+}
+
+const ABSENT: u8 = 0;
+const ON_DISK: u8 = 1;
+const CHECKED: u8 = 2;
+
+impl Partial {
+    fn open(cache: Arc<RemoteCache>, id: ObjectId, outboard: Outboard) -> io::Result<Partial> {
+        let path = cache.partial_path(&id);
+        let dir = path.parent().expect("fan directory");
+        fs::create_dir_all(dir)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        file.set_len(outboard.len())?;
+        let map = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(map_path(&path))?;
+        let chunks = outboard.len().div_ceil(CHUNK) as usize;
+        let mut marks = vec![0u8; chunks];
+        let have = map.read_at(&mut marks, 0)?;
+        marks[have..].fill(0);
+        map.set_len(chunks as u64)?;
+        let state = marks
+            .iter()
+            .map(|&m| AtomicU8::new(if m == 1 { ON_DISK } else { ABSENT }))
+            .collect();
+        Ok(Partial {
+            cache,
+            id,
+            outboard,
+            file,
+            map,
+            path,
+            state,
+            fetching: Mutex::new(()),
+            completed: AtomicBool::new(false),
+        })
+    }
+
+    fn len(&self) -> u64 {
+        self.outboard.len()
+    }
+
+    fn chunk_range(&self, c: u64) -> Range<u64> {
+        c * CHUNK..((c + 1) * CHUNK).min(self.len())
+    }
+
+    /// Fill `out` with the object's bytes at `offset`, fetching what is missing.
+    pub fn read(&self, out: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(out.len() as u64)
+            .filter(|&e| e <= self.len())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "object {} is {} bytes, read of {}+{}",
+                        self.id,
+                        self.len(),
+                        offset,
+                        out.len()
+                    ),
+                )
+            })?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let chunks = offset / CHUNK..end.div_ceil(CHUNK);
+        if chunks.clone().all(|c| self.state(c) == CHECKED) {
+            self.cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.cache.stats.misses.fetch_add(1, Ordering::Relaxed);
+            self.ensure(chunks)?;
+        }
+        self.file.read_exact_at(out, offset)
+    }
+
+    fn state(&self, c: u64) -> u8 {
+        self.state[c as usize].load(Ordering::Acquire)
+    }
+
+    /// Make every chunk of `chunks` present and checked.
+    fn ensure(&self, chunks: Range<u64>) -> io::Result<()> {
+        let _guard = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        // Chunks kept by an earlier run: check them from disk.
+        for c in chunks.clone() {
+            if self.state(c) == ON_DISK {
+                let r = self.chunk_range(c);
+                let mut buf = vec![0u8; (r.end - r.start) as usize];
+                self.file.read_exact_at(&mut buf, r.start)?;
+                let next = if self.check(r.start, &buf).is_ok() {
+                    CHECKED
+                } else {
+                    ABSENT
+                };
+                self.state[c as usize].store(next, Ordering::Release);
+            }
+        }
+        // Runs of missing neighbours, one request each.
+        let mut c = chunks.start;
+        while c < chunks.end {
+            if self.state(c) == CHECKED {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c < chunks.end && self.state(c) != CHECKED {
+                c += 1;
+            }
+            self.fetch(start..c)?;
+        }
+        let all_here = || {
+            self.state
+                .iter()
+                .all(|s| s.load(Ordering::Acquire) == CHECKED)
+        };
+        if !self.completed.load(Ordering::Acquire) && all_here() {
+            self.completed.store(true, Ordering::Release);
+            if let Err(e) = self.complete() {
+                tracing::warn!(object = %self.id, error = %e, "cannot turn the fetched object into a local object");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetch chunks `run`, check them, write them durably, mark them.
+    fn fetch(&self, run: Range<u64>) -> io::Result<()> {
+        let range = run.start * CHUNK..(run.end * CHUNK).min(self.len());
+        let mut bytes = None;
+        for attempt in 0..2 {
+            let got = self
+                .cache
+                .remote
+                .get_object_range(&self.id, range.clone())
+                .map_err(backend)?;
+            self.cache
+                .stats
+                .bytes_fetched
+                .fetch_add(got.len() as u64, Ordering::Relaxed);
+            match self.check(range.start, &got) {
+                Ok(()) => {
+                    bytes = Some(got);
+                    break;
+                }
+                Err(bad) => {
+                    self.cache.stats.mismatches.fetch_add(1, Ordering::Relaxed);
+                    if attempt == 0 {
+                        tracing::warn!(object = %self.id, bytes = ?bad, "fetched bytes do not match the object's name; fetching them again");
+                    } else {
+                        tracing::error!(
+                            object = %self.id,
+                            bytes = ?bad,
+                            remote = self.cache.remote.url(),
+                            "object bytes fetched from the remote store do not match its name (BLAKE3): reads of them fail with EIO"
+                        );
+                        return Err(mismatch(&self.id, bad));
+                    }
+                }
+            }
+        }
+        let bytes = bytes.expect("checked bytes");
+        self.file.write_all_at(&bytes, range.start)?;
+        self.file.sync_data()?;
+        let marks = vec![1u8; (run.end - run.start) as usize];
+        self.map.write_all_at(&marks, run.start)?;
+        self.map.sync_data()?;
+        for c in run {
+            self.state[c as usize].store(CHECKED, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Check `bytes`, the object's bytes at the group-aligned `offset`; the first bad
+    /// group's range on a mismatch.
+    fn check(&self, offset: u64, bytes: &[u8]) -> Result<(), Range<u64>> {
+        let groups = self.outboard.groups_covering(offset, bytes.len() as u64);
+        for g in groups {
+            let r = self.outboard.group_range(g);
+            let slice = bytes
+                .get((r.start - offset) as usize..(r.end - offset) as usize)
+                .ok_or(r.clone())?;
+            self.outboard.check_group(g, slice).map_err(|m| m.range)?;
+        }
+        Ok(())
+    }
+
+    /// Every chunk is here: name the file as the object.
+    fn complete(&self) -> io::Result<()> {
+        let dest = self.cache.local.object_path(&self.id);
+        if dest.exists() {
+            fs::remove_file(&self.path)?;
+        } else {
+            self.file.sync_all()?;
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o444))?;
+            fs::create_dir_all(dest.parent().expect("fan directory"))?;
+            fs::rename(&self.path, &dest)?;
+            File::open(dest.parent().expect("fan directory"))?.sync_all()?;
+        }
+        fs::remove_file(map_path(&self.path))?;
+        Ok(())
+    }
+}
+
+fn map_path(path: &std::path::Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".chunks");
+    PathBuf::from(p)
+}
+
+fn backend(e: RemoteError) -> io::Error {
+    io::Error::other(e)
+}
+
+fn mismatch(id: &ObjectId, range: Range<u64>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "object {id} bytes {}..{} fetched from the remote store do not match its name",
+            range.start, range.end
+        ),
+    )
+}
