@@ -1,7 +1,7 @@
 //! tessera: ext4 block devices synthesized on the fly from a content-addressed store.
 //!
 //! Data flows import → [`store`] → [`tree`] → [`image`] → ext4 layout (`tessera_ext4`) →
-//! [`blockdev`] → frontends (NBD, raw export).
+//! [`blockdev`] → frontends (NBD, [`ublk`], raw export).
 
 pub mod blockdev;
 pub mod cli;
@@ -12,3 +12,4 @@ pub mod import;
 pub mod serve;
 pub mod store;
 pub mod tree;
+pub mod ublk;

@@ -7,6 +7,7 @@ mod import;
 mod json;
 mod overlay;
 mod store;
+mod ublk;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ enum Command {
     Overlay(overlay::OverlayCmd),
     /// Serve images over NBD (Unix socket and/or TCP) until SIGINT/SIGTERM
     Serve(crate::serve::ServeArgs),
+    /// Add, list and delete the ublk block devices of a running `tessera serve`
+    #[command(subcommand)]
+    Ublk(ublk::UblkCmd),
 }
 
 /// Entry point of the binary.
@@ -87,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(&store, args),
         Command::Serve(args) => crate::serve::run(&store, args),
         Command::Overlay(cmd) => overlay::run(&store, cmd),
+        Command::Ublk(cmd) => ublk::run(&store, cmd),
     }
 }
 

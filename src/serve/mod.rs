@@ -92,6 +92,8 @@ pub struct ServeArgs {
     /// verified client; repeatable
     #[arg(long, value_name = "EXPORT=ID[,ID…]")]
     pub tls_allow: Vec<tls::AllowArg>,
+    #[command(flatten)]
+    pub ublk: crate::ublk::UblkArgs,
     /// With an empty store, serve nothing instead of creating the demo image first
     #[arg(long)]
     pub no_demo: bool,
@@ -151,6 +153,12 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         ephemeral: args.ephemeral,
         overlay_connections: args.overlay_connections as usize,
     };
+    // ublk devices first: a refusal (an unknown image, an overlay in use) stops the start.
+    let ublk = args
+        .ublk
+        .wanted()
+        .then(|| crate::ublk::UblkServer::start(store, &args.ublk, &policy))
+        .transpose()?;
     let probe = StoreExports::new(store.clone(), policy.clone(), None)?;
     let listed = tessera_nbd::Exports::list(&probe);
     drop(probe);
@@ -184,14 +192,18 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .thread_name("tessera-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listeners = listening.open().await?;
         banner::print(&listen, &listed, &policy, tls_on);
         tls::reload_on_sighup(&config.tls);
         tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
         listening.cleanup();
         anyhow::Ok(())
-    })?;
+    });
+    if let Some(ublk) = ublk {
+        ublk.shutdown();
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,248 @@
+//! One ublk device: a control thread that creates it, runs its queue threads and deletes it.
+//!
+//! libublk's control ring belongs to the thread that made it (`UblkCtrl` panics when used
+//! from another), so every control command of a device is sent from that device's own
+//! thread: it adds the device, starts it, then waits for a stop message, stops it and, as
+//! the `UblkCtrl` drops, deletes it. None of this runs on tokio.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use libublk::ctrl::UblkCtrlBuilder;
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+use serde::Serialize;
+use tessera_nbd::Device;
+
+use super::target;
+
+/// Queue depth: enough for the kernel to keep a random-read workload busy; each tag has a
+/// buffer of [`IO_BUF_BYTES`].
+const DEPTH: u16 = 128;
+/// Largest request, which becomes the device's `max_sectors`.
+const IO_BUF_BYTES: u32 = 512 << 10;
+const BLOCK_SHIFT: u8 = 12;
+
+/// What `tessera ublk list` shows of a device.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub id: u32,
+    /// `/dev/ublkbN`, the block device.
+    pub block: String,
+    /// `/dev/ublkcN`, the server's side.
+    pub char: String,
+    /// The export name it serves (`IMAGE`, `IMAGE@OVERLAY`, `IMAGE+ephemeral`).
+    pub export: String,
+    pub read_only: bool,
+    pub size: u64,
+    pub queues: u16,
+    pub depth: u16,
+}
+
+/// A running device; [`UblkDevice::stop`] (or dropping it) stops and deletes it.
+pub struct UblkDevice {
+    pub info: DeviceInfo,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Why a device is not made.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("cannot create a ublk device for {export}: {detail}")]
+    Create { export: String, detail: String },
+    #[error("cannot start the ublk control thread: {0}")]
+    Thread(io::Error),
+}
+
+fn ublk_error(e: libublk::UblkError) -> String {
+    match e {
+        libublk::UblkError::OtherError(n) | libublk::UblkError::UringIOError(n) if n < 0 => {
+            io::Error::from_raw_os_error(-n).to_string()
+        }
+        libublk::UblkError::IOError(e) => e.to_string(),
+        e => e.to_string(),
+    }
+}
+
+fn set_params(udev: &mut UblkDev, dev: &dyn Device) {
+    let size = dev.size();
+    let mut attrs = 0;
+    if dev.is_read_only() {
+        attrs |= sys::UBLK_ATTR_READ_ONLY;
+    }
+    if dev.can_flush() {
+        // Writes are acknowledged before they are durable until FLUSH or FUA, as over NBD.
+        attrs |= sys::UBLK_ATTR_VOLATILE_CACHE;
+        if dev.can_fua() {
+            attrs |= sys::UBLK_ATTR_FUA;
+        }
+    }
+    let max_sectors = udev.dev_info.max_io_buf_bytes >> 9;
+    udev.tgt.dev_size = size;
+    udev.tgt.params = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        basic: sys::ublk_param_basic {
+            attrs,
+            logical_bs_shift: BLOCK_SHIFT,
+            physical_bs_shift: BLOCK_SHIFT,
+            io_opt_shift: BLOCK_SHIFT,
+            io_min_shift: BLOCK_SHIFT,
+            max_sectors,
+            dev_sectors: size >> 9,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if !dev.is_read_only() && (dev.can_trim() || dev.can_zero()) {
+        udev.tgt.params.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+        udev.tgt.params.discard = sys::ublk_param_discard {
+            discard_granularity: 1 << BLOCK_SHIFT,
+            max_discard_sectors: if dev.can_trim() { u32::MAX >> 9 } else { 0 },
+            max_write_zeroes_sectors: if dev.can_zero() { u32::MAX >> 9 } else { 0 },
+            max_discard_segments: 1,
+            ..Default::default()
+        };
+    }
+}
+
+impl UblkDevice {
+    /// Creates and starts a device serving `dev` as `export`, with `queues` queues.
+    /// Returns once `/dev/ublkbN` exists.
+    pub fn add(export: &str, dev: Arc<dyn Device>, queues: u16) -> Result<UblkDevice, AddError> {
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, String>>();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let read_only = dev.is_read_only();
+        let size = dev.size();
+        let name = export.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("tessera-ublk".into())
+            .spawn(move || control_thread(name, dev, queues, ready_tx, stop_rx))
+            .map_err(AddError::Thread)?;
+        let id = match ready_rx.recv() {
+            Ok(Ok(id)) => id,
+            Ok(Err(detail)) => {
+                let _ = thread.join();
+                return Err(AddError::Create {
+                    export: export.to_owned(),
+                    detail,
+                });
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(AddError::Create {
+                    export: export.to_owned(),
+                    detail: "the control thread ended before the device started".into(),
+                });
+            }
+        };
+        Ok(UblkDevice {
+            info: DeviceInfo {
+                id,
+                block: format!("/dev/ublkb{id}"),
+                char: format!("/dev/ublkc{id}"),
+                export: export.to_owned(),
+                read_only,
+                size,
+                queues,
+                depth: DEPTH,
+            },
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// True if something holds the block device open exclusively: a mounted filesystem,
+    /// a device-mapper or md holder. Stopping then would take the disk from under it, and
+    /// deleting would wait for the unmount.
+    pub fn in_use(&self) -> bool {
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&self.info.block)
+        {
+            Ok(_) => false,
+            Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+        }
+    }
+
+    /// Stops and deletes the device, waiting for its threads.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    /// Leaves the device to the kernel: nothing more is sent on its control ring, and it
+    /// fails its I/O once this process exits (see kernel-notes/ublk.md).
+    pub fn abandon(mut self) {
+        // Dropping the sender would read as a stop: keep it alive for the process's life.
+        std::mem::forget(self.stop.take());
+        self.thread = None;
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for UblkDevice {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn control_thread(
+    export: String,
+    dev: Arc<dyn Device>,
+    queues: u16,
+    ready: mpsc::Sender<Result<u32, String>>,
+    stop: mpsc::Receiver<()>,
+) {
+    let ctrl = match UblkCtrlBuilder::default()
+        .name("tessera")
+        .nr_queues(queues)
+        .depth(DEPTH)
+        .io_buf_bytes(IO_BUF_BYTES)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(ublk_error(e)));
+            return;
+        }
+    };
+    let id = ctrl.dev_info().dev_id;
+    let params_dev = dev.clone();
+    let started = ready.clone();
+    // run_target wants a Sync closure; only this thread ever locks it.
+    let stop = std::sync::Mutex::new(stop);
+    let result = ctrl.run_target(
+        |udev: &mut UblkDev| {
+            set_params(udev, &*params_dev);
+            Ok(())
+        },
+        move |qid, udev: &UblkDev| target::serve_queue(qid, udev, dev.clone()),
+        move |ctrl| {
+            let _ = started.send(Ok(id));
+            // A dropped sender (the server going away without a stop) stops the device too.
+            let _ = stop.lock().map(|rx| rx.recv());
+            if let Err(e) = ctrl.kill_dev() {
+                tracing::warn!(id, error = %ublk_error(e), "cannot stop the ublk device");
+            }
+        },
+    );
+    if let Err(e) = result {
+        let _ = ready.send(Err(ublk_error(e)));
+    }
+    drop(ctrl);
+    tracing::info!(id, export, "ublk device deleted");
+}

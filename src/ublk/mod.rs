@@ -1,0 +1,267 @@
+//! `tessera serve --ublk`: the store's images as local block devices (`/dev/ublkbN`).
+//!
+//! The second frontend beside NBD, over the same devices: an export name (`IMAGE`,
+//! `IMAGE@OVERLAY`, `IMAGE+ephemeral`) is opened through [`StoreExports`] exactly as an
+//! NBD client's would be, so leases, overlays and their FLUSH/FUA durability come with it.
+//! Each device has its own control thread and queue threads outside tokio ([`device`]);
+//! requests become [`tessera_nbd::Device`] calls ([`target`]); a Unix socket in the
+//! store's `run/` directory lets `tessera ublk add/list/del` manage devices of the running
+//! server ([`control`]).
+
+pub mod control;
+mod device;
+mod target;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tessera_nbd::Exports;
+
+pub use device::DeviceInfo;
+use device::UblkDevice;
+
+use crate::serve::{ExportName, OverlayPolicy, Policy, StoreExports};
+use crate::store::Store;
+
+/// The kernel's ublk control device, there once `ublk_drv` is loaded.
+const CONTROL_DEV: &str = "/dev/ublk-control";
+
+/// Why this machine cannot make ublk devices, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("ublk devices need root (CAP_SYS_ADMIN to create block devices): run tessera as root")]
+    NotRoot,
+    #[error(
+        "the ublk_drv kernel module is not loaded ({CONTROL_DEV} does not exist): run `modprobe ublk_drv` as root (Linux 6.0 or later, CONFIG_BLK_DEV_UBLK)"
+    )]
+    NoDriver,
+    #[error("cannot open {CONTROL_DEV}: {0}")]
+    Control(std::io::Error),
+}
+
+/// Checks, before anything is opened, that devices can be made here.
+pub fn check_available() -> Result<(), Unavailable> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Unavailable::NotRoot);
+    }
+    if !Path::new(CONTROL_DEV).exists() {
+        return Err(Unavailable::NoDriver);
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(CONTROL_DEV)
+        .map(drop)
+        .map_err(Unavailable::Control)
+}
+
+/// `tessera serve`'s ublk options.
+#[derive(Debug, clap::Args)]
+pub struct UblkArgs {
+    /// Also serve EXPORT as a local block device /dev/ublkbN, created at start: IMAGE
+    /// (read-only), IMAGE@OVERLAY (persistent overlay, created if new) or IMAGE+ephemeral;
+    /// repeatable. Needs root and the ublk_drv module. Opens the control socket
+    /// STORE/run/ublk.sock for `tessera ublk add|list|del`
+    #[arg(long = "ublk", value_name = "EXPORT", value_parser = parse_export)]
+    pub exports: Vec<String>,
+    /// Open the ublk control socket even without --ublk, for `tessera ublk add` later
+    #[arg(long)]
+    pub ublk_control: bool,
+    /// Queues per ublk device (each served by its own thread)
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=2))]
+    pub ublk_queues: u16,
+}
+
+impl UblkArgs {
+    /// True if the server has a ublk side at all.
+    pub fn wanted(&self) -> bool {
+        !self.exports.is_empty() || self.ublk_control
+    }
+}
+
+fn parse_export(s: &str) -> Result<String, String> {
+    ExportName::parse(s)
+        .map(|n| n.to_string())
+        .ok_or_else(|| format!("invalid export {s:?}: use IMAGE, IMAGE@OVERLAY or IMAGE+ephemeral"))
+}
+
+/// The devices of one server.
+pub struct Ublk {
+    exports: StoreExports,
+    devices: Mutex<BTreeMap<u32, UblkDevice>>,
+    queues: u16,
+}
+
+impl Ublk {
+    /// A frontend for `store`; `queues` per device (1 or 2). The operator names exports
+    /// explicitly, so every mode is allowed and persistent overlays are created on first
+    /// use, as with `serve --export`; the rest of the server's `policy` applies.
+    pub fn new(store: &Store, queues: u16, policy: &Policy) -> anyhow::Result<Ublk> {
+        check_available()?;
+        let policy = Policy {
+            only: None,
+            overlays: OverlayPolicy::Create,
+            ephemeral: true,
+            ..policy.clone()
+        };
+        Ok(Ublk {
+            exports: StoreExports::new(store.clone(), policy, None)?,
+            devices: Mutex::default(),
+            queues,
+        })
+    }
+
+    fn devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, UblkDevice>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens `export` and makes a device for it.
+    pub fn add(&self, export: &str) -> Result<DeviceInfo, String> {
+        if ExportName::parse(export).is_none() {
+            return Err(format!(
+                "{export:?} is not an export name: use IMAGE, IMAGE@OVERLAY or IMAGE+ephemeral"
+            ));
+        }
+        let opened = match self.exports.open(export) {
+            Ok(Some(e)) => e,
+            Ok(None) => return Err(format!("no export named {export:?}")),
+            Err(e) => return Err(format!("cannot open {export}: {e}")),
+        };
+        let dev =
+            UblkDevice::add(&opened.name, opened.device, self.queues).map_err(|e| e.to_string())?;
+        let info = dev.info.clone();
+        tracing::info!(device = info.block, export, "ublk device added");
+        self.devices().insert(info.id, dev);
+        Ok(info)
+    }
+
+    pub fn list(&self) -> Vec<DeviceInfo> {
+        self.devices().values().map(|d| d.info.clone()).collect()
+    }
+
+    /// Stops and deletes the device named `which` (`/dev/ublkbN`, `ublkbN` or `N`), unless
+    /// it is mounted or otherwise held open exclusively.
+    pub fn del(&self, which: &str) -> Result<DeviceInfo, String> {
+        let id = parse_device(which).ok_or_else(|| {
+            format!("{which:?} is not a ublk device: use /dev/ublkbN, ublkbN or N")
+        })?;
+        let mut devices = self.devices();
+        let dev = devices.get(&id).ok_or_else(|| {
+            format!("this server has no device /dev/ublkb{id} (see `tessera ublk list`)")
+        })?;
+        if dev.in_use() {
+            return Err(format!(
+                "/dev/ublkb{id} ({}) is mounted or held open: unmount it first; the device is left as it was",
+                dev.info.export
+            ));
+        }
+        let dev = devices.remove(&id).expect("looked up above");
+        drop(devices);
+        let info = dev.info.clone();
+        dev.stop();
+        Ok(info)
+    }
+
+    /// Stops and deletes every device that nothing holds; devices still mounted are left
+    /// to the kernel and reported, one line each, rather than waited for.
+    pub fn shutdown(&self) -> Vec<String> {
+        let devices = std::mem::take(&mut *self.devices());
+        let mut report = Vec::new();
+        for (_, dev) in devices {
+            if dev.in_use() {
+                report.push(format!(
+                    "{} ({}) is still mounted or open: left in place; its I/O fails from now on, unmount it and delete it with `tessera ublk del {}` under a new server",
+                    dev.info.block, dev.info.export, dev.info.id
+                ));
+                dev.abandon();
+            } else {
+                dev.stop();
+            }
+        }
+        report
+    }
+}
+
+/// `/dev/ublkb3`, `ublkb3`, `3` → 3.
+pub fn parse_device(s: &str) -> Option<u32> {
+    let s = s.strip_prefix("/dev/").unwrap_or(s);
+    let s = s.strip_prefix("ublkb").unwrap_or(s);
+    s.parse().ok()
+}
+
+/// A server's ublk side: its devices and the control socket. Dropping it stops the
+/// devices (see [`Ublk::shutdown`]) and removes the socket.
+pub struct UblkServer {
+    ublk: Arc<Ublk>,
+    control: Option<control::Listener>,
+}
+
+impl UblkServer {
+    /// Makes a device for each of `args.exports` (printing its path), then opens the
+    /// control socket. Fails, with every device made so far deleted, on the first refusal.
+    pub fn start(store: &Store, args: &UblkArgs, policy: &Policy) -> anyhow::Result<UblkServer> {
+        let mut server = UblkServer {
+            ublk: Arc::new(Ublk::new(store, args.ublk_queues, policy)?),
+            control: None,
+        };
+        for export in &args.exports {
+            let info = server.ublk.add(export).map_err(anyhow::Error::msg)?;
+            println!("{}", describe(&info));
+        }
+        let control = control::Listener::bind(&control::socket_path(store), server.ublk.clone())?;
+        println!(
+            "ublk control socket: {} (tessera ublk add|list|del)",
+            control.path().display()
+        );
+        server.control = Some(control);
+        Ok(server)
+    }
+
+    /// Stops the devices and removes the socket, reporting devices left mounted.
+    pub fn shutdown(self) {}
+}
+
+impl Drop for UblkServer {
+    fn drop(&mut self) {
+        if let Some(control) = self.control.take() {
+            control.close();
+        }
+        for line in self.ublk.shutdown() {
+            eprintln!("ublk: {line}");
+        }
+    }
+}
+
+/// One line per device, as `serve` and `ublk add` print it.
+pub fn describe(info: &DeviceInfo) -> String {
+    format!(
+        "{}: {} ({}, {} MiB, {} queue(s) x {})",
+        info.block,
+        info.export,
+        if info.read_only {
+            "read-only"
+        } else {
+            "writable"
+        },
+        info.size >> 20,
+        info.queues,
+        info.depth
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_take_the_three_spellings() {
+        assert_eq!(parse_device("/dev/ublkb3"), Some(3));
+        assert_eq!(parse_device("ublkb12"), Some(12));
+        assert_eq!(parse_device("0"), Some(0));
+        assert_eq!(parse_device("/dev/sda"), None);
+        assert_eq!(parse_device("ublkc1"), None);
+    }
+}
