@@ -36,6 +36,8 @@ prepare_kernel() {
     [[ ${#kvers[@]} == 1 && -d ${kvers[0]} ]] || die "expected one lib/modules/VERSION in $deb"
     local moddir=${kvers[0]} kver
     kver=$(basename "$moddir")
+    # For cases that add modules of their own (ublk).
+    KMODDIR=$moddir
     VMLINUZ="$kdir/boot/vmlinuz-$kver"
     [[ -f $VMLINUZ ]] || die "no $VMLINUZ in $deb"
     if grep -qx 'CONFIG_EXT4_FS=m' "$kdir/boot/config-$kver"; then

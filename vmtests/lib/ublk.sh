@@ -1,0 +1,128 @@
+# Sourced by vmtests/run: the ublk case. The host kernel has no ublk_drv, so tessera runs
+# inside the guest: the initramfs gets a second archive appended (the kernel unpacks
+# concatenated cpio archives in order, later files replacing earlier ones) that carries
+# tessera and its shared libraries (from ldd), e2fsck, the static `manifest` tool, the
+# ublk_drv module, a store with the images to serve, the expected manifest, and
+# guest/ublk-init as /init. One boot runs every check (see guest/ublk-init).
+# shellcheck shell=bash
+
+UBLK_MEM=${VMTESTS_UBLK_MEM:-768}
+
+# copy_with_libs BINARY ROOT: BINARY into ROOT/bin, its shared libraries at their paths.
+copy_with_libs() {
+    local bin=$1 root=$2 lib
+    install -D -m 0755 "$bin" "$root/bin/$(basename "$bin")"
+    for lib in $(ldd "$bin" 2> /dev/null | grep -o '/[^ ]*'); do
+        [[ -e $root$lib ]] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+}
+
+# The busybox root of the writable device: the shell and applets a chroot needs.
+make_busybox_tree() {
+    local d=$1 applet
+    mkdir -p "$d"/{bin,etc,dev,proc,sys,tmp,root}
+    cp /bin/busybox "$d/bin/busybox"
+    for applet in $(/bin/busybox --list); do
+        [[ $applet == busybox ]] || ln -s busybox "$d/bin/$applet"
+    done
+    echo "delete me" > "$d/etc/rmme"
+    echo "container root" > "$d/etc/motd"
+}
+
+# Entries with extended attributes (user.* and trusted.*, empty and binary values, one
+# value of 1000 bytes) and odd owners, layered over solo for the ublk device.
+make_xattr_tree() {
+    local d=$1
+    mkdir -p "$d/testdata/xattr/dir"
+    echo "with xattrs" > "$d/testdata/xattr/file"
+    ln -s file "$d/testdata/xattr/link"
+    chown 1234:4321 "$d/testdata/xattr/file"
+    chmod 2750 "$d/testdata/xattr/dir"
+    python3 - "$d/testdata/xattr" << 'PY'
+import os, sys
+d = sys.argv[1]
+os.setxattr(f"{d}/file", "user.greeting", b"hello")
+os.setxattr(f"{d}/file", "user.empty", b"")
+os.setxattr(f"{d}/file", "user.binary", bytes(range(256)))
+os.setxattr(f"{d}/dir", "user.big", b"x" * 1000)
+os.setxattr(f"{d}/dir", "trusted.tessera", b"\x00\x01\x02")
+PY
+}
+
+# Sets UBLK_INITRD (base initramfs + the ublk archive) and UBLK_MANIFEST_LINES.
+build_ublk_initrd() {
+    local root="$WORK/ublk-root" store="$WORK/ublk-store" src="$WORK/ublk-src" t
+    rm -rf "$root" "$store" "$src"
+    mkdir -p "$root"/{bin,sbin,expect,lib/modules/ublk} "$src"
+    command -v python3 > /dev/null || die "ublk: python3 is needed to set xattrs"
+    make_xattr_tree "$src/xattr"
+    make_busybox_tree "$src/bb"
+    local base ov xa bb
+    base=$("$TESSERA" --store "$store" import dir "$SRC/base")
+    ov=$("$TESSERA" --store "$store" import dir "$SRC/overlay-solo")
+    xa=$("$TESSERA" --store "$store" import dir "$src/xattr")
+    bb=$("$TESSERA" --store "$store" import dir "$src/bb")
+    "$TESSERA" --store "$store" image create solo --tree "$base" --tree "$ov" --tree "$xa" \
+        --size 128M > /dev/null
+    "$TESSERA" --store "$store" image create bb --tree "$bb" --size 64M > /dev/null
+
+    # What the guest must read: the three trees stacked, as the manifest tool sees them.
+    cc -static -O2 -s -o "$root/bin/manifest" "$HERE/guest/manifest.c" ||
+        die "ublk: cannot build guest/manifest.c statically"
+    local merged="$src/merged"
+    mkdir -p "$merged"
+    for t in "$SRC/base" "$SRC/overlay-solo" "$src/xattr"; do
+        cp -a "$t/." "$merged/"
+    done
+    "$root/bin/manifest" "$merged" | grep -v '^\.|' | sort > "$root/expect/manifest"
+    UBLK_MANIFEST_LINES=$(wc -l < "$root/expect/manifest")
+    grep -q 'user.greeting=68656c6c6f' "$root/expect/manifest" ||
+        die "ublk: the host's filesystem did not keep the test xattrs"
+
+    cp -a "$store" "$root/store"
+    install -m 0755 "$HERE/guest/ublk-init" "$root/init"
+    copy_with_libs "$TESSERA" "$root"
+    copy_with_libs "$(command -v e2fsck)" "$root"
+
+    local ko
+    ko=$(find "$KMODDIR/kernel" -name 'ublk_drv.ko*' | head -n 1)
+    [[ -n $ko ]] || die "ublk: no ublk_drv module in $KMODDIR"
+    case "$ko" in
+        *.xz) /bin/busybox xz -dc "$ko" > "$root/lib/modules/ublk/ublk_drv.ko" ;;
+        *.zst) zstd -qdc "$ko" > "$root/lib/modules/ublk/ublk_drv.ko" ;;
+        *) cp "$ko" "$root/lib/modules/ublk/ublk_drv.ko" ;;
+    esac
+    local dep
+    dep=$(module_depends "$root/lib/modules/ublk/ublk_drv.ko")
+    [[ -z $dep ]] || die "ublk: ublk_drv needs modules this case does not load: $dep"
+
+    UBLK_INITRD="$WORK/ublk-initrd.cpio.gz"
+    {
+        cat "$INITRD"
+        (cd "$root" && find . | LC_ALL=C sort | /bin/busybox cpio -o -H newc 2> /dev/null) | gzip -1
+    } > "$UBLK_INITRD"
+    log "ublk initramfs: $(du -h "$UBLK_INITRD" | cut -f1) (store $(du -sh "$store" | cut -f1))"
+}
+
+case_ublk() {
+    build_ublk_initrd
+    local glog="$LOGS/ublk.log" nonce t
+    nonce=$(new_nonce)
+    : > "$glog"
+    GUEST_START=$(now)
+    timeout "$((TIMEOUT > 400 ? TIMEOUT : 400))" qemu-system-x86_64 -accel tcg -machine pc \
+        -m "$UBLK_MEM" -nodefaults -no-user-config -display none -monitor none -no-reboot \
+        -kernel "$VMLINUZ" -initrd "$UBLK_INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 tessera.case=ublk tessera.nonce=$nonce" \
+        -serial "file:$glog" < /dev/null > "$glog.qemu" 2>&1 &
+    GUEST_PID=$!
+    remember_pid "$GUEST_PID"
+    wait_guest "$glog" "$GUEST_PID" "$GUEST_START" ublk "$nonce"
+    expect_fields "$glog" ublk "$nonce" noserver=ok "manifest=$UBLK_MANIFEST_LINES" \
+        lbs=4096 pbs=4096 dd=11 cmp=whole listed=2 unknown=ok mounted=ok busy=ok again=ok \
+        stopped=clean kept=yes fsck=clean mounted_report=yes
+    marker "$glog" ublk "$nonce" >> "$WORK/markers"
+    report "ublk: one boot in ${BOOT_SECONDS}s: $(marker "$glog" ublk "$nonce" | cut -c1-400)"
+}
