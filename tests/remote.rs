@@ -1,0 +1,484 @@
+//! A fleet's store on S3 (issue 13), against a real engine: Ceph's radosgw, started once for
+//! this test binary by `tools/ceph-s3` and stopped when it exits. Two "hosts" are two
+//! stores: A imports and pushes, B serves the bucket's images lazily (`serve --remote`).
+//! Each test works under its own prefix of one bucket; the tests run one at a time because
+//! one of them stops the gateway.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::served::{Fuse, Served};
+use common::{Env, LoopMount};
+use tessera::store::{ObjectId, Store};
+use tessera_ext4::Piece;
+
+const PY: &str = "/usr/bin/python3";
+
+/// The running engine.
+struct Ceph {
+    dir: PathBuf,
+    s3cfg: PathBuf,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/ceph-s3")
+}
+
+static CEPH_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn stop_ceph() {
+    if let Some(dir) = CEPH_DIR.get() {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+/// Two free TCP ports in a row (the gateway's and, one below, the monitor's).
+fn free_ports() -> u16 {
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port > 1025 && std::net::TcpListener::bind(("127.0.0.1", port - 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two free ports in a row");
+}
+
+/// The shared engine, started on first use; `None` (test skipped) without the packages,
+/// unless TESSERA_REQUIRE_PEERS=1.
+fn ceph(test: &str) -> Option<&'static Ceph> {
+    static CEPH: OnceLock<Option<Ceph>> = OnceLock::new();
+    if !common::can_run(
+        test,
+        true,
+        &["ceph-mon", "ceph-osd", "radosgw", "s3cmd", "nbdcopy"],
+    ) {
+        return None;
+    }
+    CEPH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tessera-ceph-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        CEPH_DIR.set(dir.clone()).unwrap();
+        // SAFETY: atexit with a plain extern "C" function; it runs once, at process exit.
+        unsafe { libc::atexit(stop_ceph) };
+        let port = free_ports();
+        let out = Command::new(script())
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .arg("tessera")
+            .output()
+            .expect("run tools/ceph-s3");
+        assert!(
+            out.status.success(),
+            "tools/ceph-s3 start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        for key in [
+            "AWS_ENDPOINT",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+            "AWS_ALLOW_HTTP",
+        ] {
+            // The children (tessera) read them; set before any is spawned.
+            std::env::set_var(key, &vars[key]);
+        }
+        Some(Ceph {
+            dir,
+            s3cfg: PathBuf::from(&vars["S3CFG"]),
+        })
+    })
+    .as_ref()
+}
+
+/// One test at a time (one stops the gateway).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Ceph {
+    fn s3cmd(&self, args: &[&str]) -> String {
+        let out = Command::new("s3cmd")
+            .arg("-c")
+            .arg(&self.s3cfg)
+            .args(args)
+            .output()
+            .expect("run s3cmd");
+        assert!(
+            out.status.success(),
+            "s3cmd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn gateway(&self, action: &str) {
+        let st = Command::new(script())
+            .arg(action)
+            .arg(&self.dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ceph-s3 {action}");
+    }
+}
+
+/// Host A: a tree with files of many sizes (one large enough for several 1 MiB chunks),
+/// imported as image `web`; returns A and the source directory.
+fn host_a(files: usize) -> (Env, PathBuf) {
+    let a = Env::new();
+    let src = a.path("src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    let mut seed = 1u64;
+    let mut bytes = |len: usize| {
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    fs::write(src.join("big.bin"), bytes(5 << 20 | 12345)).unwrap();
+    fs::write(src.join("mid.bin"), bytes(700 << 10)).unwrap();
+    for i in 0..files {
+        fs::write(src.join(format!("etc/f{i}")), bytes(100 + i * 1500)).unwrap();
+    }
+    a.ok(&["import", "dir", src.to_str().unwrap(), "--name", "web"]);
+    (a, src)
+}
+
+fn url(prefix: &str) -> String {
+    format!("s3://tessera/{prefix}")
+}
+
+fn objects_in(store: &Path) -> Vec<ObjectId> {
+    let mut ids = Vec::new();
+    let Ok(fans) = fs::read_dir(store.join("objects")) else {
+        return ids;
+    };
+    for fan in fans {
+        let fan = fan.unwrap();
+        for e in fs::read_dir(fan.path()).unwrap() {
+            let name = format!(
+                "{}{}",
+                fan.file_name().to_string_lossy(),
+                e.unwrap().file_name().to_string_lossy()
+            );
+            ids.push(name.parse().unwrap());
+        }
+    }
+    ids.sort();
+    ids
+}
+
+/// Where each object's bytes sit in image `name` of `store`: (object, device offset, len).
+fn placements(store: &Path, name: &str) -> Vec<(ObjectId, u64, u64)> {
+    let store = Store::open(store).unwrap();
+    let record = tessera::image::load(&store, name).unwrap();
+    let built = tessera::image::build(&store, &record).unwrap();
+    let mut at = 0;
+    let mut out = Vec::new();
+    for piece in built.layout.pieces(0, built.layout.size()) {
+        if let Piece::Data { handle, .. } = piece {
+            let id = built.objects[handle.0 as usize];
+            match out.last_mut() {
+                Some((last, start, len)) if *last == id && *start + *len == at => {
+                    *len += piece.len()
+                }
+                _ => out.push((id, at, piece.len())),
+            }
+        }
+        at += piece.len();
+    }
+    out
+}
+
+/// Reads `len` bytes at `offset` of `uri` with libnbd; Err(message) if the read fails.
+fn nbd_read(uri: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    let script = "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+                  try:\n  sys.stdout.buffer.write(h.pread(int(sys.argv[3]),int(sys.argv[2])))\n\
+                  except nbd.Error as e:\n  print(e, file=sys.stderr); sys.exit(3)\n";
+    let out = Command::new(PY)
+        .args(["-c", script, uri, &offset.to_string(), &len.to_string()])
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => Ok(out.stdout),
+        Some(3) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        _ => panic!(
+            "python nbd failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn export(env: &Env) -> Vec<u8> {
+    let img = env.path("export.img");
+    env.ok(&["image", "export", "web", img.to_str().unwrap()]);
+    fs::read(img).unwrap()
+}
+
+#[test]
+fn b_serves_a_pushed_image_lazily_and_whole_reads_equal_a_export() {
+    let Some(_ceph) = ceph("remote: lazy serve") else {
+        return;
+    };
+    let _one = serial();
+    let (a, src) = host_a(12);
+    let u = url("two-hosts");
+    let pushed = a.ok(&["store", "push", "--to", &u]);
+    assert!(pushed.contains("uploaded 14 objects"), "{pushed}");
+    let a_img = export(&a);
+
+    // B, first reader: the kernel mounts the export and reads one file.
+    let b = Env::new();
+    let mut served = Served::start_logged(&b, "b.sock", &b.path("b.log"), &["--remote", &u]);
+    assert!(
+        objects_in(&b.store).is_empty(),
+        "B fetched objects before any read"
+    );
+    if common::can_run("remote: kernel mount", true, &["nbdfuse", "fusermount3"]) {
+        let fuse = Fuse::new(&b.path("fuse"), &served.uri("web"), true);
+        {
+            let mnt = LoopMount::new(&fuse.file, &b.path("mnt"), "ro");
+            let got = fs::read(mnt.dir.join("etc/f3")).unwrap();
+            assert_eq!(got, fs::read(src.join("etc/f3")).unwrap());
+            // Only what was read: that file's object, not everything (readahead may
+            // bring its neighbours).
+            let want = ObjectId::of(&got);
+            let have = objects_in(&b.store);
+            assert!(have.contains(&want), "{have:?}");
+            assert!(have.len() < objects_in(&a.store).len(), "{have:?}");
+            let big = fs::read(mnt.dir.join("big.bin")).unwrap();
+            assert_eq!(big, fs::read(src.join("big.bin")).unwrap());
+        }
+        drop(fuse);
+    }
+
+    // Then everything: nbdcopy from B equals A's export, and B now holds every object.
+    let b_img = b.path("b.img");
+    let st = Command::new("nbdcopy")
+        .arg(served.uri("web"))
+        .arg(&b_img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        fs::read(&b_img).unwrap() == a_img,
+        "B's export differs from A's"
+    );
+    assert_eq!(objects_in(&b.store), objects_in(&a.store));
+    assert!(
+        fs::read_dir(b.store.join("partial"))
+            .map(|d| d
+                .flatten()
+                .all(|f| fs::read_dir(f.path()).unwrap().count() == 0))
+            .unwrap_or(true),
+        "fully fetched objects are ordinary objects"
+    );
+    served.stop(Duration::from_secs(10));
+    // And B's store now exports it without the remote.
+    assert!(export(&b) == a_img);
+}
+
+#[test]
+fn a_tampered_object_in_the_bucket_fails_its_reads_only() {
+    let Some(ceph) = ceph("remote: tampered object") else {
+        return;
+    };
+    let _one = serial();
+    let (a, _src) = host_a(4);
+    let u = url("tampered");
+    a.ok(&["store", "push", "--to", &u]);
+    let a_img = export(&a);
+    let places = placements(&a.store, "web");
+    // Flip one byte in the middle of the large object (group 40 of 82, chunk 2).
+    let big = places.iter().max_by_key(|p| p.2).unwrap();
+    let hex = big.0.to_hex();
+    let key = format!("s3://tessera/tampered/objects/{}/{}", &hex[..2], &hex[2..]);
+    let mut bytes = fs::read(Store::open(&a.store).unwrap().object_path(&big.0)).unwrap();
+    bytes[40 << 16] ^= 1;
+    let tmp = a.path("tampered.bin");
+    fs::write(&tmp, &bytes).unwrap();
+    ceph.s3cmd(&["put", tmp.to_str().unwrap(), &key]);
+
+    let b = Env::new();
+    let log = b.path("b.log");
+    let served = Served::start_logged(&b, "b.sock", &log, &["--remote", &u]);
+    let uri = served.uri("web");
+    // The tampered chunk fails with EIO, and the log names the object.
+    let err = nbd_read(&uri, big.1 + (40 << 16), 4096).unwrap_err();
+    assert!(
+        err.contains("Input/output error") || err.contains("EIO"),
+        "{err}"
+    );
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&hex) && text.contains("do not match"),
+        "log: {text}"
+    );
+    // The same object's untampered chunks, and every other file, still read right.
+    let first = nbd_read(&uri, big.1, 1 << 20).unwrap();
+    assert!(first == a_img[big.1 as usize..big.1 as usize + (1 << 20)]);
+    for &(id, at, len) in places.iter().filter(|p| p.0 != big.0) {
+        let got = nbd_read(&uri, at, len).unwrap();
+        assert!(
+            got == a_img[at as usize..(at + len) as usize],
+            "object {id}"
+        );
+    }
+}
+
+#[test]
+fn backend_down_cached_reads_work_uncached_fail_and_recover() {
+    let Some(ceph) = ceph("remote: backend down") else {
+        return;
+    };
+    let _one = serial();
+    let (a, _src) = host_a(4);
+    let u = url("outage");
+    a.ok(&["store", "push", "--to", &u]);
+    let a_img = export(&a);
+    let places = placements(&a.store, "web");
+    let big = *places.iter().max_by_key(|p| p.2).unwrap();
+    let mid = *places.iter().find(|p| p.2 == 700 << 10).unwrap();
+    let slice = |at: u64, len: u64| &a_img[at as usize..(at + len) as usize];
+
+    let b = Env::new();
+    let served = Served::start_logged(&b, "b.sock", &b.path("b.log"), &["--remote", &u]);
+    let uri = served.uri("web");
+    assert!(nbd_read(&uri, big.1, 1 << 20).unwrap() == slice(big.1, 1 << 20));
+
+    ceph.gateway("rgw-stop");
+    let result = std::panic::catch_unwind(|| {
+        // Cached: served from B's store.
+        assert!(nbd_read(&uri, big.1, 1 << 20).unwrap() == slice(big.1, 1 << 20));
+        // Uncached: this request fails, the next cached one still works.
+        let err = nbd_read(&uri, mid.1, mid.2).unwrap_err();
+        assert!(
+            err.contains("Input/output error") || err.contains("EIO"),
+            "{err}"
+        );
+        let err = nbd_read(&uri, big.1 + (3 << 20), 4096).unwrap_err();
+        assert!(!err.is_empty());
+        assert!(nbd_read(&uri, big.1 + 4096, 4096).unwrap() == slice(big.1 + 4096, 4096));
+    });
+    ceph.gateway("rgw-start");
+    result.unwrap();
+    // The server stayed up and reads what it could not before.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match nbd_read(&uri, mid.1, mid.2) {
+            Ok(got) => {
+                assert!(got == slice(mid.1, mid.2));
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("no recovery after the gateway came back: {e}"),
+        }
+    }
+    assert!(nbd_read(&uri, big.1 + (3 << 20), 4096).unwrap() == slice(big.1 + (3 << 20), 4096));
+}
+
+#[test]
+fn an_interrupted_push_finishes_on_rerun_uploading_nothing_twice() {
+    let Some(_ceph) = ceph("remote: interrupted push") else {
+        return;
+    };
+    let _one = serial();
+    let (a, _src) = host_a(60);
+    let u = url("interrupted");
+    let total = objects_in(&a.store).len();
+
+    let mut child = a
+        .command()
+        .args(["store", "push", "--to", &u])
+        .env("RUST_LOG", "tessera=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut uploaded: Vec<String> = Vec::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("uploaded object") {
+            uploaded.push(line);
+            if uploaded.len() == 5 {
+                child.kill().unwrap();
+                break;
+            }
+        }
+    }
+    uploaded.extend(
+        lines
+            .map_while(Result::ok)
+            .filter(|l| l.contains("uploaded object")),
+    );
+    child.wait().unwrap();
+    let first = uploaded.len();
+    assert!(
+        first >= 5 && first < total,
+        "{first} of {total} uploaded before the kill"
+    );
+
+    let out = a
+        .command()
+        .args(["store", "push", "--to", &u])
+        .env("RUST_LOG", "tessera=info")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    uploaded.extend(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains("uploaded object"))
+            .map(str::to_owned),
+    );
+    let ids: Vec<String> = uploaded
+        .iter()
+        .map(|l| {
+            let at = l.find("object=").expect("object field") + 7;
+            l[at..at + 64].to_owned()
+        })
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an object was uploaded twice");
+    // Objects whose upload finished just before the kill went unlogged; the rerun found
+    // them there (create-only) rather than sending them again.
+    assert!(
+        ids.len() <= total,
+        "{} uploads of {total} objects",
+        ids.len()
+    );
+    let third = a.ok(&["store", "push", "--to", &u]);
+    assert!(third.starts_with("uploaded 0 objects"), "{third}");
+
+    // The bucket is complete: a third host pulls the image whole and exports A's bytes.
+    let c = Env::new();
+    c.ok(&["store", "pull", "web", "--from", &u]);
+    assert!(export(&c) == export(&a));
+}
