@@ -19,10 +19,13 @@ prepare_kernel() {
     local deb="$CACHE/${KERNEL_PKG}_${KERNEL_PKG_VERSION//:/%3a}_amd64.deb"
     if [[ ! -s $deb ]]; then
         log "downloading $KERNEL_PKG=$KERNEL_PKG_VERSION"
-        (cd "$CACHE" && apt-get download "$KERNEL_PKG=$KERNEL_PKG_VERSION") >&2 ||
-            die "apt-get download $KERNEL_PKG=$KERNEL_PKG_VERSION failed: the suite must be in" \
-                "apt's sources (see vmtests/README.md) and apt-get update run; if Debian" \
-                "dropped this version, pin another from 'apt-cache search linux-image | grep cloud-amd64'"
+        if ! (cd "$CACHE" && apt-get download "$KERNEL_PKG=$KERNEL_PKG_VERSION") >&2; then
+            fallback_kernel ||
+                die "apt-get download $KERNEL_PKG=$KERNEL_PKG_VERSION failed and apt offers no" \
+                    "other linux-image-6.12.*-cloud-amd64: the suite must be in apt's sources" \
+                    "(see vmtests/README.md) and apt-get update run"
+            deb="$CACHE/${KERNEL_PKG}_${KERNEL_PKG_VERSION//:/%3a}_amd64.deb"
+        fi
         [[ -s $deb ]] || die "apt-get download did not leave $deb"
     fi
 
@@ -50,6 +53,26 @@ prepare_kernel() {
         mv "$INITRD.tmp" "$INITRD"
     fi
     log "kernel $kver ($KERNEL_PKG $KERNEL_PKG_VERSION), initramfs $(basename "$INITRD")"
+}
+
+# Debian drops a point release from its archive when a newer one lands. Then the pin cannot
+# be downloaded: take the newest linux-image-6.12.N+deb12-cloud-amd64[-unsigned] that apt
+# offers (one exact name and version, never a wildcard), say so loudly, and go on.
+# Sets KERNEL_PKG and KERNEL_PKG_VERSION and downloads it.
+fallback_kernel() {
+    local pkg ver
+    pkg=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64(-unsigned)?$' |
+        awk '{ print $1 }' | sort -V | tail -n 1)
+    [[ -n $pkg ]] || return 1
+    ver=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
+    [[ -n $ver && $ver != "(none)" ]] || return 1
+    log "WARNING: the pinned kernel $KERNEL_PKG=$KERNEL_PKG_VERSION cannot be downloaded" \
+        "(gone from Debian's archive?): falling back to the newest 6.12 cloud kernel apt" \
+        "offers, $pkg=$ver; pin it in vmtests/lib/kernel.sh"
+    KERNEL_PKG=$pkg
+    KERNEL_PKG_VERSION=$ver
+    local deb="$CACHE/${pkg}_${ver//:/%3a}_amd64.deb"
+    [[ -s $deb ]] || (cd "$CACHE" && apt-get download "$pkg=$ver") >&2
 }
 
 # The initramfs depends on its init script and on the busybox binary.

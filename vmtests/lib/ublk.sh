@@ -86,6 +86,17 @@ build_ublk_initrd() {
     copy_with_libs "$TESSERA" "$root"
     copy_with_libs "$(command -v e2fsck)" "$root"
 
+    # For tools/bench-ublk: the benchmark, the nbd client's user half, and loop.
+    cc -static -O2 -s -pthread -o "$root/bin/blkbench" "$HERE/guest/blkbench.c" ||
+        die "ublk: cannot build guest/blkbench.c statically"
+    [[ -x $SRC/base/bin/nbd-attach ]] && cp "$SRC/base/bin/nbd-attach" "$root/bin/"
+    local loop
+    loop=$(find "$KMODDIR/kernel" -name 'loop.ko*' | head -n 1)
+    if [[ -n $loop ]] && ! grep -q '/loop\.ko$' "$KMODDIR/modules.builtin"; then
+        /bin/busybox xz -dc "$loop" > "$root/lib/modules/ublk/loop.ko" 2> /dev/null ||
+            cp "$loop" "$root/lib/modules/ublk/loop.ko"
+    fi
+
     local ko
     ko=$(find "$KMODDIR/kernel" -name 'ublk_drv.ko*' | head -n 1)
     [[ -n $ko ]] || die "ublk: no ublk_drv module in $KMODDIR"
@@ -125,4 +136,40 @@ case_ublk() {
         stopped=clean kept=yes fsck=clean mounted_report=yes
     marker "$glog" ublk "$nonce" >> "$WORK/markers"
     report "ublk: one boot in ${BOOT_SECONDS}s: $(marker "$glog" ublk "$nonce" | cut -c1-400)"
+}
+
+# tools/bench-ublk: one boot that reads the same image through ublk, the kernel's nbd client
+# and loop (see guest/ublk-init); reports the numbers and ublk's ratios to the others.
+case_ublkbench() {
+    build_ublk_initrd
+    local glog="$LOGS/ublkbench.log" nonce line
+    nonce=$(new_nonce)
+    : > "$glog"
+    GUEST_START=$(now)
+    timeout "$((TIMEOUT > 400 ? TIMEOUT : 400))" qemu-system-x86_64 -accel tcg -machine pc \
+        -m "$UBLK_MEM" -nodefaults -no-user-config -display none -monitor none -no-reboot \
+        -kernel "$VMLINUZ" -initrd "$UBLK_INITRD" \
+        -append "console=ttyS0 panic=-1 loglevel=4 tessera.case=ublkbench tessera.nonce=$nonce tessera.bench=1" \
+        -serial "file:$glog" < /dev/null > "$glog.qemu" 2>&1 &
+    GUEST_PID=$!
+    remember_pid "$GUEST_PID"
+    wait_guest "$glog" "$GUEST_PID" "$GUEST_START" ublkbench "$nonce"
+    line=$(marker "$glog" ublkbench "$nonce")
+    marker "$glog" ublkbench "$nonce" >> "$WORK/markers"
+    get() { tr ' ' '\n' <<< "$line" | sed -n "s/^$1=//p"; }
+    {
+        echo "ublk vs the kernel's nbd client vs loop, one guest (TCG: only the ratios mean anything)"
+        printf '    %-6s %12s %12s %12s %12s\n' way "QD1 mean us" "QD1 p99 us" "QD32 IOPS" "seq MiB/s"
+        local w
+        for w in ublk nbd loop; do
+            printf '    %-6s %12s %12s %12s %12s\n' "$w" "$(get "${w}_qd1_lat_us")" \
+                "$(get "${w}_qd1_p99_us")" "$(get "${w}_qd32_iops")" "$(get "${w}_seq_mib_s")"
+        done
+        echo "    ublk/nbd: QD32 IOPS $(ratio "$(get ublk_qd32_iops)" "$(get nbd_qd32_iops)")x," \
+            "QD1 latency $(ratio "$(get ublk_qd1_lat_us)" "$(get nbd_qd1_lat_us)")x," \
+            "seq $(ratio "$(get ublk_seq_mib_s)" "$(get nbd_seq_mib_s)")x"
+        echo "    ublk/loop: QD32 IOPS $(ratio "$(get ublk_qd32_iops)" "$(get loop_qd32_iops)")x," \
+            "QD1 latency $(ratio "$(get ublk_qd1_lat_us)" "$(get loop_qd1_lat_us)")x," \
+            "seq $(ratio "$(get ublk_seq_mib_s)" "$(get loop_seq_mib_s)")x"
+    } >> "$REPORT"
 }
