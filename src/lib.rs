@@ -1,7 +1,8 @@
 //! tessera: ext4 block devices synthesized on the fly from a content-addressed store.
 //!
 //! Data flows import → [`store`] → [`tree`] → [`image`] → ext4 layout (`tessera_ext4`) →
-//! [`blockdev`] → frontends (NBD, [`ublk`], raw export).
+//! [`blockdev`] → frontends (NBD, [`ublk`], raw export). [`upkeep`] (gc, stats, verify) sits
+//! above the store and the images it walks.
 
 pub mod blockdev;
 pub mod cli;
@@ -12,4 +13,5 @@ pub mod import;
 pub mod serve;
 pub mod store;
 pub mod tree;
+pub mod upkeep;
 pub mod ublk;

@@ -353,12 +353,12 @@ fn gc_removes_outboards_with_their_objects() {
         "{report}"
     );
 
-    let kept = store.gc(false).unwrap();
+    let kept = tessera::upkeep::gc(&store, false).unwrap();
     assert_eq!(kept.outboards, 1);
     assert!(outboard.exists() && !store.outboard_path(&orphan).exists());
 
     fx.env.ok(&["image", "rm", "img"]);
-    let gone = store.gc(false).unwrap();
+    let gone = tessera::upkeep::gc(&store, false).unwrap();
     assert_eq!(gone.outboards, 1);
     assert!(!outboard.exists() && !store.has_object(&fx.large));
     fx.env.ok(&["store", "verify"]);

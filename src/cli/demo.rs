@@ -39,7 +39,7 @@ pub(super) fn run(store: &Store, args: DemoArgs) -> anyhow::Result<ExitCode> {
         args.out.display()
     );
 
-    let report = store.verify().context("cannot verify the store")?;
+    let report = crate::upkeep::verify(store).context("cannot verify the store")?;
     for p in &report.problems {
         eprintln!("store problem: {p}");
     }

@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use crate::blockdev::overlay::named::OverlayInfo;
 use crate::image::{format_uuid, Built, ImageRecord, Runtime};
-use crate::store::{GcReport, ObjectId, Problem, StoreStats, VerifyReport};
+use crate::store::ObjectId;
+use crate::upkeep::{GcReport, Problem, StoreStats, VerifyReport};
 
 /// Writes `value` as one pretty-printed JSON document and a newline on stdout.
 pub(super) fn print<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {

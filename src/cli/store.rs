@@ -59,8 +59,7 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     let root = store.root().display();
     match cmd {
         StoreCmd::Verify { json } => {
-            let report = store
-                .verify()
+            let report = crate::upkeep::verify(store)
                 .with_context(|| format!("cannot verify the store at {root}"))?;
             if json {
                 print_json(&VerifyView::from(&report))?;
@@ -84,8 +83,7 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             })
         }
         StoreCmd::Gc { dry_run, json } => {
-            let r = store
-                .gc(dry_run)
+            let r = crate::upkeep::gc(store, dry_run)
                 .with_context(|| format!("cannot collect garbage in {root}"))?;
             if json {
                 print_json(&GcView::new(dry_run, &r))?;
@@ -147,8 +145,7 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         StoreCmd::Stats { json } => {
-            let s = store
-                .stats()
+            let s = crate::upkeep::stats(store)
                 .with_context(|| format!("cannot read the store at {root}"))?;
             if json {
                 print_json(&StatsView::new(store.root(), &s))?;

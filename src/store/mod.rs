@@ -35,16 +35,13 @@
 
 mod atomic;
 mod error;
-mod gc;
 mod id;
 mod lease;
 pub mod location;
 mod lock;
 pub mod outboard;
 pub mod remote;
-mod stats;
 mod treecache;
-mod verify;
 
 use std::fs::{self, File};
 use std::io;
@@ -53,13 +50,10 @@ use std::sync::Arc;
 
 pub use atomic::Staged;
 pub use error::StoreError;
-pub use gc::GcReport;
 pub use id::{ObjectId, ParseIdError};
 pub use lease::{LeaseGuard, Leases};
 pub use lock::StoreLock;
 pub use outboard::{GroupMismatch, Outboard, OutboardError};
-pub use stats::StoreStats;
-pub use verify::{Problem, VerifyReport};
 
 /// An opened store directory.
 #[derive(Debug, Clone)]

@@ -1,0 +1,82 @@
+//! `tessera store gc`: remove what no image and no running server references.
+
+use std::collections::HashSet;
+use std::fs;
+
+use crate::image::{self, ImageError};
+use crate::store::{Area, ObjectId, Store, StoreError};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub objects: usize,
+    pub object_bytes: u64,
+    pub trees: usize,
+    /// Outboards whose object is gone (their bytes are not in `object_bytes`).
+    pub outboards: usize,
+    pub tmp_files: usize,
+}
+
+/// Remove every tree no image or running server's lease names, every object no remaining tree names, and every file
+/// in `tmp/`. Holds the store lock exclusively, so no import is writing meanwhile. Stops
+/// without removing anything if an image or a referenced tree cannot be read: deleting on
+/// partial knowledge could destroy live data. With `dry_run`, only counts.
+pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
+    let lock = store.lock(true)?;
+    let mut live_trees = HashSet::new();
+    for name in store.list_images()? {
+        live_trees.extend(image::load(store, &name)?.trees);
+    }
+    // What running servers serve, even if its image is gone or was re-created.
+    live_trees.extend(store.leased_trees(&lock)?);
+    let mut live_objects: HashSet<ObjectId> = HashSet::new();
+    for id in &live_trees {
+        let manifest = image::load_tree(store, id)?;
+        live_objects.extend(manifest.entries.iter().filter_map(|e| e.object));
+    }
+
+    let mut report = GcReport::default();
+    let (trees, _) = store.list(Area::Tree)?;
+    for id in trees.iter().filter(|id| !live_trees.contains(id)) {
+        remove(&store.tree_path(id), dry_run)?;
+        report.trees += 1;
+    }
+    // Caches of removed trees, and any that are not named like a tree.
+    let (caches, stray_caches) = store.list(Area::TreeCache)?;
+    for id in caches.iter().filter(|id| !live_trees.contains(id)) {
+        remove(&store.tree_cache_path(id), dry_run)?;
+    }
+    for path in &stray_caches {
+        remove(path, dry_run)?;
+    }
+    let (objects, _) = store.list(Area::Object)?;
+    for id in objects.iter().filter(|id| !live_objects.contains(id)) {
+        let path = store.object_path(id);
+        report.object_bytes += fs::symlink_metadata(&path)
+            .map_err(|e| StoreError::io("stat", &path, e))?
+            .len();
+        remove(&path, dry_run)?;
+        report.objects += 1;
+    }
+    let (outboards, _) = store.list(Area::Outboard)?;
+    for id in outboards
+        .iter()
+        .filter(|id| !live_objects.contains(id) || !store.has_object(id))
+    {
+        remove(&store.outboard_path(id), dry_run)?;
+        report.outboards += 1;
+    }
+    let tmp = store.tmp_dir();
+    for entry in fs::read_dir(&tmp).map_err(|e| StoreError::io("list", &tmp, e))? {
+        let entry = entry.map_err(|e| StoreError::io("list", &tmp, e))?;
+        remove(&entry.path(), dry_run)?;
+        report.tmp_files += 1;
+    }
+    Ok(report)
+}
+
+fn remove(path: &std::path::Path, dry_run: bool) -> Result<(), StoreError> {
+    if dry_run {
+        return Ok(());
+    }
+    fs::remove_file(path).map_err(|e| StoreError::io("remove", path, e))
+}

@@ -1,0 +1,54 @@
+//! `tessera store stats`: sizes, counts and the deduplication ratio.
+
+use std::collections::HashSet;
+use std::fs;
+
+use crate::image::{self, ImageError};
+use crate::store::{Area, Store, StoreError};
+use crate::tree::Kind;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub objects: usize,
+    /// Bytes held by objects.
+    pub object_bytes: u64,
+    pub trees: usize,
+    pub images: usize,
+    /// Bytes the images' file data would take stored separately, without deduplication:
+    /// per image, the data of each inode (hardlinks count once, holes not at all).
+    pub image_bytes: u64,
+}
+
+impl StoreStats {
+    /// `image_bytes / object_bytes`; `None` when the store holds no data.
+    pub fn dedup_ratio(&self) -> Option<f64> {
+        (self.object_bytes > 0).then(|| self.image_bytes as f64 / self.object_bytes as f64)
+    }
+}
+
+pub fn stats(store: &Store) -> Result<StoreStats, ImageError> {
+    let mut stats = StoreStats::default();
+    let (objects, _) = store.list(Area::Object)?;
+    stats.objects = objects.len();
+    for id in &objects {
+        let path = store.object_path(id);
+        stats.object_bytes += fs::symlink_metadata(&path)
+            .map_err(|e| StoreError::io("stat", &path, e))?
+            .len();
+    }
+    stats.trees = store.list(Area::Tree)?.0.len();
+    let images = store.list_images()?;
+    stats.images = images.len();
+    for name in images {
+        let record = image::load(store, &name)?;
+        let mut seen_links = HashSet::new();
+        for layered in image::merged_entries(store, &record)? {
+            let e = &layered.entry;
+            let first_link = e.link.is_none_or(|l| seen_links.insert((layered.layer, l)));
+            if e.kind == Kind::File && first_link {
+                stats.image_bytes += e.data_len();
+            }
+        }
+    }
+    Ok(stats)
+}

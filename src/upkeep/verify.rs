@@ -1,0 +1,283 @@
+//! `tessera store verify`: re-hash every object, check every outboard against its object's
+//! id, parse every tree and image, and check that every reference resolves.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use rayon::prelude::*;
+
+use crate::image;
+use crate::store::{Area, ObjectId, Store, StoreError};
+use crate::tree::{self, Bytes, Manifest};
+
+/// One thing wrong with a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    CorruptObject {
+        id: ObjectId,
+        actual: ObjectId,
+    },
+    UnreadableObject {
+        id: ObjectId,
+        error: String,
+    },
+    CorruptTree {
+        id: ObjectId,
+        actual: ObjectId,
+    },
+    BadTree {
+        id: ObjectId,
+        error: String,
+    },
+    BadImage {
+        name: String,
+        error: String,
+    },
+    MissingTree {
+        image: String,
+        tree: ObjectId,
+    },
+    MissingObject {
+        tree: ObjectId,
+        path: Bytes,
+        object: ObjectId,
+    },
+    WrongObjectSize {
+        tree: ObjectId,
+        path: Bytes,
+        object: ObjectId,
+        have: u64,
+        need: u64,
+    },
+    StrayFile {
+        path: std::path::PathBuf,
+    },
+    /// An outboard that does not describe its object (`serve --verify` ignores it and
+    /// recomputes it).
+    BadOutboard {
+        id: ObjectId,
+        error: String,
+    },
+    /// An outboard whose object is gone; `store gc` removes it.
+    OrphanOutboard {
+        id: ObjectId,
+    },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::CorruptObject { id, actual } => {
+                write!(f, "object {id} is corrupt: its content hashes to {actual}")
+            }
+            Problem::UnreadableObject { id, error } => {
+                write!(f, "object {id} cannot be read: {error}")
+            }
+            Problem::CorruptTree { id, actual } => {
+                write!(f, "tree {id} is corrupt: its content hashes to {actual}")
+            }
+            Problem::BadTree { id, error } => write!(f, "tree {id} is invalid: {error}"),
+            Problem::BadImage { name, error } => write!(f, "image {name:?} is invalid: {error}"),
+            Problem::MissingTree { image, tree } => {
+                write!(f, "image {image:?} names missing tree {tree}")
+            }
+            Problem::MissingObject { tree, path, object } => {
+                write!(
+                    f,
+                    "tree {tree} entry {path:?} names missing object {object}"
+                )
+            }
+            Problem::WrongObjectSize {
+                tree,
+                path,
+                object,
+                have,
+                need,
+            } => write!(
+                f,
+                "tree {tree} entry {path:?} needs {need} bytes of object {object}, which has {have}"
+            ),
+            Problem::StrayFile { path } => write!(f, "stray file {}", path.display()),
+            Problem::BadOutboard { id, error } => {
+                write!(f, "outboard of object {id} is invalid: {error}")
+            }
+            Problem::OrphanOutboard { id } => {
+                write!(f, "outboard of missing object {id} (`store gc` removes it)")
+            }
+        }
+    }
+}
+
+/// An object's actual hash and length, or why it could not be read.
+type HashResult = Result<(ObjectId, u64), String>;
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub objects: usize,
+    pub object_bytes: u64,
+    pub outboards: usize,
+    pub trees: usize,
+    pub images: usize,
+    pub problems: Vec<Problem>,
+}
+
+/// Check the whole store; problems are reported, not returned as errors.
+pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
+    let _lock = store.lock(false)?;
+    let mut report = VerifyReport::default();
+    let (objects, strays) = store.list(Area::Object)?;
+    report
+        .problems
+        .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
+    let hashed: Vec<(ObjectId, HashResult)> = objects
+        .par_iter()
+        .map(|id| {
+            let path = store.object_path(id);
+            let mut hasher = blake3::Hasher::new();
+            let result = hasher
+                .update_mmap(&path)
+                .map(|h| (ObjectId::from(h.finalize()), h.count()))
+                .map_err(|e| e.to_string());
+            (*id, result)
+        })
+        .collect();
+    let mut sizes = HashMap::new();
+    for (id, result) in hashed {
+        match result {
+            Ok((actual, len)) => {
+                if actual != id {
+                    report.problems.push(Problem::CorruptObject { id, actual });
+                }
+                report.object_bytes += len;
+                sizes.insert(id, len);
+            }
+            Err(error) => report
+                .problems
+                .push(Problem::UnreadableObject { id, error }),
+        }
+    }
+    report.objects = objects.len();
+
+    let (outboards, strays) = store.list(Area::Outboard)?;
+    report
+        .problems
+        .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
+    report.outboards = outboards.len();
+    let outboard_problems: Vec<Option<Problem>> = outboards
+        .par_iter()
+        .map(|id| {
+            if objects.binary_search(id).is_err() {
+                return Some(Problem::OrphanOutboard { id: *id });
+            }
+            store.read_outboard(id).err().map(|e| Problem::BadOutboard {
+                id: *id,
+                error: chain(&e),
+            })
+        })
+        .collect();
+    report
+        .problems
+        .extend(outboard_problems.into_iter().flatten());
+
+    let (trees, strays) = store.list(Area::Tree)?;
+    report
+        .problems
+        .extend(strays.into_iter().map(|path| Problem::StrayFile { path }));
+    report.trees = trees.len();
+    let tree_problems: Vec<Vec<Problem>> = trees
+        .par_iter()
+        .map(|id| verify_tree(store, id, &sizes))
+        .collect();
+    report.problems.extend(tree_problems.into_iter().flatten());
+
+    let tree_set: HashSet<ObjectId> = trees.into_iter().collect();
+    let images = store.list_images()?;
+    report.images = images.len();
+    for name in images {
+        let record = store
+            .read_image_bytes(&name)
+            .map_err(image::ImageError::from)
+            .and_then(|bytes| image::parse_record(store, &name, &bytes));
+        match record {
+            Err(e) => report.problems.push(Problem::BadImage {
+                name,
+                error: chain(&e),
+            }),
+            Ok(record) => {
+                for tree in record.trees {
+                    if !tree_set.contains(&tree) {
+                        report.problems.push(Problem::MissingTree {
+                            image: name.clone(),
+                            tree,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn verify_tree(store: &Store, id: &ObjectId, sizes: &HashMap<ObjectId, u64>) -> Vec<Problem> {
+    let bytes = match store.read_tree_bytes(id) {
+        Ok(b) => b,
+        Err(e) => {
+            return vec![Problem::BadTree {
+                id: *id,
+                error: chain(&e),
+            }]
+        }
+    };
+    let actual = ObjectId::of(&bytes);
+    if actual != *id {
+        return vec![Problem::CorruptTree { id: *id, actual }];
+    }
+    let manifest = match Manifest::from_bytes(&bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            return vec![Problem::BadTree {
+                id: *id,
+                error: chain(&e),
+            }]
+        }
+    };
+    let mut problems = Vec::new();
+    for e in manifest
+        .entries
+        .iter()
+        .filter(|e| e.kind == tree::Kind::File)
+    {
+        let object = e.object.expect("validated: files have an object");
+        let need = e.data_len();
+        match sizes.get(&object) {
+            None if !store.has_object(&object) => problems.push(Problem::MissingObject {
+                tree: *id,
+                path: e.path.clone(),
+                object,
+            }),
+            // Present but unreadable: already reported with the objects.
+            None => {}
+            Some(&have) if have != need => problems.push(Problem::WrongObjectSize {
+                tree: *id,
+                path: e.path.clone(),
+                object,
+                have,
+                need,
+            }),
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
