@@ -407,3 +407,124 @@ fn mismatch(id: &ObjectId, range: Range<u64>) -> io::Error {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// A remote (a directory) holding `data` as an object with its outboard, and an empty
+    /// local store caching it.
+    fn setup(dir: &std::path::Path, data: &[u8]) -> (Arc<RemoteCache>, ObjectId, PathBuf) {
+        let remote_dir = dir.join("remote");
+        let remote =
+            Arc::new(Remote::open(&format!("file://{}", remote_dir.display()), None).unwrap());
+        let id = ObjectId::of(data);
+        remote
+            .put_content(Kind::Object, &id, bytes::Bytes::copy_from_slice(data))
+            .unwrap();
+        if let Some(o) = Outboard::compute(data).filter(|_| data.len() as u64 > OUTBOARD_MIN) {
+            remote
+                .put_content(Kind::Outboard, &id, bytes::Bytes::from(o.encode()))
+                .unwrap();
+        }
+        let hex = id.to_hex();
+        let remote_path = remote_dir.join("objects").join(&hex[..2]).join(&hex[2..]);
+        let local = Store::open(&dir.join("local")).unwrap().with_remote(remote);
+        (local.remote_cache().unwrap().clone(), id, remote_path)
+    }
+
+    fn partial(cache: &Arc<RemoteCache>, id: ObjectId) -> Arc<Partial> {
+        match cache.open(id).unwrap() {
+            Fetched::Partial(p) => p,
+            Fetched::Local => panic!("a large object is fetched in chunks"),
+        }
+    }
+
+    #[test]
+    fn chunks_survive_a_restart_are_rechecked_and_complete_into_an_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pseudo_random(3 * CHUNK as usize + 777, 1);
+        let (cache, id, _) = setup(dir.path(), &data);
+        let p = partial(&cache, id);
+        let mut out = vec![0u8; 100];
+        p.read(&mut out, 2 * CHUNK + 5).unwrap();
+        assert_eq!(out, data[2 * CHUNK as usize + 5..][..100]);
+        let path = cache.partial_path(&id);
+        assert_eq!(fs::read(map_path(&path)).unwrap(), [0, 0, 1, 0]);
+        assert_eq!(cache.stats.bytes_fetched.load(Ordering::Relaxed), CHUNK);
+        drop(p);
+
+        // A restart, with the kept chunk damaged on disk: it is checked and fetched again.
+        let local = cache.local.root().to_path_buf();
+        let remote = cache.remote.clone();
+        drop(cache);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"garbage", 2 * CHUNK + 5).unwrap();
+        let store = Store::open(&local).unwrap().with_remote(remote);
+        let cache = store.remote_cache().unwrap().clone();
+        let p = partial(&cache, id);
+        p.read(&mut out, 2 * CHUNK + 5).unwrap();
+        assert_eq!(out, data[2 * CHUNK as usize + 5..][..100]);
+
+        // Reading the rest (two neighbouring chunks in one request) completes the object.
+        let mut all = vec![0u8; data.len()];
+        p.read(&mut all, 0).unwrap();
+        assert_eq!(all, data);
+        assert!(store.has_object(&id));
+        assert!(!path.exists() && !map_path(&path).exists());
+        assert_eq!(
+            fs::read(store.object_path(&id)).unwrap(),
+            data,
+            "the completed object is the object"
+        );
+    }
+
+    #[test]
+    fn a_damaged_remote_chunk_fails_only_its_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pseudo_random(2 * CHUNK as usize + 10, 2);
+        let (cache, id, remote_path) = setup(dir.path(), &data);
+        let mut bad = data.clone();
+        bad[CHUNK as usize + 3] ^= 1;
+        fs::write(&remote_path, &bad).unwrap();
+        let p = partial(&cache, id);
+        let mut out = vec![0u8; 10];
+        let err = p.read(&mut out, CHUNK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains(&id.to_hex()), "{err}");
+        assert_eq!(
+            cache.stats.mismatches.load(Ordering::Relaxed),
+            2,
+            "refetched once"
+        );
+        p.read(&mut out, 0).unwrap();
+        assert_eq!(out, data[..10]);
+        p.read(&mut out, 2 * CHUNK).unwrap();
+        assert_eq!(out, data[2 * CHUNK as usize..]);
+    }
+
+    #[test]
+    fn small_objects_are_fetched_whole_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pseudo_random(5000, 3);
+        let (cache, id, remote_path) = setup(dir.path(), &data);
+        fs::write(&remote_path, b"not the object").unwrap();
+        let err = cache.open(id).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(!cache.local.has_object(&id));
+        fs::write(&remote_path, &data).unwrap();
+        assert!(matches!(cache.open(id).unwrap(), Fetched::Local));
+        assert_eq!(fs::read(cache.local.object_path(&id)).unwrap(), data);
+    }
+}
