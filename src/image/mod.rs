@@ -211,3 +211,30 @@ pub fn remove(store: &Store, name: &str) -> Result<(), ImageError> {
     validate_name(name)?;
     Ok(store.remove_image(name)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_views_are_cached_rebuilt_when_damaged_and_collected_with_their_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = crate::demo::store_demo_tree(&store).unwrap();
+        let view = load_tree_view(&store, &tree).unwrap();
+        assert_eq!(view.to_manifest(), load_tree(&store, &tree).unwrap());
+        let cache = store.tree_cache_path(&tree);
+        assert!(cache.exists(), "the first load writes the cache");
+
+        // A damaged cache is rebuilt from the manifest.
+        std::fs::remove_file(&cache).unwrap();
+        std::fs::write(&cache, b"tsrtree\nrubbish").unwrap();
+        let again = load_tree_view(&store, &tree).unwrap();
+        assert_eq!(again.to_manifest(), view.to_manifest());
+        assert_eq!(std::fs::read(&cache).unwrap()[..8], *b"tsrtree\n");
+
+        // No image names the tree: gc removes it and its cache.
+        crate::upkeep::gc(&store, false).unwrap();
+        assert!(!store.has_tree(&tree) && !cache.exists());
+    }
+}

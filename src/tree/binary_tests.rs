@@ -135,3 +135,92 @@ fn damaged_bytes_are_refused_or_read_without_panicking() {
         }
     }
 }
+
+/// A small deterministic generator (xorshift), so the test needs no extra crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A random valid manifest: nested directories, every kind, optional fields, odd bytes.
+fn random_manifest(rng: &mut Rng) -> Manifest {
+    let mut entries = vec![entry("", Kind::Dir)];
+    let mut dirs = vec![String::new()];
+    for i in 0..rng.below(60) {
+        let parent = dirs[rng.below(dirs.len() as u64) as usize].clone();
+        let name = format!("{}{i}", ["a", "\u{e9}", "z-", "b.c"][rng.below(4) as usize]);
+        let path = if parent.is_empty() {
+            name
+        } else {
+            format!("{parent}/{name}")
+        };
+        let kinds = [
+            Kind::File,
+            Kind::Dir,
+            Kind::Symlink,
+            Kind::Chardev,
+            Kind::Fifo,
+            Kind::Whiteout,
+        ];
+        let mut e = entry(&path, kinds[rng.below(kinds.len() as u64) as usize]);
+        e.mode = rng.below(0o10000) as u16;
+        e.atime = Time(rng.next() as i64, rng.below(1_000_000_000) as u32);
+        if rng.below(3) == 0 {
+            e.crtime = Some(Time(-(rng.below(1000) as i64), 0));
+        }
+        match e.kind {
+            Kind::File => {
+                let size = rng.below(1 << 24);
+                e.size = Some(size);
+                e.object = Some(ObjectId::of(&rng.next().to_le_bytes()));
+                if size >= 8192 && rng.below(2) == 0 {
+                    e.segments = Some(vec![Segment(4096, 4096)]);
+                }
+                if rng.below(4) == 0 {
+                    e.link = Some(rng.below(3));
+                }
+            }
+            Kind::Dir => {
+                e.opaque = rng.below(4) == 0;
+                dirs.push(path.clone());
+            }
+            Kind::Symlink => {
+                e.target = Some(Bytes(
+                    vec![0xff, b'x'][..1 + rng.below(2) as usize].to_vec(),
+                ))
+            }
+            Kind::Chardev => e.rdev = Some((rng.next() as u32, rng.next() as u32)),
+            _ => {}
+        }
+        if e.kind != Kind::Whiteout && rng.below(5) == 0 {
+            e.xattrs.push(Xattr {
+                name: Bytes(b"user.k".to_vec()),
+                value: Bytes(rng.next().to_le_bytes().to_vec()),
+            });
+        }
+        entries.push(e);
+    }
+    // Hardlinks of one group must share a kind: keep groups on files only (set above).
+    Manifest::new(entries)
+}
+
+#[test]
+fn random_manifests_round_trip_exactly() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..300 {
+        let m = random_manifest(&mut rng);
+        m.validate().unwrap();
+        let id = ObjectId::of(&m.to_bytes());
+        let v = view(encode(&m, &id).unwrap()).unwrap();
+        assert_eq!(v.to_manifest(), m);
+    }
+}
