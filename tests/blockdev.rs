@@ -186,6 +186,25 @@ fn resident_reads_agree_with_read_at() {
         dev.read_at_resident(&mut buf, probe).is_some(),
         "warm mapped data is answered inline"
     );
+    // A small object (read with pread, not mapped) is answered inline too once its
+    // descriptor is open and its pages are cached: before, every read of a small file
+    // went to an I/O thread and opened the object again.
+    let mut pos = 0;
+    let mut small = None;
+    for piece in dev.layout().pieces(0, dev.size()) {
+        if matches!(piece, tessera_ext4::Piece::Data { len, .. } if len >= 8 && len < 4096) {
+            small = Some((pos, piece.len() as usize));
+            break;
+        }
+        pos += piece.len();
+    }
+    let (at, len) = small.expect("the demo tree has small files");
+    let mut buf = vec![0u8; len];
+    assert!(
+        matches!(dev.read_at_resident(&mut buf, at), Some(Ok(()))),
+        "warm small-object data is answered inline"
+    );
+    assert!(buf == bytes[at as usize..at as usize + len]);
     assert!(matches!(
         dev.read_at_resident(&mut [0u8; 2], dev.size() - 1),
         Some(Err(_))

@@ -6,10 +6,12 @@
 mod check;
 mod device;
 mod export;
+mod fds;
 mod object;
 pub mod overlay;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tessera_ext4::{Layout, Piece};
@@ -28,7 +30,16 @@ pub struct ImageDevice {
     objects: Vec<Arc<Object>>,
     /// Check object bytes against their names before returning them.
     verify: bool,
+    /// Where recent blocking reads ended, to recognize sequential readers (see `prefetch`).
+    recent_ends: [AtomicU64; RECENT],
+    next_end: AtomicUsize,
 }
+
+/// Blocking reads remembered to recognize a sequential reader: enough for a few clients'
+/// worth of interleaved streams (nbdcopy reads with 4 connections).
+const RECENT: usize = 16;
+/// How far past a sequential read the objects it is about to reach are read ahead.
+const READ_AHEAD: u64 = 2 << 20;
 
 /// A range of the device that is either backed by data (metadata or file contents) or zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +61,8 @@ impl ImageDevice {
             layout,
             objects,
             verify: store.verifies_reads(),
+            recent_ends: Default::default(),
+            next_end: AtomicUsize::new(0),
         }
     }
 
@@ -82,6 +95,7 @@ impl ImageDevice {
 
     /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.prefetch(offset, buf.len() as u64);
         let mut failed = None;
         self.fill(buf, offset, |object, out, at| {
             object
@@ -124,6 +138,52 @@ impl ImageDevice {
             at += n;
         }
         Ok(true)
+    }
+
+    /// Before a blocking read of `offset..offset + len`: ask the kernel to read the objects
+    /// it touches all at once (a 256 KiB read of a root filesystem spans several small files,
+    /// otherwise read from disk one after another) and, when the read continues where an
+    /// earlier one ended, the objects of the next [`READ_AHEAD`] bytes too. Small objects
+    /// are many files where a raw image is one: without this the kernel's per-file
+    /// readahead stops at each file's end, and a cold sequential read waited on the disk
+    /// once per file.
+    fn prefetch(&self, offset: u64, len: u64) {
+        if std::env::var_os("TESSERA_NO_PREFETCH").is_some() {
+            return;
+        }
+        let end = offset.saturating_add(len);
+        let sequential = self
+            .recent_ends
+            .iter()
+            .any(|e| e.load(Ordering::Relaxed) == offset && offset != 0);
+        let slot = self.next_end.fetch_add(1, Ordering::Relaxed) % RECENT;
+        self.recent_ends[slot].store(end, Ordering::Relaxed);
+        let ahead = if sequential { READ_AHEAD } else { 0 };
+        let until = end.saturating_add(ahead).min(self.size());
+        if until <= offset {
+            return;
+        }
+        let data: Vec<_> = self
+            .layout
+            .pieces(offset, until - offset)
+            .filter_map(|piece| match piece {
+                Piece::Data {
+                    handle,
+                    offset,
+                    len,
+                } => Some((handle, offset, len)),
+                _ => None,
+            })
+            .collect();
+        // One object and nothing ahead: the read itself is all the kernel needs to know.
+        if !sequential && data.len() < 2 {
+            return;
+        }
+        for (handle, obj_offset, piece_len) in data {
+            if let Some(object) = self.objects.get(handle.0 as usize) {
+                object.prefetch(obj_offset, piece_len);
+            }
+        }
     }
 
     /// The data and zero ranges of `offset..offset + len`, adjacent ranges of one sort merged.

@@ -1,10 +1,11 @@
 //! One store object behind a data handle.
 //!
 //! Large objects are memory-mapped on first use and stay mapped: reads are a copy, and
-//! images sharing an object share its pages. Small objects are opened and read with `pread`
-//! on each access instead, so an image of a hundred thousand small files holds neither a
-//! hundred thousand mappings (the kernel's default `vm.max_map_count` is 65530) nor as
-//! many open descriptors.
+//! images sharing an object share its pages. Small objects are read with `pread` from a
+//! descriptor kept open between reads, within a process-wide bound (`fds.rs`), so an image
+//! of a hundred thousand small files holds neither a hundred thousand mappings (the
+//! kernel's default `vm.max_map_count` is 65530) nor as many open descriptors, and a hot
+//! small object costs one `pread` per read (inline, with `RWF_NOWAIT`, when resident).
 //!
 //! With verification on (`serve --verify`), bytes are checked against the object's name
 //! before they are copied out; the state lives in `check.rs`.
@@ -13,12 +14,15 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use memmap2::Mmap;
 
 use super::check::Check;
+use super::fds::{Open, Slot};
 use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
 
@@ -68,7 +72,16 @@ pub(super) struct Object {
 #[derive(Debug)]
 enum Backing {
     Mapped(Mmap),
-    Small { len: u64 },
+    Small { len: u64, fd: Arc<Slot> },
+}
+
+impl Drop for Object {
+    fn drop(&mut self) {
+        // The clock may still list the slot; it must not keep the file open.
+        if let Some(Backing::Small { fd, .. }) = self.backing.get() {
+            fd.close();
+        }
+    }
 }
 
 impl Object {
@@ -127,35 +140,78 @@ impl Object {
                 out.copy_from_slice(src);
                 Ok(())
             }
-            Backing::Small { len: have } => {
+            Backing::Small { len: have, fd } => {
                 if offset.checked_add(len).is_none_or(|end| end > *have) {
                     return Err(self.too_short(*have, offset, len));
                 }
-                let file = self.open()?;
+                let open = fd.get_or_open(|| self.open_small())?;
                 if verify {
-                    return self.read_verified(&file, out, offset);
+                    return self.read_verified(&open, out, offset);
                 }
-                file.read_exact_at(out, offset)
+                open.file
+                    .read_exact_at(out, offset)
                     .map_err(|e| self.context("read", e))
+            }
+        }
+    }
+
+    /// Asks the kernel to start reading the object's bytes at `offset..offset + len` into
+    /// the page cache, without waiting: the read path calls this for the objects a
+    /// sequential reader is about to reach, so that many small files are read from disk
+    /// in parallel rather than one `pread` at a time. Small objects are advised whole, once
+    /// per open descriptor. Errors are ignored (it is a hint; the read reports them).
+    pub(super) fn prefetch(&self, offset: u64, len: u64) {
+        let Ok(backing) = self.backing() else {
+            return;
+        };
+        match backing {
+            Backing::Mapped(map) => {
+                let Some(end) = offset.checked_add(len).filter(|&e| e <= map.len() as u64) else {
+                    return;
+                };
+                let first = offset as usize / PAGE * PAGE;
+                // SAFETY: `first..end` lies inside the live mapping (checked above; the
+                // mapping starts page-aligned). MADV_WILLNEED only schedules reads of
+                // the file pages behind it and changes no memory contents.
+                unsafe {
+                    libc::madvise(
+                        map.as_ptr().add(first) as *mut libc::c_void,
+                        end as usize - first,
+                        libc::MADV_WILLNEED,
+                    );
+                }
+            }
+            Backing::Small { fd, .. } => {
+                let Ok(open) = fd.get_or_open(|| self.open_small()) else {
+                    return;
+                };
+                if open.advised.swap(true, Ordering::Relaxed) {
+                    return;
+                }
+                // SAFETY: posix_fadvise takes integers only; the descriptor is kept open
+                // by `open` for the duration of the call.
+                unsafe {
+                    libc::posix_fadvise(open.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+                }
             }
         }
     }
 
     /// A small object read with `pread`: the whole object is read and checked once per
     /// file, then ranges of the same file are read directly.
-    fn read_verified(&self, file: &File, out: &mut [u8], offset: u64) -> io::Result<()> {
-        let meta = file.metadata().map_err(|e| self.context("stat", e))?;
-        let ident = (meta.dev(), meta.ino());
+    fn read_verified(&self, open: &Open, out: &mut [u8], offset: u64) -> io::Result<()> {
+        let file = &open.file;
         let check = self.check.get_or_init(|| Check::whole(self.id));
-        if check.is_verified_file(ident) {
+        if check.is_verified_file(open.ident) {
             return file
                 .read_exact_at(out, offset)
                 .map_err(|e| self.context("read", e));
         }
+        let meta = file.metadata().map_err(|e| self.context("stat", e))?;
         let mut whole = vec![0u8; meta.len() as usize];
         file.read_exact_at(&mut whole, 0)
             .map_err(|e| self.context("read", e))?;
-        check.verify_whole(ident, &whole)?;
+        check.verify_whole(open.ident, &whole)?;
         let src = whole
             .get(offset as usize..offset as usize + out.len())
             .ok_or_else(|| self.too_short(meta.len(), offset, out.len() as u64))?;
@@ -164,17 +220,28 @@ impl Object {
     }
 
     /// Like [`Object::read`], but only when no disk I/O can be needed: the object is
-    /// already mapped and `mincore` reports every page of the range resident (and, with
-    /// `verify`, the range already checked). `None` means "might block"; the caller then
-    /// reads on an I/O thread.
+    /// already mapped and `mincore` reports every page of the range resident, or it is a
+    /// small object whose descriptor is open and `preadv2(RWF_NOWAIT)` finds the range in
+    /// the page cache (and, with `verify`, the range already checked). `None` means "might
+    /// block"; the caller then reads on an I/O thread. `out` may be partly written.
     pub(super) fn read_resident(
         &self,
         out: &mut [u8],
         offset: u64,
         verify: bool,
     ) -> Option<io::Result<()>> {
-        let Some(Backing::Mapped(map)) = self.backing.get() else {
-            return None;
+        let map = match self.backing.get()? {
+            Backing::Mapped(map) => map,
+            Backing::Small { len, fd } => {
+                offset
+                    .checked_add(out.len() as u64)
+                    .filter(|&e| e <= *len)?;
+                let open = fd.get()?;
+                if verify && !self.check.get()?.is_verified_file(open.ident) {
+                    return None;
+                }
+                return pread_nowait(&open.file, out, offset);
+            }
         };
         if verify && !self.check.get()?.is_verified(offset, out.len() as u64) {
             return None;
@@ -185,7 +252,6 @@ impl Object {
         if out.is_empty() {
             return Some(Ok(()));
         }
-        const PAGE: usize = 4096;
         let first = offset as usize / PAGE * PAGE;
         let span = end as usize - first;
         let pages = span.div_ceil(PAGE);
@@ -220,7 +286,12 @@ impl Object {
         let file = self.open()?;
         let len = file.metadata().map_err(|e| self.context("stat", e))?.len();
         let backing = if len < MAP_MIN {
-            Backing::Small { len }
+            let fd = Arc::new(Slot::default());
+            // Keep the descriptor we already have rather than open it again on first read.
+            let open = open_of(file)?;
+            fd.get_or_open(|| Ok(open))
+                .map_err(|e| self.context("stat", e))?;
+            Backing::Small { len, fd }
         } else {
             // SAFETY: store objects are immutable: they are written under tmp/, renamed
             // into place read-only and never modified or truncated afterwards (gc only
@@ -228,11 +299,34 @@ impl Object {
             // against the mapping's length, fixed at map time.
             Backing::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?)
         };
-        Ok(self.backing.get_or_init(|| backing))
+        let mut ours = Some(backing);
+        let won = self
+            .backing
+            .get_or_init(|| ours.take().expect("taken once"));
+        // Another thread set up the backing first: close the descriptor we registered.
+        if let Some(Backing::Small { fd, .. }) = ours {
+            fd.close();
+        }
+        Ok(won)
     }
 
     fn open(&self) -> io::Result<File> {
-        File::open(&self.path).map_err(|e| self.context("open", e))
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NOATIME: a read of a served object need not update its inode (reads showed
+        // up as `touch_atime` in profiles). Only the owner may ask; others open plainly.
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME)
+            .open(&self.path)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(&self.path),
+            r => r,
+        }
+        .map_err(|e| self.context("open", e))
+    }
+
+    fn open_small(&self) -> io::Result<Open> {
+        open_of(self.open()?).map_err(|e| self.context("stat", e))
     }
 
     fn context(&self, op: &str, e: io::Error) -> io::Error {
@@ -252,4 +346,53 @@ impl Object {
             ),
         )
     }
+}
+
+const PAGE: usize = 4096;
+
+fn open_of(file: File) -> io::Result<Open> {
+    let meta = file.metadata()?;
+    Ok(Open {
+        file,
+        ident: (meta.dev(), meta.ino()),
+        advised: AtomicBool::new(false),
+    })
+}
+
+/// `pread` of `out.len()` bytes at `offset` that fails (`None`) rather than wait for the
+/// disk: `RWF_NOWAIT` returns what the page cache holds, and `EAGAIN` once it holds none.
+fn pread_nowait(file: &File, out: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    let mut done = 0;
+    while done < out.len() {
+        let rest = &mut out[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        // SAFETY: the iovec points into `out`, which is live and exclusively borrowed for
+        // the duration of the call; the descriptor is owned by `file`.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match n {
+            // End of file before the range's end: let the blocking read report it.
+            0 => return None,
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Not cached, or RWF_NOWAIT unsupported here: read on an I/O thread.
+                    _ => None,
+                };
+            }
+        }
+    }
+    Some(Ok(()))
 }
