@@ -137,7 +137,9 @@ pub(crate) async fn serve(
         max_len,
     };
     let (rd, wr) = tokio::io::split(n.stream);
-    let mut rd = BufReader::with_capacity(256 << 10, rd);
+    // Room for hundreds of pipelined request headers per read(2); larger write payloads
+    // bypass it. Every connection holds it, idle or not: a farm has thousands.
+    let mut rd = BufReader::with_capacity(32 << 10, rd);
     let (tx, rx) = mpsc::unbounded_channel();
     let pool = workers.pool.clone();
     let writer = tokio::spawn(write_replies(wr, rx, counters.clone(), pool.clone()));
