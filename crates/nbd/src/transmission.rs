@@ -16,7 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, WriteHalf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::buffers::BufPool;
@@ -43,6 +43,8 @@ const INLINE_READ_MAX: u64 = 1 << 20;
 const INLINE_YIELD_BYTES: usize = 512 << 10;
 /// Write payloads arrive in pooled buffers of at most this size.
 const PAYLOAD_CHUNK: usize = 1 << 20;
+/// Replies gathered into one `writev` at most (`IOV_MAX` is 1024).
+const WRITE_BATCH: usize = 64;
 
 /// Why transmission ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,11 +287,66 @@ pub(crate) async fn serve(
 
 async fn write_replies(
     wr: WriteHalf<BoxIo>,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    counters: Arc<Counters>,
+    pool: Arc<BufPool>,
+) -> io::Result<()> {
+    if wr.is_write_vectored() {
+        write_gathered(wr, rx, counters, pool).await
+    } else {
+        write_buffered(wr, rx, counters, pool).await
+    }
+}
+
+/// Replies queued together go out in one `writev` from their own buffers: no copy
+/// into a staging buffer, one syscall per batch (plain sockets).
+async fn write_gathered(
+    mut wr: WriteHalf<BoxIo>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     counters: Arc<Counters>,
     pool: Arc<BufPool>,
 ) -> io::Result<()> {
-    // Small replies coalesce in the buffer; large ones bypass it.
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
+    while let Some(out) = rx.recv().await {
+        batch.push(out);
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(out) => batch.push(out),
+                Err(_) => break,
+            }
+        }
+        let mut slices: Vec<io::IoSlice<'_>> = batch
+            .iter()
+            .map(|o| io::IoSlice::new(&o.reply.bytes[..o.reply.len]))
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = wr.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut rest, n);
+        }
+        drop(slices);
+        for Outgoing { reply, _permit } in batch.drain(..) {
+            counters.sent.fetch_add(reply.len as u64, Ordering::Relaxed);
+            if reply.pooled {
+                pool.put(reply.bytes);
+            }
+        }
+    }
+    wr.flush().await?;
+    wr.shutdown().await
+}
+
+/// For streams without vectored writes (TLS): small replies coalesce in a buffer, so
+/// that a burst of them makes few records and syscalls; large ones bypass it.
+async fn write_buffered(
+    wr: WriteHalf<BoxIo>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    counters: Arc<Counters>,
+    pool: Arc<BufPool>,
+) -> io::Result<()> {
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     while let Some(out) = rx.recv().await {
         let Outgoing { reply, _permit } = out;
