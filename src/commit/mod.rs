@@ -177,7 +177,7 @@ pub fn commit(store: &Store, overlay: &str, name: &str) -> Result<CommitReport, 
         overlay: overlay.to_owned(),
         source,
     })?;
-    let tree = store.put_tree_bytes(&manifest.to_bytes())?;
+    let tree = image::put_tree(store, &manifest)?;
     let mut trees = record.trees.clone();
     trees.push(tree);
     let opts = CreateOptions {

@@ -106,6 +106,23 @@ pub fn load_tree_view(store: &Store, id: &ObjectId) -> Result<TreeView, ImageErr
     TreeView::new(Arc::new(bytes)).map_err(|e| tree_err(e.into()))
 }
 
+/// Store a validated manifest (its JSON names it) together with its binary form, so the
+/// first image made of it needs no parse. Only failing to store the JSON is an error.
+pub fn put_tree(store: &Store, manifest: &Manifest) -> Result<ObjectId, StoreError> {
+    let id = store.put_tree_bytes(&manifest.to_bytes())?;
+    if !store.tree_cache_path(&id).exists() {
+        match binary::encode(manifest, &id) {
+            Ok(bytes) => {
+                if let Err(e) = store.put_tree_cache(&id, &bytes) {
+                    tracing::warn!(tree = %id, error = %e, "cannot write the tree cache");
+                }
+            }
+            Err(e) => tracing::warn!(tree = %id, error = %e, "no binary form for this tree"),
+        }
+    }
+    Ok(id)
+}
+
 /// Load and validate the manifest of tree `id`.
 pub fn load_tree(store: &Store, id: &ObjectId) -> Result<Manifest, ImageError> {
     let bytes = store.read_tree_bytes(id)?;

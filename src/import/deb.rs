@@ -66,7 +66,7 @@ pub fn import_debs(
         let after = read
             .get(i + 1)
             .map_or((sink.files, sink.data_bytes, sink.new_bytes), |r| r.3);
-        let tree = store.put_tree_bytes(&manifest.to_bytes())?;
+        let tree = crate::image::put_tree(store, manifest)?;
         out.push(Package {
             package: control.id(file),
             file: file.to_path_buf(),

@@ -116,7 +116,7 @@ pub fn import_dir(
     let files = jobs.len();
     let manifest = Manifest::new(found.into_iter().map(|f| f.entry).collect());
     debug_assert!(manifest.validate().is_ok(), "{:?}", manifest.validate());
-    let tree = store.put_tree_bytes(&manifest.to_bytes())?;
+    let tree = crate::image::put_tree(store, &manifest)?;
     Ok(ImportSummary {
         tree,
         entries: manifest.entries.len(),

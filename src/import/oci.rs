@@ -125,7 +125,7 @@ pub fn import_oci(
     store.commit(std::mem::take(&mut sink.staged))?;
     let mut layers = Vec::new();
     for (digest, mf) in &manifests {
-        let tree = store.put_tree_bytes(&mf.to_bytes())?;
+        let tree = crate::image::put_tree(store, mf)?;
         layers.push(LayerTree {
             digest: digest.clone(),
             tree,

@@ -119,7 +119,7 @@ pub fn import_tar(
     checked(label, &manifest)?;
     // Objects get their names only once the whole archive was read, then the tree.
     store.commit(std::mem::take(&mut sink.staged))?;
-    let tree = store.put_tree_bytes(&manifest.to_bytes())?;
+    let tree = crate::image::put_tree(store, &manifest)?;
     Ok(ImportSummary {
         tree,
         entries: manifest.entries.len(),
