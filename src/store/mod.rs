@@ -14,8 +14,9 @@
 //! ├── trees/ab/cdef…        tree manifests (JSON, `"format": 1`, see [`crate::tree`]), named
 //! │                         by the BLAKE3 of their serialized bytes
 //! ├── treecache/ab/cdef…    the binary form of each tree (see [`crate::tree::binary`]),
-//! │                         derived from its manifest when first loaded; disposable, local
-//! │                         (never the name of anything), removed by gc with its tree
+//! │                         written with the tree, or derived from its manifest when first
+//! │                         loaded; disposable, never the name of anything, removed by gc
+//! │                         with its tree
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
 //! ├── partial/ab/cdef…      objects being fetched from a remote store, sparse, with a
