@@ -9,17 +9,27 @@ use crate::store::Store;
 
 /// `store` as a cache of the remote at `url`: the remote's image records and trees are
 /// fetched now (they are small, and the layout needs them), object bytes as they are read.
+/// If the remote cannot be reached, the records fetched before are served.
 pub(super) fn attach(store: &Store, url: &str, endpoint: Option<&str>) -> anyhow::Result<Store> {
     let remote = Arc::new(
         Remote::open(url, endpoint)
             .with_context(|| format!("cannot open the remote store {url}"))?,
     );
-    let images = sync::pull_metadata(store, &remote, &[])
-        .with_context(|| format!("cannot fetch the image records of {url}"))?;
-    tracing::info!(
-        remote = url,
-        images = images.len(),
-        "serving the remote store's images"
-    );
+    match sync::pull_metadata(store, &remote, &[]) {
+        Ok(images) => tracing::info!(
+            remote = url,
+            images = images.len(),
+            "serving the remote store's images"
+        ),
+        // A host restarting during an outage still serves what it fetched before.
+        Err(e) if !store.list_images()?.is_empty() => tracing::warn!(
+            remote = url,
+            error = %anyhow::Error::from(e),
+            "cannot fetch the remote's image records; serving the ones fetched before"
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot fetch the image records of {url}"))
+        }
+    }
     Ok(store.clone().with_remote(remote))
 }

@@ -100,6 +100,9 @@ impl RemoteCache {
         } else {
             None
         };
+        if outboard.is_none() && self.fetch_small(&id)? {
+            return Ok(Fetched::Local);
+        }
         let outboard = match outboard {
             Some(o) => Some(o),
             None => match self.remote.get_content(Kind::Outboard, &id) {
@@ -118,7 +121,7 @@ impl RemoteCache {
             },
         };
         let Some(outboard) = outboard.filter(|o| o.len() > OUTBOARD_MIN) else {
-            self.fetch_whole(&id)?;
+            self.fetch_whole(&id, 2)?;
             return Ok(Fetched::Local);
         };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,10 +138,42 @@ impl RemoteCache {
         open.get(id).and_then(Weak::upgrade)
     }
 
-    /// Fetch `id` whole, check it, store it; one refetch on a mismatch.
-    fn fetch_whole(&self, id: &ObjectId) -> io::Result<()> {
+    /// One request for the first [`OUTBOARD_MIN`]` + 1` bytes of `id`: if that is all of
+    /// it, the object is small and now stored here (true); otherwise it has an outboard to
+    /// fetch (false). Saves small objects, the many, a round trip for the outboard.
+    fn fetch_small(&self, id: &ObjectId) -> io::Result<bool> {
+        if *id == ObjectId::of(b"") {
+            // An empty range cannot be requested; the empty object needs no fetching.
+            self.local.put_object_bytes(b"").map_err(io::Error::other)?;
+            return Ok(true);
+        }
+        let head = self
+            .remote
+            .get_object_range(id, 0..OUTBOARD_MIN + 1)
+            .map_err(backend)?;
+        if head.len() as u64 > OUTBOARD_MIN {
+            return Ok(false);
+        }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        for attempt in 0..2 {
+        self.stats
+            .bytes_fetched
+            .fetch_add(head.len() as u64, Ordering::Relaxed);
+        if ObjectId::of(&head) == *id {
+            self.local
+                .put_object_bytes(&head)
+                .map_err(io::Error::other)?;
+            return Ok(true);
+        }
+        self.stats.mismatches.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(object = %id, "fetched object does not match its name; fetching it again");
+        self.fetch_whole(id, 1)?;
+        Ok(true)
+    }
+
+    /// Fetch `id` whole, check it, store it; up to `tries` fetches while it mismatches.
+    fn fetch_whole(&self, id: &ObjectId, tries: u32) -> io::Result<()> {
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        for attempt in 1..=tries {
             let bytes = self.remote.get_content(Kind::Object, id).map_err(backend)?;
             self.stats
                 .bytes_fetched
@@ -150,7 +185,7 @@ impl RemoteCache {
                 return Ok(());
             }
             self.stats.mismatches.fetch_add(1, Ordering::Relaxed);
-            if attempt == 0 {
+            if attempt < tries {
                 tracing::warn!(object = %id, "fetched object does not match its name; fetching it again");
             }
         }
