@@ -136,12 +136,12 @@ fn deb_import() {
     let file = dir.path().join("fuzz.deb");
     let bar = indicatif::ProgressBar::hidden();
     std::fs::write(&file, seed_deb()).unwrap();
-    let seeded = tessera::import::import_debs(&store, &[file.clone()], &bar)
+    let seeded = tessera::import::import_debs(&store, std::slice::from_ref(&file), &bar)
         .expect("the seed package imports");
     assert_round_trip(&store, &seeded[0].summary.tree);
     let check = |input: &[u8]| {
         std::fs::write(&file, input).unwrap();
-        if let Ok(packages) = tessera::import::import_debs(&store, &[file.clone()], &bar) {
+        if let Ok(packages) = tessera::import::import_debs(&store, std::slice::from_ref(&file), &bar) {
             for p in &packages {
                 assert_round_trip(&store, &p.summary.tree);
             }
