@@ -141,7 +141,9 @@ fn deb_import() {
     assert_round_trip(&store, &seeded[0].summary.tree);
     let check = |input: &[u8]| {
         std::fs::write(&file, input).unwrap();
-        if let Ok(packages) = tessera::import::import_debs(&store, std::slice::from_ref(&file), &bar) {
+        if let Ok(packages) =
+            tessera::import::import_debs(&store, std::slice::from_ref(&file), &bar)
+        {
             for p in &packages {
                 assert_round_trip(&store, &p.summary.tree);
             }
