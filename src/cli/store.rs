@@ -163,6 +163,13 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 Some(r) => println!("dedup ratio:  {r:.2}"),
                 None => println!("dedup ratio:  -"),
             }
+            let (partial, kept) = crate::store::remote::cache::partial_objects(store.root());
+            if partial > 0 {
+                println!(
+                    "partial:      {partial} objects being fetched from a remote ({} kept)",
+                    human(kept)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -204,6 +204,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         ublk.shutdown();
     }
     served?;
+    remote::report(store);
     Ok(ExitCode::SUCCESS)
 }
 

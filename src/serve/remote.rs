@@ -33,3 +33,20 @@ pub(super) fn attach(store: &Store, url: &str, endpoint: Option<&str>) -> anyhow
     }
     Ok(store.clone().with_remote(remote))
 }
+
+/// What the cache did, on stderr when the server stops: reads answered from chunks already
+/// here, reads that fetched, bytes fetched and fetched ranges that did not match.
+pub(super) fn report(store: &Store) {
+    if let Some(cache) = store.remote_cache() {
+        let s = &cache.stats;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "remote {}: {} reads hit local chunks, {} missed, {} bytes fetched, {} mismatches",
+            cache.remote().url(),
+            n(&s.hits),
+            n(&s.misses),
+            n(&s.bytes_fetched),
+            n(&s.mismatches)
+        );
+    }
+}

@@ -44,6 +44,27 @@ pub struct CacheStats {
     pub mismatches: AtomicU64,
 }
 
+/// Objects of the store at `root` being fetched from a remote (files under `partial/`), and
+/// the disk their fetched chunks take.
+pub fn partial_objects(root: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut count, mut bytes) = (0, 0);
+    let Ok(fans) = fs::read_dir(root.join("partial")) else {
+        return (0, 0);
+    };
+    for fan in fans.flatten() {
+        for entry in fs::read_dir(fan.path()).into_iter().flatten().flatten() {
+            if let Ok(meta) = entry.metadata() {
+                bytes += meta.blocks() * 512;
+                if !entry.file_name().to_string_lossy().ends_with(".chunks") {
+                    count += 1;
+                }
+            }
+        }
+    }
+    (count, bytes)
+}
+
 /// A local store backed by a remote one.
 #[derive(Debug)]
 pub struct RemoteCache {
