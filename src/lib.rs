@@ -13,5 +13,5 @@ pub mod import;
 pub mod serve;
 pub mod store;
 pub mod tree;
-pub mod upkeep;
 pub mod ublk;
+pub mod upkeep;

@@ -45,7 +45,11 @@ fn pki(dir: &Path) {
         .current_dir(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn uri(sock: &Path, certs: &Path) -> String {
@@ -147,7 +151,10 @@ fn sighup_reloads_the_client_ca_and_keeps_open_connections() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!nbdinfo_ok(&uri(&served.sock, &ours)), "the old CA is no longer trusted");
+    assert!(
+        !nbdinfo_ok(&uri(&served.sock, &ours)),
+        "the old CA is no longer trusted"
+    );
     assert_eq!(read(&mut held), "4096", "the open connection still reads");
     drop(held.stdin.take());
     held.wait().unwrap();
