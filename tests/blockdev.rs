@@ -192,7 +192,7 @@ fn resident_reads_agree_with_read_at() {
     let mut pos = 0;
     let mut small = None;
     for piece in dev.layout().pieces(0, dev.size()) {
-        if matches!(piece, tessera_ext4::Piece::Data { len, .. } if len >= 8 && len < 4096) {
+        if matches!(piece, tessera_ext4::Piece::Data { len, .. } if (8..4096).contains(&len)) {
             small = Some((pos, piece.len() as usize));
             break;
         }
