@@ -45,6 +45,8 @@ const INLINE_YIELD_BYTES: usize = 512 << 10;
 const PAYLOAD_CHUNK: usize = 1 << 20;
 /// Replies gathered into one `writev` at most (`IOV_MAX` is 1024).
 const WRITE_BATCH: usize = 64;
+/// A batch stops growing once it holds this many bytes.
+const WRITE_BATCH_BYTES: usize = 64 << 10;
 
 /// Why transmission ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,10 +310,16 @@ async fn write_gathered(
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
     while let Some(out) = rx.recv().await {
+        let mut bytes = out.reply.len;
         batch.push(out);
-        while batch.len() < WRITE_BATCH {
+        // Large replies go alone: a batch holds every buffer and budget permit in it
+        // until its last byte is written, and a socket takes a few hundred KiB at a time.
+        while batch.len() < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(out) => batch.push(out),
+                Ok(out) => {
+                    bytes += out.reply.len;
+                    batch.push(out);
+                }
                 Err(_) => break,
             }
         }
