@@ -114,7 +114,7 @@ impl UblkDevice {
     /// Creates and starts a device serving `dev` as `export`, with `queues` queues.
     /// Returns once `/dev/ublkbN` exists.
     pub fn add(export: &str, dev: Arc<dyn Device>, queues: u16) -> Result<UblkDevice, AddError> {
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(u32, u16), String>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let read_only = dev.is_read_only();
         let size = dev.size();
@@ -123,8 +123,9 @@ impl UblkDevice {
             .name("tessera-ublk".into())
             .spawn(move || control_thread(name, dev, queues, ready_tx, stop_rx))
             .map_err(AddError::Thread)?;
-        let id = match ready_rx.recv() {
-            Ok(Ok(id)) => id,
+        // The driver may give fewer queues than asked (no more than CPUs).
+        let (id, queues) = match ready_rx.recv() {
+            Ok(Ok(started)) => started,
             Ok(Err(detail)) => {
                 let _ = thread.join();
                 return Err(AddError::Create {
@@ -203,7 +204,7 @@ fn control_thread(
     export: String,
     dev: Arc<dyn Device>,
     queues: u16,
-    ready: mpsc::Sender<Result<u32, String>>,
+    ready: mpsc::Sender<Result<(u32, u16), String>>,
     stop: mpsc::Receiver<()>,
 ) {
     let ctrl = match UblkCtrlBuilder::default()
@@ -221,6 +222,7 @@ fn control_thread(
         }
     };
     let id = ctrl.dev_info().dev_id;
+    let queues = ctrl.dev_info().nr_hw_queues;
     let params_dev = dev.clone();
     let started = ready.clone();
     // run_target wants a Sync closure; only this thread ever locks it.
@@ -232,7 +234,7 @@ fn control_thread(
         },
         move |qid, udev: &UblkDev| target::serve_queue(qid, udev, dev.clone()),
         move |ctrl| {
-            let _ = started.send(Ok(id));
+            let _ = started.send(Ok((id, queues)));
             // A dropped sender (the server going away without a stop) stops the device too.
             let _ = stop.lock().map(|rx| rx.recv());
             if let Err(e) = ctrl.kill_dev() {

@@ -57,6 +57,47 @@ pub fn check_available() -> Result<(), Unavailable> {
         .map_err(Unavailable::Control)
 }
 
+/// Devices a dead server left behind (its process gone, the device stopped, so no recovery
+/// can pick it up) keep their id and `/dev/ublkcN` until someone deletes them: delete them.
+/// On a thread of its own, since DEL_DEV waits while a filesystem on one is still mounted.
+fn sweep_dead_devices() {
+    let ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return;
+    }
+    let sweep = move || {
+        for id in ids {
+            let Ok(ctrl) = libublk::ctrl::UblkCtrl::new_simple(id as i32) else {
+                continue;
+            };
+            let info = ctrl.dev_info();
+            let pid = info.ublksrv_pid;
+            // STOP_DEV (ours, or the driver's once a server is gone) leaves -1; a pid of 0 is
+            // a device some server is still setting up: not ours to judge.
+            // SAFETY: signal 0 only asks whether the process exists.
+            let gone = pid == -1 || (pid > 0 && unsafe { libc::kill(pid, 0) } != 0);
+            if u32::from(info.state) == libublk::sys::UBLK_S_DEV_DEAD && gone {
+                eprintln!("ublk: deleting /dev/ublkc{id}, left stopped by a server that is gone");
+                if let Err(e) = ctrl.del_dev() {
+                    tracing::warn!(id, error = %e, "cannot delete a dead ublk device");
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("tessera-ublk-sweep".into())
+        .spawn(sweep)
+    {
+        tracing::warn!(error = %e, "cannot start the sweep of dead ublk devices");
+    }
+}
+
 /// `tessera serve`'s ublk options.
 #[derive(Debug, clap::Args)]
 pub struct UblkArgs {
@@ -69,7 +110,8 @@ pub struct UblkArgs {
     /// Open the ublk control socket even without --ublk, for `tessera ublk add` later
     #[arg(long)]
     pub ublk_control: bool,
-    /// Queues per ublk device (each served by its own thread)
+    /// Queues per ublk device, each served by its own thread (the driver allows no more
+    /// than the machine has CPUs)
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=2))]
     pub ublk_queues: u16,
@@ -101,6 +143,7 @@ impl Ublk {
     /// use, as with `serve --export`; the rest of the server's `policy` applies.
     pub fn new(store: &Store, queues: u16, policy: &Policy) -> anyhow::Result<Ublk> {
         check_available()?;
+        sweep_dead_devices();
         let policy = Policy {
             only: None,
             overlays: OverlayPolicy::Create,
@@ -173,8 +216,8 @@ impl Ublk {
         for (_, dev) in devices {
             if dev.in_use() {
                 report.push(format!(
-                    "{} ({}) is still mounted or open: left in place; its I/O fails from now on, unmount it and delete it with `tessera ublk del {}` under a new server",
-                    dev.info.block, dev.info.export, dev.info.id
+                    "{} ({}) is still mounted or open: left in place; once this server is gone the kernel removes its disk (I/O fails, the filesystem shuts down), and the next tessera serve --ublk deletes the rest",
+                    dev.info.block, dev.info.export
                 ));
                 dev.abandon();
             } else {

@@ -131,9 +131,10 @@ case_ublk() {
     GUEST_PID=$!
     remember_pid "$GUEST_PID"
     wait_guest "$glog" "$GUEST_PID" "$GUEST_START" ublk "$nonce"
+    # queues_listed=1: the guest has one vCPU, and the driver caps --ublk-queues 2 to that.
     expect_fields "$glog" ublk "$nonce" noserver=ok "manifest=$UBLK_MANIFEST_LINES" \
         lbs=4096 pbs=4096 dd=11 cmp=whole listed=2 unknown=ok mounted=ok busy=ok again=ok \
-        stopped=clean kept=yes fsck=clean mounted_report=yes
+        stopped=clean queues_listed=1 kept=yes fsck=clean mounted_report=yes swept=yes
     marker "$glog" ublk "$nonce" >> "$WORK/markers"
     report "ublk: one boot in ${BOOT_SECONDS}s: $(marker "$glog" ublk "$nonce" | cut -c1-400)"
 }
