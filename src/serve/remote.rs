@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::store::remote::{sync, Remote};
-use crate::store::Store;
+use std::collections::HashSet;
+
+use crate::store::remote::cache::RemoteCache;
+use crate::store::remote::{sync, trace, Remote};
+use crate::store::{ObjectId, Store};
 
 /// `store` as a cache of the remote at `url`: the remote's image records and trees are
 /// fetched now (they are small, and the layout needs them), object bytes as they are read.
@@ -31,13 +34,74 @@ pub(super) fn attach(store: &Store, url: &str, endpoint: Option<&str>) -> anyhow
             return Err(e).with_context(|| format!("cannot fetch the image records of {url}"))
         }
     }
-    Ok(store.clone().with_remote(remote))
+    let store = store.clone().with_remote(remote.clone());
+    // Replay the images' prefetch traces while the first clients connect.
+    let mut entries = Vec::new();
+    for name in store.list_images()? {
+        let bytes = trace::load_local(&store, &name).or_else(|| {
+            let b = remote.get_trace(&name).ok()?.to_vec();
+            let _ = trace::save_local(&store, &name, &b);
+            Some(b)
+        });
+        entries.extend(bytes.map(|b| trace::decode(&b)).unwrap_or_default());
+    }
+    if !entries.is_empty() {
+        tracing::info!(entries = entries.len(), "replaying prefetch traces");
+        let cache = store.remote_cache().expect("attached").clone();
+        trace::replay(cache, entries, PREFETCH_PARALLEL);
+    }
+    Ok(store)
+}
+
+/// Prefetches in flight at once.
+const PREFETCH_PARALLEL: usize = 4;
+
+/// When the server stops: images without a trace get one from what this server fetched for
+/// them, in order, kept locally and pushed (create-only: the first host's trace stays).
+fn save_traces(store: &Store, cache: &RemoteCache) {
+    let fetched = cache.fetched();
+    if fetched.is_empty() {
+        return;
+    }
+    for name in store.list_images().unwrap_or_default() {
+        if trace::load_local(store, &name).is_some() {
+            continue;
+        }
+        let Ok(objects) = image_objects(store, &name) else {
+            continue;
+        };
+        let mine: Vec<_> = fetched
+            .iter()
+            .filter(|e| objects.contains(&e.id))
+            .cloned()
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let bytes = trace::encode(&mine);
+        if let Err(e) = trace::save_local(store, &name, &bytes) {
+            tracing::warn!(image = name, error = %e, "cannot keep the prefetch trace");
+        }
+        if let Err(e) = cache.remote().put_trace(&name, bytes.into()) {
+            tracing::warn!(image = name, error = %anyhow::Error::from(e), "cannot push the prefetch trace");
+        }
+    }
+}
+
+fn image_objects(store: &Store, name: &str) -> anyhow::Result<HashSet<ObjectId>> {
+    let mut objects = HashSet::new();
+    for tree in crate::image::load(store, name)?.trees {
+        let manifest = crate::image::load_tree(store, &tree)?;
+        objects.extend(manifest.entries.iter().filter_map(|e| e.object));
+    }
+    Ok(objects)
 }
 
 /// What the cache did, on stderr when the server stops: reads answered from chunks already
 /// here, reads that fetched, bytes fetched and fetched ranges that did not match.
 pub(super) fn report(store: &Store) {
     if let Some(cache) = store.remote_cache() {
+        save_traces(store, cache);
         let s = &cache.stats;
         let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         eprintln!(

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::{Kind, Remote, RemoteError};
+use super::{trace, Kind, Remote, RemoteError};
 use crate::store::outboard::OUTBOARD_MIN;
 use crate::store::{ObjectId, Outboard, Store};
 
@@ -72,6 +72,8 @@ pub struct RemoteCache {
     remote: Arc<Remote>,
     open: Mutex<HashMap<ObjectId, Weak<Partial>>>,
     pub stats: CacheStats,
+    /// What was fetched, in order: the prefetch trace being recorded (see [`trace`]).
+    fetched: Mutex<Vec<trace::Entry>>,
 }
 
 /// What a read of a missing object goes through.
@@ -91,6 +93,36 @@ impl RemoteCache {
             remote,
             open: Mutex::new(HashMap::new()),
             stats: CacheStats::default(),
+            fetched: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn record(&self, id: ObjectId, chunks: Range<u64>) {
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        if fetched.len() < trace::MAX_ENTRIES {
+            fetched.push(trace::Entry { id, chunks });
+        }
+    }
+
+    /// Everything fetched since the cache was opened, in order.
+    pub fn fetched(&self) -> Vec<trace::Entry> {
+        self.fetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Fetch what `entry` names unless it is here already (a prefetch).
+    pub fn prefetch(self: &Arc<Self>, entry: &trace::Entry) -> io::Result<()> {
+        if self.local.has_object(&entry.id) {
+            return Ok(());
+        }
+        match self.open(entry.id)? {
+            Fetched::Local => Ok(()),
+            Fetched::Partial(p) => {
+                let chunks = entry.chunks.start.min(p.chunks())..entry.chunks.end.min(p.chunks());
+                p.ensure(chunks)
+            }
         }
     }
 
@@ -183,6 +215,7 @@ impl RemoteCache {
             self.local
                 .put_object_bytes(&head)
                 .map_err(io::Error::other)?;
+            self.record(*id, 0..0);
             return Ok(true);
         }
         self.stats.mismatches.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +236,7 @@ impl RemoteCache {
                 self.local
                     .put_object_bytes(&bytes)
                     .map_err(io::Error::other)?;
+                self.record(*id, 0..0);
                 return Ok(());
             }
             self.stats.mismatches.fetch_add(1, Ordering::Relaxed);
@@ -282,6 +316,10 @@ impl Partial {
 
     fn len(&self) -> u64 {
         self.outboard.len()
+    }
+
+    fn chunks(&self) -> u64 {
+        self.state.len() as u64
     }
 
     fn chunk_range(&self, c: u64) -> Range<u64> {
@@ -407,9 +445,10 @@ impl Partial {
         let marks = vec![1u8; (run.end - run.start) as usize];
         self.map.write_all_at(&marks, run.start)?;
         self.map.sync_data()?;
-        for c in run {
+        for c in run.clone() {
             self.state[c as usize].store(CHECKED, Ordering::Release);
         }
+        self.cache.record(self.id, run);
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! ├── objects/ab/cdef…         object bytes, named by their BLAKE3 like local objects
 //! ├── outboard/ab/cdef…        outboards of objects over 256 KiB (format in `outboard`)
 //! ├── trees/ab/cdef…           tree manifests, as opaque bytes
-//! └── images/NAME              image records, as opaque bytes
+//! ├── images/NAME              image records, as opaque bytes
+//! └── traces/NAME              prefetch traces of images (see [`trace`])
 //! ```
 //!
 //! Content-addressed uploads are create-only: an existing key already holds the same bytes,
@@ -23,6 +24,7 @@
 
 pub mod cache;
 pub mod sync;
+pub mod trace;
 
 use std::fmt;
 use std::future::Future;
@@ -354,6 +356,16 @@ impl Remote {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// The prefetch trace of image `name`.
+    pub fn get_trace(&self, name: &str) -> Result<Bytes, RemoteError> {
+        self.get(self.key(&format!("traces/{name}")))
+    }
+
+    /// Store the prefetch trace of image `name` unless it has one.
+    pub fn put_trace(&self, name: &str, bytes: Bytes) -> Result<bool, RemoteError> {
+        self.put_new(self.key(&format!("traces/{name}")), bytes)
     }
 
     pub fn get_image(&self, name: &str) -> Result<Bytes, RemoteError> {
