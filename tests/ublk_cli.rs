@@ -1,3 +1,4 @@
+#![cfg(feature = "ublk")]
 //! The ublk command line where the kernel has no ublk (this host; the devices themselves are
 //! tested in the vmtests guest, `vmtests/run ublk`): every refusal says what to do.
 

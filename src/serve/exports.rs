@@ -78,6 +78,21 @@ impl StoreExports {
         })
     }
 
+    /// Another set of exports under `policy` that shares this one's synthesized images and
+    /// leases: a second frontend (ublk) of the same server synthesizes an image once, not
+    /// once per frontend. Persistent overlays are attached per frontend (a second attach
+    /// of one overlay is refused as busy).
+    pub fn sharing(&self, policy: Policy) -> StoreExports {
+        StoreExports {
+            store: self.store.clone(),
+            policy,
+            default: None,
+            leases: self.leases.clone(),
+            cache: self.cache.clone(),
+            attached: Mutex::default(),
+        }
+    }
+
     /// The trees this server holds for its clients now.
     pub fn leased_trees(&self) -> Vec<crate::store::ObjectId> {
         self.leases.trees().into_iter().collect()

@@ -153,18 +153,18 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         ephemeral: args.ephemeral,
         overlay_connections: args.overlay_connections as usize,
     };
-    // ublk devices first: a refusal (an unknown image, an overlay in use) stops the start.
-    let ublk = args
-        .ublk
-        .wanted()
-        .then(|| crate::ublk::UblkServer::start(store, &args.ublk, &policy))
-        .transpose()?;
     let probe = StoreExports::new(store.clone(), policy.clone(), None)?;
     let listed = tessera_nbd::Exports::list(&probe);
     drop(probe);
     // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
     let default = (listed.len() == 1).then(|| listed[0].name.clone());
     let exports = Arc::new(StoreExports::new(store.clone(), policy.clone(), default)?);
+    // ublk devices first: a refusal (an unknown image, an overlay in use) stops the start.
+    let ublk = args
+        .ublk
+        .wanted()
+        .then(|| crate::ublk::UblkServer::start(store, &exports, &args.ublk, &policy))
+        .transpose()?;
     // A misspelt name in an allow-list would leave the intended export open to every
     // verified client: say so at start (names are resolved live, so this is a warning).
     for allow in &args.tls_allow {

@@ -15,10 +15,10 @@ use std::thread::JoinHandle;
 use libublk::ctrl::UblkCtrlBuilder;
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
-use serde::Serialize;
 use tessera_nbd::Device;
 
 use super::target;
+use super::DeviceInfo;
 
 /// Queue depth: enough for the kernel to keep a random-read workload busy; each tag has a
 /// buffer of [`IO_BUF_BYTES`].
@@ -26,22 +26,6 @@ const DEPTH: u16 = 128;
 /// Largest request, which becomes the device's `max_sectors`.
 const IO_BUF_BYTES: u32 = 512 << 10;
 const BLOCK_SHIFT: u8 = 12;
-
-/// What `tessera ublk list` shows of a device.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub id: u32,
-    /// `/dev/ublkbN`, the block device.
-    pub block: String,
-    /// `/dev/ublkcN`, the server's side.
-    pub char: String,
-    /// The export name it serves (`IMAGE`, `IMAGE@OVERLAY`, `IMAGE+ephemeral`).
-    pub export: String,
-    pub read_only: bool,
-    pub size: u64,
-    pub queues: u16,
-    pub depth: u16,
-}
 
 /// A running device; [`UblkDevice::stop`] (or dropping it) stops and deletes it.
 pub struct UblkDevice {

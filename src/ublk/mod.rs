@@ -9,7 +9,13 @@
 //! server ([`control`]).
 
 pub mod control;
+#[cfg(feature = "ublk")]
 mod device;
+#[cfg(not(feature = "ublk"))]
+#[path = "absent.rs"]
+mod device;
+mod info;
+#[cfg(feature = "ublk")]
 mod target;
 
 use std::collections::BTreeMap;
@@ -18,8 +24,8 @@ use std::sync::{Arc, Mutex};
 
 use tessera_nbd::Exports;
 
-pub use device::DeviceInfo;
 use device::UblkDevice;
+pub use info::DeviceInfo;
 
 use crate::serve::{ExportName, OverlayPolicy, Policy, StoreExports};
 use crate::store::Store;
@@ -30,6 +36,10 @@ const CONTROL_DEV: &str = "/dev/ublk-control";
 /// Why this machine cannot make ublk devices, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
+    #[error(
+        "this tessera was built without ublk: build it with `cargo build --release --features ublk` (libublk's bindgen needs libclang-dev)"
+    )]
+    NotBuilt,
     #[error("ublk devices need root (CAP_SYS_ADMIN to create block devices): run tessera as root")]
     NotRoot,
     #[error(
@@ -42,6 +52,9 @@ pub enum Unavailable {
 
 /// Checks, before anything is opened, that devices can be made here.
 pub fn check_available() -> Result<(), Unavailable> {
+    if cfg!(not(feature = "ublk")) {
+        return Err(Unavailable::NotBuilt);
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Unavailable::NotRoot);
@@ -60,6 +73,7 @@ pub fn check_available() -> Result<(), Unavailable> {
 /// Devices a dead server left behind (its process gone, the device stopped, so no recovery
 /// can pick it up) keep their id and `/dev/ublkcN` until someone deletes them: delete them.
 /// On a thread of its own, since DEL_DEV waits while a filesystem on one is still mounted.
+#[cfg(feature = "ublk")]
 fn sweep_dead_devices() {
     let ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
         .map(|dir| {
@@ -141,8 +155,9 @@ impl Ublk {
     /// A frontend for `store`; `queues` per device (1 or 2). The operator names exports
     /// explicitly, so every mode is allowed and persistent overlays are created on first
     /// use, as with `serve --export`; the rest of the server's `policy` applies.
-    pub fn new(store: &Store, queues: u16, policy: &Policy) -> anyhow::Result<Ublk> {
+    pub fn new(nbd: &StoreExports, queues: u16, policy: &Policy) -> anyhow::Result<Ublk> {
         check_available()?;
+        #[cfg(feature = "ublk")]
         sweep_dead_devices();
         let policy = Policy {
             only: None,
@@ -151,7 +166,7 @@ impl Ublk {
             ..policy.clone()
         };
         Ok(Ublk {
-            exports: StoreExports::new(store.clone(), policy, None)?,
+            exports: nbd.sharing(policy),
             devices: Mutex::default(),
             queues,
         })
@@ -245,9 +260,14 @@ pub struct UblkServer {
 impl UblkServer {
     /// Makes a device for each of `args.exports` (printing its path), then opens the
     /// control socket. Fails, with every device made so far deleted, on the first refusal.
-    pub fn start(store: &Store, args: &UblkArgs, policy: &Policy) -> anyhow::Result<UblkServer> {
+    pub fn start(
+        store: &Store,
+        nbd: &StoreExports,
+        args: &UblkArgs,
+        policy: &Policy,
+    ) -> anyhow::Result<UblkServer> {
         let mut server = UblkServer {
-            ublk: Arc::new(Ublk::new(store, args.ublk_queues, policy)?),
+            ublk: Arc::new(Ublk::new(nbd, args.ublk_queues, policy)?),
             control: None,
         };
         for export in &args.exports {
