@@ -2,15 +2,13 @@
 //! same device a server would attach, taken under the same lock, so no client can attach
 //! (and write) while the command reads it, and a command never reads an attached one.
 
-use std::fs;
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
 use tessera_nbd::Device;
 
-use super::named::{overlays_dir, Lock, OverlayError, OverlayRecord};
-use super::{BlockMap, Overlay, State, BS};
+use super::named::{load_map, overlays_dir, read_record, Lock, OverlayError, OverlayRecord};
+use super::{Overlay, State, BS};
 
 /// Open the existing overlay `name` over `base`, which must be its image (`fingerprint`).
 /// Refused while a client is attached ([`OverlayError::Busy`]); while the returned overlay
@@ -26,34 +24,12 @@ pub fn open(
         source,
     };
     let dir = overlays_dir(store_root).join(name);
-    let bytes = match fs::read(dir.join("overlay.json")) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(OverlayError::NotFound(name.to_owned()))
-        }
-        Err(e) => return Err(io_err(e)),
-    };
-    let record: OverlayRecord = serde_json::from_slice(&bytes)
-        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    let record = read_record(&dir, name)?.ok_or_else(|| OverlayError::NotFound(name.to_owned()))?;
     let lock = Lock::try_exclusive(&dir.join("lock"))
         .map_err(io_err)?
         .ok_or_else(|| OverlayError::Busy(name.to_owned()))?;
-    if record.image_fingerprint != fingerprint {
-        return Err(OverlayError::WrongImage {
-            name: name.to_owned(),
-            image: record.image.clone(),
-            fingerprint: record.image_fingerprint.clone(),
-            wanted: record.image.clone(),
-            wanted_fingerprint: fingerprint.to_owned(),
-        });
-    }
-    let blocks = base.size().div_ceil(BS);
-    let map = match BlockMap::load(&dir.join("map"), blocks) {
-        Ok(m) => m,
-        // Created, but never flushed: nothing acknowledged as durable.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => BlockMap::new(blocks),
-        Err(e) => return Err(io_err(e)),
-    };
+    record.check_image(&record.image, fingerprint)?;
+    let map = load_map(&dir, name, base.size().div_ceil(BS))?;
     let overlay = Overlay::open_in(base, &dir, map, true, None, Box::new(lock)).map_err(io_err)?;
     Ok((overlay, record))
 }

@@ -127,6 +127,51 @@ impl Lock {
     }
 }
 
+impl OverlayRecord {
+    /// Refuses attaching this overlay to anything but the image it was made on.
+    pub(super) fn check_image(&self, image: &str, fingerprint: &str) -> Result<(), OverlayError> {
+        if self.image == image && self.image_fingerprint == fingerprint {
+            return Ok(());
+        }
+        Err(OverlayError::WrongImage {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            fingerprint: self.image_fingerprint.clone(),
+            wanted: image.to_owned(),
+            wanted_fingerprint: fingerprint.to_owned(),
+        })
+    }
+}
+
+/// The record of the overlay `name` in `dir`; `None` if it was never created.
+pub(super) fn read_record(dir: &Path, name: &str) -> Result<Option<OverlayRecord>, OverlayError> {
+    let io_err = |source| OverlayError::Io {
+        name: name.to_owned(),
+        source,
+    };
+    let bytes = match fs::read(dir.join("overlay.json")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))
+}
+
+/// The overlay's last saved block map, or an empty one if it never saved one: created
+/// but never flushed, so nothing was acknowledged as durable yet.
+pub(super) fn load_map(dir: &Path, name: &str, blocks: u64) -> Result<BlockMap, OverlayError> {
+    match BlockMap::load(&dir.join("map"), blocks) {
+        Ok(m) => Ok(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BlockMap::new(blocks)),
+        Err(source) => Err(OverlayError::Io {
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Whether the overlay `name` exists (has a record).
 pub fn exists(store_root: &Path, name: &str) -> bool {
     check_name(name).is_ok()
@@ -166,23 +211,12 @@ pub fn attach(
         source,
     };
     let dir = overlays_dir(store_root).join(name);
-    if !create && !dir.join("overlay.json").exists() {
-        return Err(OverlayError::NotFound(name.to_owned()));
-    }
     // An overlay of another image is refused as such even while attached: that is the
     // more useful of the two reasons.
-    if let Ok(bytes) = fs::read(dir.join("overlay.json")) {
-        if let Ok(record) = serde_json::from_slice::<OverlayRecord>(&bytes) {
-            if record.image != image || record.image_fingerprint != fingerprint {
-                return Err(OverlayError::WrongImage {
-                    name: name.to_owned(),
-                    image: record.image,
-                    fingerprint: record.image_fingerprint,
-                    wanted: image.to_owned(),
-                    wanted_fingerprint: fingerprint.to_owned(),
-                });
-            }
-        }
+    match read_record(&dir, name)? {
+        Some(record) => record.check_image(image, fingerprint)?,
+        None if !create => return Err(OverlayError::NotFound(name.to_owned())),
+        None => {}
     }
     fs::create_dir_all(&dir).map_err(io_err)?;
     let lock = Lock::try_exclusive(&dir.join("lock"))
@@ -190,27 +224,13 @@ pub fn attach(
         .ok_or_else(|| OverlayError::Busy(name.to_owned()))?;
     let blocks = base.size().div_ceil(BS);
     let record_path = dir.join("overlay.json");
-    let map = match fs::read(&record_path) {
-        Ok(bytes) => {
-            let record: OverlayRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-            if record.image != image || record.image_fingerprint != fingerprint {
-                return Err(OverlayError::WrongImage {
-                    name: name.to_owned(),
-                    image: record.image,
-                    fingerprint: record.image_fingerprint,
-                    wanted: image.to_owned(),
-                    wanted_fingerprint: fingerprint.to_owned(),
-                });
-            }
-            match BlockMap::load(&dir.join("map"), blocks) {
-                Ok(m) => m,
-                // Created, but never flushed: nothing acknowledged as durable yet.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => BlockMap::new(blocks),
-                Err(e) => return Err(io_err(e)),
-            }
+    // Read again under the lock: another server may have created it meanwhile.
+    let map = match read_record(&dir, name)? {
+        Some(record) => {
+            record.check_image(image, fingerprint)?;
+            load_map(&dir, name, blocks)?
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        None => {
             let record = OverlayRecord {
                 format: FORMAT,
                 name: name.to_owned(),
@@ -234,7 +254,6 @@ pub fn attach(
                 .map_err(io_err)?;
             BlockMap::new(blocks)
         }
-        Err(e) => return Err(io_err(e)),
     };
     let description = base
         .description()
@@ -255,15 +274,7 @@ pub fn info(store_root: &Path, name: &str) -> Result<OverlayInfo, OverlayError> 
         source,
     };
     let dir = overlays_dir(store_root).join(name);
-    let bytes = match fs::read(dir.join("overlay.json")) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(OverlayError::NotFound(name.to_owned()))
-        }
-        Err(e) => return Err(io_err(e)),
-    };
-    let record: OverlayRecord = serde_json::from_slice(&bytes)
-        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    let record = read_record(&dir, name)?.ok_or_else(|| OverlayError::NotFound(name.to_owned()))?;
     let blocks = record.size.div_ceil(BS);
     let changed_blocks = match BlockMap::load(&dir.join("map"), blocks) {
         Ok(m) => m.changed_blocks(),
