@@ -5,14 +5,20 @@
 
 use tessera_nbd::ExportInfo;
 
-use super::exports::{OverlayPolicy, Policy};
+use super::exports::{OverlayPolicy, Policy, StoreExports};
 use super::listen::ListenAddr;
-use super::spec::{ExportName, WriteMode};
+use super::spec::WriteMode;
 
 /// Exports beyond this many are listed by name only: a farm's server has thousands.
 const DETAILED: usize = 8;
 
-pub fn print(listen: &[ListenAddr], exports: &[ExportInfo], policy: &Policy, tls: bool) {
+pub fn print(
+    listen: &[ListenAddr],
+    exports: &[ExportInfo],
+    resolver: &StoreExports,
+    policy: &Policy,
+    tls: bool,
+) {
     for addr in listen {
         println!("listening on {addr}");
     }
@@ -21,18 +27,10 @@ pub fn print(listen: &[ListenAddr], exports: &[ExportInfo], policy: &Policy, tls
     }
     let addr = &listen[0];
     for (i, export) in exports.iter().enumerate() {
-        let writable = policy
-            .only
-            .as_ref()
-            .and_then(|specs| {
-                specs.iter().find(|s| {
-                    s.name.to_string() == export.name || (s.legacy && s.name.image == export.name)
-                })
-            })
-            .map(|s| s.name.mode != WriteMode::ReadOnly)
-            .unwrap_or_else(|| {
-                ExportName::parse(&export.name).is_some_and(|n| n.mode != WriteMode::ReadOnly)
-            });
+        // The mode a client asking for this name gets.
+        let writable = resolver
+            .resolve(&export.name)
+            .is_ok_and(|name| name.mode != WriteMode::ReadOnly);
         if i >= DETAILED {
             println!("export {} ({})", export.name, mode_word(writable));
             continue;

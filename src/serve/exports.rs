@@ -66,6 +66,12 @@ fn policy(msg: String) -> io::Error {
 }
 
 impl StoreExports {
+    /// Makes the empty export name (`nbd+unix://?socket=…`) mean `name`.
+    pub fn with_default(mut self, name: Option<String>) -> Self {
+        self.default = name;
+        self
+    }
+
     pub fn new(store: Store, policy: Policy, default: Option<String>) -> anyhow::Result<Self> {
         let leases = Leases::create(&store)?;
         Ok(StoreExports {
@@ -91,11 +97,6 @@ impl StoreExports {
             cache: self.cache.clone(),
             attached: Mutex::default(),
         }
-    }
-
-    /// The trees this server holds for its clients now.
-    pub fn leased_trees(&self) -> Vec<crate::store::ObjectId> {
-        self.leases.trees().into_iter().collect()
     }
 
     /// What `name` means here, or why it is refused (nothing is opened or created).

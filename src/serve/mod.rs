@@ -153,12 +153,11 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         ephemeral: args.ephemeral,
         overlay_connections: args.overlay_connections as usize,
     };
-    let probe = StoreExports::new(store.clone(), policy.clone(), None)?;
-    let listed = tessera_nbd::Exports::list(&probe);
-    drop(probe);
+    let exports = StoreExports::new(store.clone(), policy.clone(), None)?;
+    let listed = tessera_nbd::Exports::list(&exports);
     // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
-    let default = (listed.len() == 1).then(|| listed[0].name.clone());
-    let exports = Arc::new(StoreExports::new(store.clone(), policy.clone(), default)?);
+    let exports =
+        Arc::new(exports.with_default((listed.len() == 1).then(|| listed[0].name.clone())));
     // ublk devices first: a refusal (an unknown image, an overlay in use) stops the start.
     let ublk = args
         .ublk
@@ -194,7 +193,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let served = runtime.block_on(async {
         let listeners = listening.open().await?;
-        banner::print(&listen, &listed, &policy, tls_on);
+        banner::print(&listen, &listed, &exports, &policy, tls_on);
         tls::reload_on_sighup(&config.tls);
         tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
         listening.cleanup();

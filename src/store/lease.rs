@@ -71,12 +71,11 @@ impl Leases {
         fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         // Created under the store lock: a `gc` cannot see it before it is locked.
         let _lock = store.lock(false)?;
-        let nonce: u64 = {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            t.as_nanos() as u64 ^ (&dir as *const PathBuf as u64)
-        };
+        // A process may hold several (a test, say); create_new refuses a name in use.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
         let path = dir.join(format!("{}-{nonce:016x}", std::process::id()));
         let file = OpenOptions::new()
             .read(true)
@@ -124,12 +123,6 @@ impl Leases {
             self.write(&held)?;
         }
         Ok(guard)
-    }
-
-    /// Trees held now, as written to the lease file.
-    pub fn trees(&self) -> BTreeSet<ObjectId> {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.keys().copied().collect()
     }
 
     fn write(&self, held: &HashMap<ObjectId, usize>) -> Result<(), StoreError> {
