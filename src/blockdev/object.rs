@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use memmap2::Mmap;
+use tessera_nbd::pread_nowait;
 
 use super::check::Check;
 use super::fds::{Open, Slot};
@@ -357,42 +358,4 @@ fn open_of(file: File) -> io::Result<Open> {
         ident: (meta.dev(), meta.ino()),
         advised: AtomicBool::new(false),
     })
-}
-
-/// `pread` of `out.len()` bytes at `offset` that fails (`None`) rather than wait for the
-/// disk: `RWF_NOWAIT` returns what the page cache holds, and `EAGAIN` once it holds none.
-fn pread_nowait(file: &File, out: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-    let mut done = 0;
-    while done < out.len() {
-        let rest = &mut out[done..];
-        let iov = libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
-        };
-        // SAFETY: the iovec points into `out`, which is live and exclusively borrowed for
-        // the duration of the call; the descriptor is owned by `file`.
-        let n = unsafe {
-            libc::preadv2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                (offset + done as u64) as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        match n {
-            // End of file before the range's end: let the blocking read report it.
-            0 => return None,
-            n if n > 0 => done += n as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // Not cached, or RWF_NOWAIT unsupported here: read on an I/O thread.
-                    _ => None,
-                };
-            }
-        }
-    }
-    Some(Ok(()))
 }

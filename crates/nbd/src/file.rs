@@ -76,41 +76,7 @@ impl Device for FileDevice {
     }
 
     fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            let iov = libc::iovec {
-                iov_base: rest.as_mut_ptr().cast(),
-                iov_len: rest.len(),
-            };
-            // SAFETY: the iovec points into `buf`, which is live and
-            // exclusively borrowed for the duration of the call.
-            let n = unsafe {
-                libc::preadv2(
-                    self.file.as_raw_fd(),
-                    &iov,
-                    1,
-                    (offset + done as u64) as libc::off_t,
-                    libc::RWF_NOWAIT,
-                )
-            };
-            match n {
-                // Past EOF cannot happen (the server checks ranges); treat
-                // it like "not cached" and let read_at report it.
-                0 => return None,
-                n if n > 0 => done += n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    return match e.raw_os_error() {
-                        // Not cached, or RWF_NOWAIT unsupported here.
-                        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => None,
-                        Some(libc::EINTR) => continue,
-                        _ => Some(Err(e)),
-                    };
-                }
-            }
-        }
-        Some(Ok(()))
+        pread_nowait(&self.file, buf, offset)
     }
 
     fn description(&self) -> Option<String> {
@@ -236,4 +202,39 @@ impl Device for FileDevice {
         }
         Ok(runs)
     }
+}
+
+/// `pread` of `buf.len()` bytes at `offset` that gives up (`None`) rather than wait for the
+/// disk: `RWF_NOWAIT` returns what the page cache holds, and `EAGAIN` once it holds none.
+/// What a file-backed [`Device::read_at_cached`] needs; any error is left to the blocking
+/// read that follows, which reports it with its context.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        // SAFETY: the iovec points into `buf`, which is live and exclusively borrowed for
+        // the duration of the call; the descriptor is owned by `file`.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match n {
+            // End of file before the range's end: let the blocking read report it.
+            0 => return None,
+            n if n > 0 => done += n as usize,
+            _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => continue,
+            // Not cached, RWF_NOWAIT unsupported here, or a real error.
+            _ => return None,
+        }
+    }
+    Some(Ok(()))
 }

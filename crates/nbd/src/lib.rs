@@ -62,7 +62,7 @@ pub use config::{BlockSize, ClientAllowList, Config, TlsMode};
 pub use device::{Device, Extent, ZeroFlags};
 pub use error::{OptionError, RequestError, SessionError, TlsConfigError};
 pub use exports::{Export, ExportInfo, ExportMap, Exports};
-pub use file::FileDevice;
+pub use file::{pread_nowait, FileDevice};
 pub use mem::MemDevice;
 pub use server::{run, run_all, Listener};
 pub use tls::{PeerIdentity, TlsFiles, TlsServer};
