@@ -301,7 +301,8 @@ async fn write_replies(
 }
 
 /// Replies queued together go out in one `writev` from their own buffers: no copy
-/// into a staging buffer, one syscall per batch (plain sockets).
+/// into a staging buffer, one syscall per batch (plain sockets, and TLS streams that
+/// take vectored writes).
 async fn write_gathered(
     mut wr: WriteHalf<BoxIo>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
@@ -341,6 +342,12 @@ async fn write_gathered(
             if reply.pooled {
                 pool.put(reply.bytes);
             }
+        }
+        // A TLS stream takes vectored writes too, but may keep records it could not send
+        // yet until flushed; without this, a reply could wait for the next one forever.
+        // (A plain socket's flush does nothing.)
+        if rx.is_empty() {
+            wr.flush().await?;
         }
     }
     wr.flush().await?;
