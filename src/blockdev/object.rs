@@ -97,8 +97,9 @@ impl Object {
         }
     }
 
-    /// With a remote store: the object being fetched from it, if the local store lacks it
-    /// (a small object is fetched whole here and then read like any local one).
+    /// With a remote store: the object's handle in its cache, if the local store lacks it
+    /// or holds it as fetched from the remote (so `--cache-size` may evict it; see
+    /// `store::remote::cache`).
     fn fetching(&self) -> io::Result<Option<&Arc<Partial>>> {
         let Some(remote) = &self.remote else {
             return Ok(None);
@@ -106,7 +107,7 @@ impl Object {
         if let Some(p) = self.partial.get() {
             return Ok(Some(p));
         }
-        if self.backing.get().is_some() || self.path.exists() {
+        if self.backing.get().is_some() {
             return Ok(None);
         }
         match remote.open(self.id).map_err(|e| self.context("fetch", e))? {
@@ -162,6 +163,11 @@ impl Object {
     /// in parallel rather than one `pread` at a time. Small objects are advised whole, once
     /// per open descriptor. Errors are ignored (it is a hint; the read reports them).
     pub(super) fn prefetch(&self, offset: u64, len: u64) {
+        // An object read through a remote cache is never mapped or held open here: the
+        // cache may evict it.
+        if self.remote.is_some() && self.backing.get().is_none() {
+            return;
+        }
         let Ok(backing) = self.backing() else {
             return;
         };

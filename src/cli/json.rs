@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use crate::blockdev::overlay::named::OverlayInfo;
 use crate::image::{format_uuid, Built, ImageRecord, Runtime};
+use crate::store::remote::counters::Counts;
 use crate::store::ObjectId;
 use crate::upkeep::{GcReport, Problem, StoreStats, VerifyReport};
 
@@ -172,6 +173,18 @@ pub(super) struct StatsView<'a> {
     pub image_bytes: u64,
     /// `image_bytes / object_bytes`; `null` when the store holds no data.
     pub dedup_ratio: Option<f64>,
+    /// Bytes of objects imported or written here.
+    pub local_bytes: u64,
+    /// Objects (and their bytes) fetched from a remote store, whole or by `serve --remote`.
+    pub fetched_objects: usize,
+    pub fetched_bytes: u64,
+    /// Objects being fetched from a remote (`partial/`), and the disk their chunks take.
+    pub partial_objects: u64,
+    pub partial_bytes: u64,
+    /// What `serve --remote` caches did on this store, all servers summed; `null` if none
+    /// ran. Fields: `hits`, `misses` (reads that fetched), `bytes_fetched`, `mismatches`,
+    /// `evictions`, `bytes_evicted`.
+    pub remote_cache: Option<Counts>,
 }
 
 impl<'a> StatsView<'a> {
@@ -184,6 +197,12 @@ impl<'a> StatsView<'a> {
             images: s.images,
             image_bytes: s.image_bytes,
             dedup_ratio: s.dedup_ratio(),
+            local_bytes: s.object_bytes - s.fetched_bytes,
+            fetched_objects: s.fetched_objects,
+            fetched_bytes: s.fetched_bytes,
+            partial_objects: s.partial_objects,
+            partial_bytes: s.partial_bytes,
+            remote_cache: s.cache,
         }
     }
 }
@@ -253,6 +272,9 @@ pub(super) struct GcView {
     pub object_bytes: u64,
     pub trees: usize,
     pub tmp_files: usize,
+    /// Partial objects (being fetched from a remote) removed, and the disk they took.
+    pub partial_objects: usize,
+    pub partial_bytes: u64,
 }
 
 impl GcView {
@@ -263,6 +285,8 @@ impl GcView {
             object_bytes: r.object_bytes,
             trees: r.trees,
             tmp_files: r.tmp_files,
+            partial_objects: r.partial_objects,
+            partial_bytes: r.partial_bytes,
         }
     }
 }

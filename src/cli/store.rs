@@ -91,11 +91,13 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             }
             let verb = if dry_run { "would remove" } else { "removed" };
             println!(
-                "{verb} {} objects ({}), {} trees, {} temporary files",
+                "{verb} {} objects ({}), {} trees, {} temporary files, {} partial objects ({})",
                 r.objects,
                 human(r.object_bytes),
                 r.trees,
-                r.tmp_files
+                r.tmp_files,
+                r.partial_objects,
+                human(r.partial_bytes)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -163,11 +165,29 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 Some(r) => println!("dedup ratio:  {r:.2}"),
                 None => println!("dedup ratio:  -"),
             }
-            let (partial, kept) = crate::store::remote::cache::partial_objects(store.root());
-            if partial > 0 {
+            println!(
+                "local:        {} imported or written here",
+                human(s.object_bytes - s.fetched_bytes)
+            );
+            println!(
+                "fetched:      {} objects ({}) from a remote store",
+                s.fetched_objects,
+                human(s.fetched_bytes)
+            );
+            println!(
+                "partial:      {} objects being fetched from a remote ({} kept)",
+                s.partial_objects,
+                human(s.partial_bytes)
+            );
+            if let Some(c) = s.cache {
                 println!(
-                    "partial:      {partial} objects being fetched from a remote ({} kept)",
-                    human(kept)
+                    "remote cache: {} reads hit, {} fetched ({}), {} mismatches, {} evictions ({})",
+                    c.hits,
+                    c.misses,
+                    human(c.bytes_fetched),
+                    c.mismatches,
+                    c.evictions,
+                    human(c.bytes_evicted)
                 );
             }
             Ok(ExitCode::SUCCESS)

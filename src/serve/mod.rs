@@ -111,13 +111,17 @@ pub struct ServeArgs {
     /// S3 endpoint for servers other than AWS [default: $AWS_ENDPOINT_URL, $AWS_ENDPOINT]
     #[arg(long, value_name = "URL", requires = "remote")]
     pub endpoint: Option<String>,
+    /// With --remote: keep at most SIZE (512M, 2G…) of fetched object bytes in the local
+    /// store, evicting the least recently used objects not being read [default: no bound]
+    #[arg(long, value_name = "SIZE", requires = "remote", value_parser = crate::image::parse_size)]
+    pub cache_size: Option<u64>,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = &store.clone().verifying_reads(args.verify);
     let store = &match &args.remote {
-        Some(url) => remote::attach(store, url, args.endpoint.as_deref())?,
+        Some(url) => remote::attach(store, url, args.endpoint.as_deref(), args.cache_size)?,
         None => store.clone(),
     };
     // Before anything can start a thread: this unsets the LISTEN_* variables.

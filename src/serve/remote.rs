@@ -1,5 +1,6 @@
 //! `serve --remote URL`: the remote store's images, served from the local store as a cache.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -7,13 +8,18 @@ use anyhow::Context;
 use std::collections::HashSet;
 
 use crate::store::remote::cache::RemoteCache;
-use crate::store::remote::{sync, trace, Remote};
+use crate::store::remote::{counters, sync, trace, Remote};
 use crate::store::{ObjectId, Store};
 
 /// `store` as a cache of the remote at `url`: the remote's image records and trees are
 /// fetched now (they are small, and the layout needs them), object bytes as they are read.
 /// If the remote cannot be reached, the records fetched before are served.
-pub(super) fn attach(store: &Store, url: &str, endpoint: Option<&str>) -> anyhow::Result<Store> {
+pub(super) fn attach(
+    store: &Store,
+    url: &str,
+    endpoint: Option<&str>,
+    cache_size: Option<u64>,
+) -> anyhow::Result<Store> {
     let remote = Arc::new(
         Remote::open(url, endpoint)
             .with_context(|| format!("cannot open the remote store {url}"))?,
@@ -35,6 +41,13 @@ pub(super) fn attach(store: &Store, url: &str, endpoint: Option<&str>) -> anyhow
         }
     }
     let store = store.clone().with_remote(remote.clone());
+    let cache = store.remote_cache().expect("attached").clone();
+    if let Some(limit) = cache_size {
+        cache
+            .bound(limit)
+            .context("cannot count the objects fetched before")?;
+    }
+    keep_counting(store.root().to_path_buf(), cache.clone());
     // Replay the images' prefetch traces while the first clients connect.
     let mut entries = Vec::new();
     for name in store.list_images()? {
@@ -47,10 +60,40 @@ pub(super) fn attach(store: &Store, url: &str, endpoint: Option<&str>) -> anyhow
     }
     if !entries.is_empty() {
         tracing::info!(entries = entries.len(), "replaying prefetch traces");
-        let cache = store.remote_cache().expect("attached").clone();
         trace::replay(cache, entries, PREFETCH_PARALLEL);
     }
     Ok(store)
+}
+
+/// Add the cache's counters to the store's statistics now and then (see
+/// `store::remote::counters`), and say at info level when it evicted.
+fn keep_counting(root: PathBuf, cache: Arc<RemoteCache>) {
+    let spawned = std::thread::Builder::new()
+        .name("tessera-cache-stats".into())
+        .spawn(move || {
+            let mut said = (0, 0);
+            loop {
+                std::thread::sleep(counters::FLUSH_EVERY);
+                if let Err(e) = cache.stats.flush(&root) {
+                    tracing::warn!(error = %e, "cannot keep the remote cache's statistics");
+                }
+                let now = cache.stats.snapshot();
+                if now.evictions != said.0 {
+                    let (kept, limit) = cache.usage();
+                    tracing::info!(
+                        evicted = now.evictions - said.0,
+                        bytes = now.bytes_evicted - said.1,
+                        kept,
+                        limit,
+                        "cache of the remote store: evicted the least recently used objects"
+                    );
+                    said = (now.evictions, now.bytes_evicted);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start keeping the remote cache's statistics");
+    }
 }
 
 /// Prefetches in flight at once.
@@ -97,20 +140,27 @@ fn image_objects(store: &Store, name: &str) -> anyhow::Result<HashSet<ObjectId>>
     Ok(objects)
 }
 
-/// What the cache did, on stderr when the server stops: reads answered from chunks already
-/// here, reads that fetched, bytes fetched and fetched ranges that did not match.
+/// What the cache did, on stderr when the server stops (and added to the store's
+/// statistics): reads answered from bytes already here, reads that fetched, bytes fetched,
+/// fetched ranges that did not match, evictions.
 pub(super) fn report(store: &Store) {
     if let Some(cache) = store.remote_cache() {
         save_traces(store, cache);
-        let s = &cache.stats;
-        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = cache.stats.flush(store.root()) {
+            tracing::warn!(error = %e, "cannot keep the remote cache's statistics");
+        }
+        let s = cache.stats.snapshot();
+        let (kept, _) = cache.usage();
         eprintln!(
-            "remote {}: {} reads hit local chunks, {} missed, {} bytes fetched, {} mismatches",
+            "remote {}: {} reads hit local chunks, {} missed, {} bytes fetched, {} mismatches, \
+             {} objects evicted ({} bytes), {kept} fetched bytes kept",
             cache.remote().url(),
-            n(&s.hits),
-            n(&s.misses),
-            n(&s.bytes_fetched),
-            n(&s.mismatches)
+            s.hits,
+            s.misses,
+            s.bytes_fetched,
+            s.mismatches,
+            s.evictions,
+            s.bytes_evicted,
         );
     }
 }

@@ -207,10 +207,25 @@ impl Store {
 
     /// Store `bytes` as an object; a no-op if it exists.
     pub fn put_object_bytes(&self, bytes: &[u8]) -> Result<ObjectId, StoreError> {
+        self.put_object_from(bytes, None)
+    }
+
+    /// Store `bytes`, fetched from the remote store `origin`, as an object marked so
+    /// ([`remote::origin`]): a bounded cache of that remote may delete it again. A no-op if
+    /// it exists.
+    pub fn put_fetched_object(&self, bytes: &[u8], origin: &str) -> Result<ObjectId, StoreError> {
+        self.put_object_from(bytes, Some(origin))
+    }
+
+    fn put_object_from(&self, bytes: &[u8], origin: Option<&str>) -> Result<ObjectId, StoreError> {
         let id = ObjectId::of(bytes);
         if !self.has_object(&id) {
             atomic::write(self, &self.object_path(&id), 0o444, |f| {
-                Ok(io::Write::write_all(f, bytes)?)
+                io::Write::write_all(f, bytes)?;
+                if let Some(url) = origin {
+                    remote::origin::mark(f, url);
+                }
+                Ok(())
             })?;
             if bytes.len() as u64 > outboard::OUTBOARD_MIN {
                 let outboard = Outboard::compute(bytes).expect("longer than one group");

@@ -14,10 +14,15 @@ pub struct GcReport {
     /// Outboards whose object is gone (their bytes are not in `object_bytes`).
     pub outboards: usize,
     pub tmp_files: usize,
+    /// Objects being fetched from a remote (`partial/`) that nothing references, or that
+    /// are complete in `objects/` by now, and the disk their chunks took.
+    pub partial_objects: usize,
+    pub partial_bytes: u64,
 }
 
-/// Remove every tree no image or running server's lease names, every object no remaining tree names, and every file
-/// in `tmp/`. Holds the store lock exclusively, so no import is writing meanwhile. Stops
+/// Remove every tree no image or running server's lease names, every object no remaining
+/// tree names, every partial object (`partial/`, with its chunk map) of such an object,
+/// every stray file there, and every file in `tmp/`. Holds the store lock exclusively, so no import is writing meanwhile. Stops
 /// without removing anything if an image or a referenced tree cannot be read: deleting on
 /// partial knowledge could destroy live data. With `dry_run`, only counts.
 pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
@@ -65,6 +70,7 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
         remove(&store.outboard_path(id), dry_run)?;
         report.outboards += 1;
     }
+    partial(store, &live_objects, dry_run, &mut report)?;
     let tmp = store.tmp_dir();
     for entry in fs::read_dir(&tmp).map_err(|e| StoreError::io("list", &tmp, e))? {
         let entry = entry.map_err(|e| StoreError::io("list", &tmp, e))?;
@@ -72,6 +78,58 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
         report.tmp_files += 1;
     }
     Ok(report)
+}
+
+/// Partial objects: a server fetching one holds a lease on a tree naming it (it serves an
+/// image of that tree), so the object is live; the others are leftovers of removed images
+/// or of servers gone. Stray names (not an id, with or without `.chunks`) go too.
+fn partial(
+    store: &Store,
+    live: &HashSet<ObjectId>,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let top = store.root().join("partial");
+    let fans = match fs::read_dir(&top) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io("list", &top, e)),
+    };
+    for fan in fans {
+        let fan = fan.map_err(|e| StoreError::io("list", &top, e))?;
+        let fan_path = fan.path();
+        let fan_name = fan.file_name().to_string_lossy().into_owned();
+        if !fan_path.is_dir() {
+            remove(&fan_path, dry_run)?;
+            report.tmp_files += 1;
+            continue;
+        }
+        for entry in fs::read_dir(&fan_path).map_err(|e| StoreError::io("list", &fan_path, e))? {
+            let entry = entry.map_err(|e| StoreError::io("list", &fan_path, e))?;
+            let path = entry.path();
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let (base, is_map) = match file_name.strip_suffix(".chunks") {
+                Some(b) => (b, true),
+                None => (file_name.as_str(), false),
+            };
+            let id = format!("{fan_name}{base}").parse::<ObjectId>().ok();
+            let keep = id.is_some_and(|id| live.contains(&id) && !store.has_object(&id));
+            if keep {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&path).map_err(|e| StoreError::io("stat", &path, e))?;
+            remove(&path, dry_run)?;
+            match id {
+                Some(_) => {
+                    report.partial_bytes += meta.blocks() * 512;
+                    report.partial_objects += usize::from(!is_map);
+                }
+                None => report.tmp_files += 1,
+            }
+        }
+    }
+    Ok(())
 }
 
 fn remove(path: &std::path::Path, dry_run: bool) -> Result<(), StoreError> {

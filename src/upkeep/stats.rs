@@ -1,9 +1,12 @@
-//! `tessera store stats`: sizes, counts and the deduplication ratio.
+//! `tessera store stats`: sizes, counts, the deduplication ratio, and what came from a
+//! remote store.
 
 use std::collections::HashSet;
 use std::fs;
 
 use crate::image::{self, ImageError};
+use crate::store::remote::counters::{self, Counts};
+use crate::store::remote::{cache, origin};
 use crate::store::{Area, Store, StoreError};
 use crate::tree::Kind;
 
@@ -17,6 +20,15 @@ pub struct StoreStats {
     /// Bytes the images' file data would take stored separately, without deduplication:
     /// per image, the data of each inode (hardlinks count once, holes not at all).
     pub image_bytes: u64,
+    /// Objects fetched from a remote store (`serve --remote`, `store pull`), and their
+    /// bytes; the rest were imported or written here.
+    pub fetched_objects: usize,
+    pub fetched_bytes: u64,
+    /// Objects being fetched (`partial/`), and the disk their fetched chunks take.
+    pub partial_objects: u64,
+    pub partial_bytes: u64,
+    /// What the caches of remote stores did, summed over every server on this store.
+    pub cache: Option<Counts>,
 }
 
 impl StoreStats {
@@ -32,10 +44,18 @@ pub fn stats(store: &Store) -> Result<StoreStats, ImageError> {
     stats.objects = objects.len();
     for id in &objects {
         let path = store.object_path(id);
-        stats.object_bytes += fs::symlink_metadata(&path)
+        let len = fs::symlink_metadata(&path)
             .map_err(|e| StoreError::io("stat", &path, e))?
             .len();
+        stats.object_bytes += len;
+        if origin::of(&path).is_some() {
+            stats.fetched_objects += 1;
+            stats.fetched_bytes += len;
+        }
     }
+    (stats.partial_objects, stats.partial_bytes) = cache::partial_objects(store.root());
+    let root = store.root();
+    stats.cache = counters::load(root).map_err(|e| StoreError::io("read", root, e))?;
     stats.trees = store.list(Area::Tree)?.0.len();
     let images = store.list_images()?;
     stats.images = images.len();

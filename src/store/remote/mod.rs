@@ -23,6 +23,9 @@
 //! reads through); [`sync`] copies whole images either way (`store push`/`pull`).
 
 pub mod cache;
+pub mod counters;
+mod lru;
+pub mod origin;
 pub mod sync;
 pub mod trace;
 

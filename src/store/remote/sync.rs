@@ -229,7 +229,7 @@ pub fn pull(
             if ObjectId::of(&bytes) != **id {
                 return Err(SyncError::Mismatch { id: **id });
             }
-            store.put_object_bytes(&bytes)?;
+            store.put_fetched_object(&bytes, remote.url())?;
             fetched.fetch_add(1, Ordering::Relaxed);
             let d = done.fetch_add(bytes.len() as u64, Ordering::Relaxed) + bytes.len() as u64;
             progress(0, d);

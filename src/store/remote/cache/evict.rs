@@ -1,0 +1,150 @@
+//! `serve --cache-size`: deleting the least recently used fetched objects to keep the bytes
+//! fetched from the remote under a bound.
+//!
+//! The unit is a whole object: a fetched object in `objects/` (only one marked as fetched
+//! from this remote, see [`origin`]) or a partial one (its `.chunks` map first, then its
+//! file, so a crash between the two leaves chunks without marks, never marks without
+//! chunks). An object being read or prefetched holds its handle's pin and is skipped; its
+//! next read after an eviction fetches again. The bound is checked after every read and
+//! prefetch, once its pin is released, so it is exceeded by at most what reads in flight
+//! hold. Objects of the store when the server starts count too (oldest by modification
+//! time first), so the bound holds across restarts.
+//!
+//! Other servers on the same store may hold descriptors of files evicted here: they keep
+//! reading the (unlinked) files, or, for a whole object they open per read, fetch again.
+
+use std::fs;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::SystemTime;
+
+use super::{map_path, origin, RemoteCache, CHUNK};
+use crate::store::{Area, ObjectId};
+
+impl RemoteCache {
+    /// Keep at most `limit` bytes of objects fetched from the remote here: counts what
+    /// earlier runs fetched, and evicts down to the bound now.
+    pub fn bound(&self, limit: u64) -> io::Result<()> {
+        let _ = self.limit.set(limit);
+        let mut found: Vec<(SystemTime, ObjectId, u64)> = Vec::new();
+        let (objects, _) = self.local.list(Area::Object).map_err(io::Error::other)?;
+        for id in objects {
+            let path = self.local.object_path(&id);
+            if origin::of(&path).as_deref() != Some(self.remote.url()) {
+                continue;
+            }
+            if let Ok(meta) = fs::metadata(&path) {
+                found.push((meta.modified()?, id, meta.len()));
+            }
+        }
+        let fans = fs::read_dir(self.local.root().join("partial"))
+            .into_iter()
+            .flatten();
+        for fan in fans.flatten() {
+            for entry in fs::read_dir(fan.path()).into_iter().flatten().flatten() {
+                let name = format!(
+                    "{}{}",
+                    fan.file_name().to_string_lossy(),
+                    entry.file_name().to_string_lossy()
+                );
+                let (Ok(id), Ok(meta)) = (name.parse::<ObjectId>(), entry.metadata()) else {
+                    continue;
+                };
+                let marks = fs::read(map_path(&entry.path())).unwrap_or_default();
+                let held = marks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &m)| m == 1)
+                    .map(|(c, _)| CHUNK.min(meta.len().saturating_sub(c as u64 * CHUNK)))
+                    .sum();
+                found.push((meta.modified()?, id, held));
+            }
+        }
+        found.sort();
+        {
+            let mut lru = self.lru();
+            for (_, id, bytes) in &found {
+                lru.set(*id, *bytes);
+            }
+            tracing::info!(
+                remote = self.remote.url(),
+                limit,
+                objects = lru.count(),
+                bytes = lru.total(),
+                "cache of the remote store: fetched objects kept here"
+            );
+        }
+        self.enforce();
+        Ok(())
+    }
+
+    /// Evict the least recently used objects not in use until the fetched bytes here are
+    /// under the bound (with `--cache-size`; otherwise nothing).
+    pub(super) fn enforce(&self) {
+        let Some(&limit) = self.limit.get() else {
+            return;
+        };
+        if self.lru().total() <= limit {
+            return;
+        }
+        let _one = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        // No handle may be created while files go: a new one would open them.
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lru = self.lru();
+        let victims = lru.victims(limit, |id| match open.get(id).and_then(Weak::upgrade) {
+            Some(handle) => handle.evict(),
+            None => {
+                self.delete_files(id);
+                true
+            }
+        });
+        if victims.is_empty() {
+            return;
+        }
+        let mut freed = 0;
+        for (id, bytes) in &victims {
+            lru.remove(id);
+            freed += bytes;
+            tracing::debug!(object = %id, bytes, "evicted from the cache");
+        }
+        self.stats
+            .evictions
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        self.stats.bytes_evicted.fetch_add(freed, Ordering::Relaxed);
+        tracing::debug!(
+            objects = victims.len(),
+            bytes = freed,
+            kept = lru.total(),
+            limit,
+            "cache over its bound: evicted the least recently used"
+        );
+    }
+
+    /// Delete the files of the fetched object `id`: the object if it came from this remote,
+    /// and any partial file (map first). Missing files are fine.
+    pub(super) fn delete_files(&self, id: &ObjectId) {
+        let path = self.local.object_path(id);
+        if origin::of(&path).as_deref() == Some(self.remote.url()) {
+            remove(&path);
+        }
+        let partial = self.partial_path(id);
+        remove(&map_path(&partial));
+        remove(&partial);
+    }
+
+    /// Fetched bytes kept here now, and the bound.
+    pub fn usage(&self) -> (u64, Option<u64>) {
+        (self.lru().total(), self.limit.get().copied())
+    }
+}
+
+fn remove(path: &std::path::Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot evict a cached file")
+        }
+    }
+}
