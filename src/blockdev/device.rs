@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tessera_nbd::{Device, Extent};
+use tessera_nbd::{Device, Extent, FileRead};
 
 use super::ImageDevice;
 use crate::image::{ImageError, ImageRecord};
@@ -129,6 +129,12 @@ impl Device for ImageExport {
     /// to an I/O thread, which synthesizes it.
     fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         self.dev.get()?.read_at_resident(buf, offset)
+    }
+
+    /// Like `read_at_cached`: before the first read has synthesized the image, the
+    /// blocking path synthesizes it.
+    fn plan_read(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<Vec<FileRead>>> {
+        self.dev.get()?.plan_read(buf, offset)
     }
 
     fn description(&self) -> Option<String> {

@@ -9,6 +9,7 @@ mod export;
 mod fds;
 mod object;
 pub mod overlay;
+mod planned;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -27,6 +27,8 @@ use super::fds::{Open, Slot};
 use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
 
+pub(super) mod direct;
+
 /// Every image that names an object shares one [`Object`] for it, so a thousand images of
 /// one base tree hold one table entry and at most one mapping per object, not a thousand.
 /// Keyed by path (store root included); sound because objects are immutable files.

@@ -67,6 +67,9 @@ fn set_params(udev: &mut UblkDev, dev: &dyn Device) {
         }
     }
     let max_sectors = udev.dev_info.max_io_buf_bytes >> 9;
+    // A READ may become many file reads (one per object it spans) on the queue's ring.
+    udev.tgt.sq_depth = 2 * DEPTH;
+    udev.tgt.cq_depth = 4 * DEPTH;
     udev.tgt.dev_size = size;
     udev.tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC,

@@ -16,6 +16,8 @@ mod device;
 mod device;
 mod info;
 #[cfg(feature = "ublk")]
+mod reads;
+#[cfg(feature = "ublk")]
 mod target;
 
 use std::collections::BTreeMap;

@@ -1,18 +1,24 @@
 //! One queue of a ublk device: the kernel's I/O descriptors turned into calls on the same
 //! [`Device`] an NBD connection gets.
 //!
-//! Requests are served synchronously on the queue thread, one completion per request as it
-//! arrives: a read copies file data from the mapped store object (or metadata and zeros
-//! from the layout) straight into the request's buffer, which is the buffer the kernel
-//! copies to the bio's pages. That is one copy, as many as an io_uring `READ` from the
-//! object into the same buffer would make; a cold object costs a page fault on this thread
-//! instead of an SQE.
+//! A READ is planned ([`Device::plan_read`]): metadata, zeros and file data whose pages are
+//! resident (a `mincore` check of a mapped object, an `RWF_NOWAIT` pread of a small one)
+//! are copied into the request's buffer on the queue thread; what would wait on the disk
+//! becomes io_uring `READ`s from the store object straight into that buffer, on the
+//! queue's own ring ([`super::reads`]), and the request completes when the last of them
+//! does, while the queue takes other requests. Devices that cannot plan (overlays,
+//! `--verify`, objects still being fetched from a remote store) are read synchronously
+//! here, as are writes, flushes, discards and write-zeroes: an overlay's cold base read or
+//! its `fsync` holds up the queue. The copy count is the same either way: one, from the
+//! page cache into the buffer the kernel then copies to the bio's pages.
 
 use std::sync::Arc;
 
-use libublk::io::{BufDescList, UblkDev, UblkQueue};
-use libublk::{sys, BufDesc, UblkIORes};
-use tessera_nbd::{Device, ZeroFlags};
+use libublk::io::{with_task_io_ring_mut, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{sys, BufDesc, UblkIORes, UblkUringData};
+use tessera_nbd::{Device, FileRead, ZeroFlags};
+
+use super::reads::{InFlight, Outcome};
 
 /// Sector size of the ublk protocol, whatever the logical block size.
 const SECTOR_SHIFT: u32 = 9;
@@ -70,6 +76,35 @@ pub fn handle(
     }
 }
 
+/// How a READ goes: completed now (`Now`), or through file reads on the queue's ring.
+pub enum Read {
+    Now(i32),
+    Files(Vec<FileRead>),
+}
+
+/// Plans a READ (`start_sector`, `nr_sectors` from the descriptor) into `buf`: what the
+/// device has in memory or in the page cache is copied now; the rest becomes file reads.
+/// A device that cannot plan the range (see [`Device::plan_read`]) reads it here, blocking.
+pub fn plan(dev: &dyn Device, start_sector: u64, nr_sectors: u32, buf: &mut [u8]) -> Read {
+    let offset = start_sector << SECTOR_SHIFT;
+    let len = u64::from(nr_sectors) << SECTOR_SHIFT;
+    if offset.checked_add(len).is_none_or(|end| end > dev.size()) {
+        return Read::Now(-libc::EINVAL);
+    }
+    let Some(b) = buf.get_mut(..len as usize) else {
+        return Read::Now(-libc::EINVAL);
+    };
+    match dev.plan_read(b, offset) {
+        Some(Ok(reads)) if reads.is_empty() => Read::Now(len as i32),
+        Some(Ok(reads)) => Read::Files(reads),
+        Some(Err(e)) => Read::Now(errno(&e)),
+        None => Read::Now(match dev.read_at(b, offset) {
+            Ok(()) => len as i32,
+            Err(e) => errno(&e),
+        }),
+    }
+}
+
 /// The queue thread's body: fetches requests until the device is stopped.
 pub fn serve_queue(qid: u16, udev: &UblkDev, dev: Arc<dyn Device>) {
     let mut bufs = udev.alloc_queue_io_bufs();
@@ -82,11 +117,62 @@ pub fn serve_queue(qid: u16, udev: &UblkDev, dev: Arc<dyn Device>) {
             return;
         }
     };
-    queue.wait_and_handle_io(move |q: &UblkQueue, tag, _ctx| {
+    let mut flight = InFlight::new(bufs.len());
+    // For the log at the end: how many requests came, and how many waited on file reads.
+    let (mut requests, mut on_ring, mut file_reads) = (0u64, 0u64, 0u64);
+    let complete = |q: &UblkQueue, tag: u16, buf: &[u8], res: i32| {
+        if let Err(e) =
+            q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
+        {
+            tracing::error!(qid, tag, error = %e, "cannot complete a ublk request");
+        }
+    };
+    queue.wait_and_handle_io(|q: &UblkQueue, tag, ctx| {
+        let buf = bufs[tag as usize].as_mut_slice();
+        if ctx.is_tgt_io() {
+            match flight.complete(tag, ctx.result()) {
+                None => {}
+                Some(Outcome::Done(res)) => complete(q, tag, buf, res),
+                Some(Outcome::Failed { errno, got, want }) => {
+                    let iod = q.get_iod(tag);
+                    tracing::warn!(
+                        qid,
+                        tag,
+                        start = iod.start_sector,
+                        sectors = iod.nr_sectors,
+                        errno,
+                        got,
+                        want,
+                        "a file read of a ublk request failed or came back short"
+                    );
+                    complete(q, tag, buf, -libc::EIO);
+                }
+            }
+            return;
+        }
         let iod = q.get_iod(tag);
         let (op_flags, start, sectors) = (iod.op_flags, iod.start_sector, iod.nr_sectors);
-        let buf = bufs[tag as usize].as_mut_slice();
-        let res = handle(&*dev, op_flags, start, sectors, buf);
+        requests += 1;
+        let res = if op_flags & 0xff == sys::UBLK_IO_OP_READ {
+            match plan(&*dev, start, sectors, buf) {
+                Read::Now(res) => res,
+                Read::Files(reads) => {
+                    on_ring += 1;
+                    file_reads += reads.len() as u64;
+                    let len = (sectors as i32) << SECTOR_SHIFT;
+                    let data = |tag| UblkIOCtx::build_user_data(tag, sys::UBLK_IO_OP_READ, 0, true);
+                    flight.start(tag, buf, reads, len, data, |sqe| {
+                        if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+                            // Only a failed io_uring_enter while the ring is full gets here.
+                            tracing::error!(qid, tag, error = %e, "cannot queue a ublk file read");
+                        }
+                    });
+                    return;
+                }
+            }
+        } else {
+            handle(&*dev, op_flags, start, sectors, buf)
+        };
         if res < 0 && res != -libc::EOPNOTSUPP {
             tracing::warn!(
                 qid,
@@ -98,12 +184,39 @@ pub fn serve_queue(qid: u16, udev: &UblkDev, dev: Arc<dyn Device>) {
                 "ublk request failed"
             );
         }
-        if let Err(e) =
-            q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
-        {
-            tracing::error!(qid, tag, error = %e, "cannot complete a ublk request");
-        }
+        complete(q, tag, buf, res);
     });
+    // The queue is down, but the kernel may still be writing into request buffers: reap
+    // those reads before the buffers are freed.
+    let mut left = flight.busy();
+    if left > 0 {
+        tracing::info!(qid, tags = left, "waiting for file reads in flight");
+    }
+    while left > 0 {
+        let reaped = with_task_io_ring_mut(|ring: &mut io_uring::IoUring| {
+            if let Err(e) = ring.submit_and_wait(1) {
+                tracing::error!(qid, error = %e, "cannot wait for ublk file reads");
+                return None;
+            }
+            Some(
+                ring.completion()
+                    .map(|c| (c.user_data(), c.result()))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let Some(reaped) = reaped else { break };
+        for (data, res) in reaped {
+            if data & (UblkUringData::Target as u64) != 0 {
+                flight.complete(UblkIOCtx::user_data_to_tag(data) as u16, res);
+            }
+        }
+        left = flight.busy();
+    }
+    // If waiting failed, leak the buffers rather than free memory the kernel may write.
+    if left > 0 {
+        std::mem::forget(bufs);
+    }
+    tracing::info!(qid, requests, on_ring, file_reads, "ublk queue stopped");
 }
 
 #[cfg(test)]
@@ -188,6 +301,18 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         assert_eq!(&buf[..4096], &want[..]);
+    }
+
+    #[test]
+    fn reads_of_a_device_without_plans_are_read_in_place() {
+        let dev = Ram::new(SIZE, false);
+        let mut buf = vec![0u8; 8192];
+        assert!(matches!(plan(&dev, 8, 16, &mut buf), Read::Now(8192)));
+        let want: Vec<u8> = (4096..4096 + 8192).map(|i| (i % 251) as u8).collect();
+        assert_eq!(buf, want);
+        let last = (SIZE / 512) as u64;
+        assert!(matches!(plan(&dev, last - 8, 16, &mut buf), Read::Now(e) if e == -libc::EINVAL));
+        assert!(matches!(plan(&dev, 0, 32, &mut buf), Read::Now(e) if e == -libc::EINVAL));
     }
 
     #[test]

@@ -79,6 +79,14 @@ pub trait Device: Send + Sync + 'static {
         None
     }
 
+    /// For frontends that do their own file I/O (ublk over io_uring): fills into `buf` what
+    /// needs no waiting (metadata, zeros, data in the page cache) and returns the file
+    /// reads that complete it, in any order. `None` means the device cannot say (it has no
+    /// files behind it, or this range needs more than a file read): use `read_at`.
+    fn plan_read(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<Vec<crate::FileRead>>> {
+        None
+    }
+
     /// Free text shown to clients (NBD_INFO_DESCRIPTION, `nbdinfo`).
     fn description(&self) -> Option<String> {
         None
