@@ -543,3 +543,184 @@ fn a_trace_recorded_by_the_first_server_is_replayed_by_the_next() {
     );
     served.stop(Duration::from_secs(10));
 }
+
+/// Bytes of fetched object data in `store`: whole objects, and the marked chunks of
+/// partial ones (what `serve --cache-size` bounds).
+fn fetched_bytes(store: &Path) -> u64 {
+    let mut total = 0;
+    for id in objects_in(store) {
+        total += fs::metadata(Store::open(store).unwrap().object_path(&id))
+            .unwrap()
+            .len();
+    }
+    for fan in fs::read_dir(store.join("partial")).into_iter().flatten() {
+        for e in fs::read_dir(fan.unwrap().path()).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "chunks") {
+                continue;
+            }
+            let len = fs::metadata(&path).map_or(0, |m| m.len());
+            let mut map = path.clone().into_os_string();
+            map.push(".chunks");
+            let marks = fs::read(map).unwrap_or_default();
+            for (c, _) in marks.iter().enumerate().filter(|(_, &m)| m == 1) {
+                total += CHUNK.min(len - c as u64 * CHUNK);
+            }
+        }
+    }
+    total
+}
+
+const CHUNK: u64 = 1 << 20;
+
+/// A libnbd client that reads `len` bytes at `offset` of `uri` and keeps its connection
+/// (and so the server's lease on the image) until dropped.
+struct Holding(std::process::Child);
+
+impl Holding {
+    fn new(uri: &str, offset: u64, len: u64) -> Holding {
+        let script = "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+                      h.pread(int(sys.argv[3]),int(sys.argv[2]))\nprint('held',flush=True)\n\
+                      sys.stdin.read()\n";
+        let mut child = Command::new(PY)
+            .args(["-c", script, uri, &offset.to_string(), &len.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held");
+        Holding(child)
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_bounded_cache_stays_under_its_size_refetches_and_gc_and_stats_follow() {
+    let Some(_ceph) = ceph("remote: bounded cache") else {
+        return;
+    };
+    let _one = serial();
+    // About 8.3 MiB of file data: the 5 MiB object, one of 700 KiB, 60 small ones.
+    let (a, _src) = host_a(60);
+    let u = url("bounded");
+    a.ok(&["store", "push", "--to", &u]);
+    let a_img = export(&a);
+    let places = placements(&a.store, "web");
+    let a_store = Store::open(&a.store).unwrap();
+    let sizes: HashMap<ObjectId, u64> = objects_in(&a.store)
+        .into_iter()
+        .map(|id| (id, fs::metadata(a_store.object_path(&id)).unwrap().len()))
+        .collect();
+    let data: u64 = sizes.values().sum();
+    const LIMIT: u64 = 2 << 20;
+    assert!(data > 3 * LIMIT, "{data} bytes of data");
+
+    let b = Env::new();
+    let mut served = Served::start_logged(
+        &b,
+        "b.sock",
+        &b.path("b.log"),
+        &["--remote", &u, "--cache-size", "2M"],
+    );
+    let uri = served.uri("web");
+    // Every byte, by nbdcopy (4 connections, many reads in flight): right, and B keeps no
+    // more than the bound. Eviction runs after each read lets go of its object, so at
+    // rest nothing is in flight; one chunk of slack for a read that finished last.
+    let b_img = b.path("b.img");
+    let st = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&b_img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        fs::read(&b_img).unwrap() == a_img,
+        "B's export differs from A's"
+    );
+    let kept = fetched_bytes(&b.store);
+    // Objects B has not kept whole (the large one is never whole: it is over the bound).
+    let big = *places.iter().max_by_key(|p| p.2).unwrap();
+    assert!(kept <= LIMIT + CHUNK, "{kept} bytes kept, bound {LIMIT}");
+    let evicted: Vec<_> = places
+        .iter()
+        .filter(|p| p.0 != big.0 && !objects_in(&b.store).contains(&p.0))
+        .copied()
+        .collect();
+    assert!(!evicted.is_empty(), "nothing was evicted");
+
+    // Evicted data is fetched again when read, and still right.
+    for &(id, at, len) in &evicted {
+        let got = nbd_read(&uri, at, len).unwrap();
+        assert!(
+            got == a_img[at as usize..(at + len) as usize],
+            "object {id}"
+        );
+    }
+    let here = objects_in(&b.store);
+    assert!(
+        evicted.iter().all(|p| here.contains(&p.0)),
+        "re-read objects are here again"
+    );
+    assert!(fetched_bytes(&b.store) <= LIMIT + CHUNK);
+
+    // gc: a partial object a running server's client reads survives even with its image
+    // record gone (the lease covers it); an orphan one and a stray file do not.
+    let hex = big.0.to_hex();
+    let big_partial = b.store.join("partial").join(&hex[..2]).join(&hex[2..]);
+    let holding = Holding::new(&uri, big.1 + (3 << 20), 4096);
+    assert!(
+        big_partial.exists(),
+        "a chunk of the large object is being kept"
+    );
+    let orphan = ObjectId::of(b"no tree names this").to_hex();
+    let fan = b.store.join("partial").join(&orphan[..2]);
+    fs::create_dir_all(&fan).unwrap();
+    fs::write(fan.join(&orphan[2..]), vec![7u8; 5000]).unwrap();
+    fs::write(fan.join(format!("{}.chunks", &orphan[2..])), [1u8]).unwrap();
+    fs::write(fan.join("stray.tmp"), b"x").unwrap();
+    b.ok(&["image", "rm", "web"]);
+    let gc: serde_json::Value = serde_json::from_str(&b.ok(&["store", "gc", "--json"])).unwrap();
+    assert_eq!(gc["partial_objects"], 1, "{gc}");
+    assert!(
+        big_partial.exists(),
+        "the leased partial object was removed"
+    );
+    assert!(!fan.join(&orphan[2..]).exists() && !fan.join("stray.tmp").exists());
+    drop(holding);
+
+    // After the server: the store's statistics hold what it did.
+    assert!(served.stop(Duration::from_secs(10)).success());
+    let stats: serde_json::Value =
+        serde_json::from_str(&b.ok(&["store", "stats", "--json"])).unwrap();
+    let cache = &stats["remote_cache"];
+    let n = |k: &str| cache[k].as_u64().unwrap_or_else(|| panic!("{k}: {stats}"));
+    assert!(n("misses") >= sizes.len() as u64, "{stats}");
+    assert!(
+        n("bytes_fetched") >= data,
+        "everything was fetched at least once: {stats}"
+    );
+    assert!(
+        n("evictions") > 0 && n("bytes_evicted") >= data - LIMIT - CHUNK,
+        "{stats}"
+    );
+    assert_eq!(n("mismatches"), 0);
+    assert_eq!(stats["local_bytes"], 0, "B imported nothing: {stats}");
+    let here = objects_in(&b.store);
+    let here_bytes: u64 = here.iter().map(|id| sizes[id]).sum();
+    assert_eq!(stats["fetched_objects"], here.len(), "{stats}");
+    assert_eq!(stats["fetched_bytes"], here_bytes, "{stats}");
+    assert_eq!(stats["partial_objects"], 1, "{stats}");
+    // With neither image nor server left, gc takes the partial object too.
+    b.ok(&["store", "gc"]);
+    assert!(!big_partial.exists());
+}
