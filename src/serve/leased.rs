@@ -82,6 +82,13 @@ impl Device for Leased {
     fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         self.dev().read_at_cached(buf, offset)
     }
+    fn plan_read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Option<io::Result<Vec<tessera_nbd::FileRead>>> {
+        self.dev().plan_read(buf, offset)
+    }
     fn description(&self) -> Option<String> {
         self.dev().description()
     }
