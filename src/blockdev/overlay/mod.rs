@@ -14,6 +14,7 @@
 pub mod detached;
 mod map;
 pub mod named;
+mod planned;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,7 +34,8 @@ const BS: u64 = 4096;
 pub struct Overlay {
     base: Arc<dyn Device>,
     dir: PathBuf,
-    data: File,
+    /// Shared with planned reads in flight (`planned.rs`), which hold it until reaped.
+    data: Arc<File>,
     map: RwLock<BlockMap>,
     /// The in-memory map has changes the saved one lacks.
     map_dirty: AtomicBool,
@@ -90,7 +92,7 @@ impl Overlay {
         Ok(Overlay {
             base,
             dir: dir.to_path_buf(),
-            data,
+            data: Arc::new(data),
             map: RwLock::new(map),
             map_dirty: AtomicBool::new(false),
             rmw: Mutex::new(()),
@@ -229,6 +231,33 @@ impl Overlay {
     }
 }
 
+impl Overlay {
+    /// Walks `buf` (the device bytes at `offset`) in runs of one [`State`]: `f(state,
+    /// run's part of buf, run's device offset)`.
+    fn runs(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        mut f: impl FnMut(State, &mut [u8], u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BS;
+            let max_blocks = (end - block * BS).div_ceil(BS);
+            let (state, n) = self.map.read().unwrap().run(block, max_blocks);
+            let run_end = ((block + n) * BS).min(end);
+            f(
+                state,
+                &mut buf[(pos - offset) as usize..(run_end - offset) as usize],
+                pos,
+            )?;
+            pos = run_end;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Overlay {
     /// A client that disconnects cleanly without flushing (`nbdcopy` does not flush unless
     /// asked) still expects its completed writes to be there next time, as they would be
@@ -261,22 +290,22 @@ impl Device for Overlay {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / BS;
-            let max_blocks = (end - block * BS).div_ceil(BS);
-            let (state, n) = self.map.read().unwrap().run(block, max_blocks);
-            let run_end = ((block + n) * BS).min(end);
-            let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            match state {
-                State::Base => self.base.read_at(dst, pos)?,
-                State::Data => self.data.read_exact_at(dst, pos)?,
-                State::Zero => dst.fill(0),
+        self.runs(buf, offset, |state, dst, pos| match state {
+            State::Base => self.base.read_at(dst, pos),
+            State::Data => self.data.read_exact_at(dst, pos),
+            State::Zero => {
+                dst.fill(0);
+                Ok(())
             }
-            pos = run_end;
-        }
-        Ok(())
+        })
+    }
+
+    fn plan_read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Option<io::Result<Vec<tessera_nbd::FileRead>>> {
+        self.plan(buf, offset)
     }
 
     fn description(&self) -> Option<String> {
