@@ -109,6 +109,14 @@ build_ublk_initrd() {
     dep=$(module_depends "$root/lib/modules/ublk/ublk_drv.ko")
     [[ -z $dep ]] || die "ublk: ublk_drv needs modules this case does not load: $dep"
 
+    # The same store on an ext4 disk, for the cold-read check: in the initramfs every
+    # object is always in memory, so no read there ever waits on a disk.
+    command -v mkfs.ext4 > /dev/null || die "ublk: mkfs.ext4 (e2fsprogs) is needed for the store disk"
+    UBLK_STORE_DISK="$WORK/ublk-store.img"
+    rm -f "$UBLK_STORE_DISK"
+    mkfs.ext4 -q -F -d "$store" "$UBLK_STORE_DISK" "$(($(du -sm "$store" | cut -f1) + 64))M" ||
+        die "ublk: cannot make the store disk"
+
     UBLK_INITRD="$WORK/ublk-initrd.cpio.gz"
     {
         cat "$INITRD"
@@ -126,13 +134,14 @@ case_ublk() {
     timeout "$((TIMEOUT > 400 ? TIMEOUT : 400))" qemu-system-x86_64 -accel tcg -machine pc \
         -m "$UBLK_MEM" -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -kernel "$VMLINUZ" -initrd "$UBLK_INITRD" \
+        -drive "file=$UBLK_STORE_DISK,format=raw,if=virtio,snapshot=on" \
         -append "console=ttyS0 panic=-1 loglevel=4 tessera.case=ublk tessera.nonce=$nonce" \
         -serial "file:$glog" < /dev/null > "$glog.qemu" 2>&1 &
     GUEST_PID=$!
     remember_pid "$GUEST_PID"
     wait_guest "$glog" "$GUEST_PID" "$GUEST_START" ublk "$nonce"
     # queues_listed=1: the guest has one vCPU, and the driver caps --ublk-queues 2 to that.
-    expect_fields "$glog" ublk "$nonce" noserver=ok "manifest=$UBLK_MANIFEST_LINES" \
+    expect_fields "$glog" ublk "$nonce" noserver=ok cold=4x64k+3manifests "manifest=$UBLK_MANIFEST_LINES" \
         lbs=4096 pbs=4096 dd=11 cmp=whole listed=2 unknown=ok mounted=ok busy=ok again=ok \
         stopped=clean queues_listed=1 kept=yes fsck=clean mounted_report=yes swept=yes
     marker "$glog" ublk "$nonce" >> "$WORK/markers"
@@ -150,6 +159,7 @@ case_ublkbench() {
     timeout "$((TIMEOUT > 400 ? TIMEOUT : 400))" qemu-system-x86_64 -accel tcg -machine pc \
         -m "$UBLK_MEM" -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -kernel "$VMLINUZ" -initrd "$UBLK_INITRD" \
+        -drive "file=$UBLK_STORE_DISK,format=raw,if=virtio,snapshot=on" \
         -append "console=ttyS0 panic=-1 loglevel=4 tessera.case=ublkbench tessera.nonce=$nonce tessera.bench=1" \
         -serial "file:$glog" < /dev/null > "$glog.qemu" 2>&1 &
     GUEST_PID=$!
@@ -169,6 +179,8 @@ case_ublkbench() {
         echo "    ublk/nbd: QD32 IOPS $(ratio "$(get ublk_qd32_iops)" "$(get nbd_qd32_iops)")x," \
             "QD1 latency $(ratio "$(get ublk_qd1_lat_us)" "$(get nbd_qd1_lat_us)")x," \
             "seq $(ratio "$(get ublk_seq_mib_s)" "$(get nbd_seq_mib_s)")x"
+        echo "    ublk cold (store on a virtio disk, caches dropped, 4 O_DIRECT readers of 64 KiB):" \
+            "$(get ublk_cold1_mib_s) MiB/s, again $(get ublk_cold2_mib_s) MiB/s"
         echo "    ublk/loop: QD32 IOPS $(ratio "$(get ublk_qd32_iops)" "$(get loop_qd32_iops)")x," \
             "QD1 latency $(ratio "$(get ublk_qd1_lat_us)" "$(get loop_qd1_lat_us)")x," \
             "seq $(ratio "$(get ublk_seq_mib_s)" "$(get loop_seq_mib_s)")x"
