@@ -20,7 +20,10 @@
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
 //! ├── partial/ab/cdef…      objects being fetched from a remote store, sparse, with a
-//! │                         `.chunks` map beside each (see [`remote::cache`])
+//! │                         `.chunks` map beside each (see [`remote::cache`]); objects
+//! │                         fetched whole carry an xattr naming the remote ([`remote::origin`])
+//! ├── remote-stats.json     what `serve --remote` caches did, all servers summed
+//! │                         (see [`remote::counters`])
 //! ├── run/                  sockets and leases of running servers; `leases/` holds the
 //! │                         trees each server process serves, which gc keeps (see [`lease`])
 //! └── tmp/                  files being written
