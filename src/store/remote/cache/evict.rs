@@ -1,7 +1,9 @@
 //! `serve --cache-size`: deleting the least recently used fetched objects to keep the bytes
 //! fetched from the remote under a bound.
 //!
-//! The unit is a whole object: a fetched object in `objects/` (only one marked as fetched
+//! Like gc, eviction deletes only while it holds the store lock exclusively (it only tries,
+//! and skips a round while an import, an image create or gc holds it). The unit is a whole
+//! object: a fetched object in `objects/` (only one marked as fetched
 //! from this remote, see [`origin`]) or a partial one (its `.chunks` map first, then its
 //! file, so a crash between the two leaves chunks without marks, never marks without
 //! chunks). An object being read or prefetched holds its handle's pin and is skipped; its
@@ -89,6 +91,20 @@ impl RemoteCache {
             return;
         }
         let _one = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        // Deleting is done under the store lock held exclusively, as gc does, so no import
+        // or image create (shared) is between finding an object here and naming it. Never
+        // waited for: while one runs, the next read tries again.
+        let _store = match self.local.try_lock(true) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                tracing::debug!("the store is locked (import, gc): evicting later");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lock the store to evict");
+                return;
+            }
+        };
         // No handle may be created while files go: a new one would open them.
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut lru = self.lru();

@@ -199,6 +199,11 @@ fn a_bounded_cache_evicts_the_least_recently_used_but_nothing_in_use_or_local() 
     read(4, 0, 10);
     assert!(store.has_object(&ids[1]), "in use, so kept");
     drop(pin);
+    // Nothing is deleted while an import (the store lock, shared) is under way.
+    let import = store.lock(false).unwrap();
+    read(4, 2 * CHUNK, 10);
+    assert!(store.has_object(&ids[1]), "evicted under an import");
+    drop(import);
     read(4, 2 * CHUNK, 10);
     assert!(!store.has_object(&ids[1]), "evicted once not in use");
 }
