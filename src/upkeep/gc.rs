@@ -118,8 +118,21 @@ fn partial(
             if keep {
                 continue;
             }
-            let meta = fs::symlink_metadata(&path).map_err(|e| StoreError::io("stat", &path, e))?;
-            remove(&path, dry_run)?;
+            // A server completing it (a rename, not under the store lock) may have taken it
+            // since the listing.
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("stat", &path, e)),
+            };
+            match remove(&path, dry_run) {
+                Err(StoreError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue
+                }
+                r => r?,
+            }
             match id {
                 Some(_) => {
                     report.partial_bytes += meta.blocks() * 512;
