@@ -7,7 +7,7 @@ use clap::Subcommand;
 use super::json::{print as print_json, ImageDetailView, ImageView};
 use super::{human, progress_bar};
 use crate::blockdev::{self, ImageDevice};
-use crate::image::{self, format_uuid, parse_size, Built, CreateOptions, ImageRecord};
+use crate::image::{self, format_uuid, parse_size, CreateOptions, ImageRecord};
 use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
@@ -66,9 +66,11 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 inodes,
                 label,
             };
-            let (record, built) = image::create(store, &name, &trees, &opts)
+            let (record, planned) = image::create(store, &name, &trees, &opts)
                 .with_context(|| format!("cannot create image {name:?}"))?;
-            print_image(&record, &built);
+            // Created by sizing only: nothing is synthesized, so no memory figure.
+            let s = planned.summary;
+            print_image(&record, s.size, s.stats, planned.objects, None);
         }
         ImageCmd::List { json } => {
             let mut records = Vec::new();
@@ -100,7 +102,15 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&ImageDetailView::new(&record, &built))?;
             } else {
-                print_image(&record, &built);
+                let layout = &built.layout;
+                let memory = Some(layout.memory_bytes() as u64);
+                print_image(
+                    &record,
+                    layout.size(),
+                    layout.stats(),
+                    built.objects.len(),
+                    memory,
+                );
             }
         }
         ImageCmd::Rm { name } => {
@@ -125,8 +135,14 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_image(record: &ImageRecord, built: &Built) {
-    let stats = built.layout.stats();
+/// `memory`: what the synthesized layout holds, when the image was synthesized.
+fn print_image(
+    record: &ImageRecord,
+    size: u64,
+    stats: tessera_ext4::Stats,
+    objects: usize,
+    memory: Option<u64>,
+) {
     println!("name:     {}", record.name);
     for (i, tree) in record.trees.iter().enumerate() {
         println!("tree {i}:   {tree}");
@@ -141,20 +157,22 @@ fn print_image(record: &ImageRecord, built: &Built) {
     }
     println!("uuid:     {}", format_uuid(&record.uuid));
     println!("created:  {}", record.created);
-    println!(
-        "size:     {} ({} bytes)",
-        human(built.layout.size()),
-        built.layout.size()
-    );
+    println!("size:     {} ({} bytes)", human(size), size);
     println!("inodes:   {} ({} free)", stats.inodes, stats.free_inodes);
     println!(
         "blocks:   {} ({} free, {} of file data)",
         stats.blocks, stats.free_blocks, stats.data_blocks
     );
-    println!("objects:  {}", built.objects.len());
-    println!(
-        "metadata: {} generated, layout holds {} in memory",
-        human(stats.metadata_bytes),
-        human(built.layout.memory_bytes() as u64)
-    );
+    println!("objects:  {objects}");
+    match memory {
+        Some(m) => println!(
+            "metadata: {} generated, layout holds {} in memory",
+            human(stats.metadata_bytes),
+            human(m)
+        ),
+        None => println!(
+            "metadata: {}, generated when the image is first read",
+            human(stats.metadata_bytes)
+        ),
+    }
 }

@@ -1,11 +1,11 @@
 //! From merged manifests to the synthesizer's input, and the synthesized layout.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tessera_ext4::{
     DataHandle, FileData, FsTree, Layout, Metadata, Node, NodeId, NodeKind, Options, Segment,
-    Timestamp,
+    Summary, Timestamp,
 };
 
 use super::{load_tree_view, ImageError, ImageRecord};
@@ -28,27 +28,24 @@ pub struct Built {
     pub objects: Vec<ObjectId>,
 }
 
+/// What [`plan`] learns without synthesizing: the image lays out, its size and counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Planned {
+    pub summary: Summary,
+    /// Distinct objects the image's files point at.
+    pub objects: usize,
+}
+
 /// Merge the image's trees and lay them out as ext4. Reads manifests only.
 pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
     let start = Instant::now();
-    let layers = record
-        .trees
-        .iter()
-        .map(|id| load_tree_view(store, id))
-        .collect::<Result<Vec<_>, _>>()?;
-    let picks = merge::merge_picks(&layers);
-    let loaded = start.elapsed();
-    let composed = compose(&record.name, &layers, &picks)?;
+    let (composed, entries, loaded) = load_and_compose(store, record)?;
     let composed_at = start.elapsed();
-    let layout = tessera_ext4::build(&composed.tree, &options(record)).map_err(|source| {
-        ImageError::Ext4 {
-            name: record.name.clone(),
-            source,
-        }
-    })?;
+    let layout = tessera_ext4::build(&composed.tree, &options(record))
+        .map_err(|source| ext4_error(record, source))?;
     tracing::debug!(
         image = %record.name,
-        entries = picks.len(),
+        entries,
         load_ms = loaded.as_millis() as u64,
         compose_ms = (composed_at - loaded).as_millis() as u64,
         layout_ms = (start.elapsed() - composed_at).as_millis() as u64,
@@ -58,6 +55,51 @@ pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
         layout,
         objects: composed.objects,
     })
+}
+
+/// Check that the image lays out as ext4 and find its size and counts, as [`build`] would,
+/// without generating its metadata.
+pub fn plan(store: &Store, record: &ImageRecord) -> Result<Planned, ImageError> {
+    let start = Instant::now();
+    let (composed, entries, loaded) = load_and_compose(store, record)?;
+    let composed_at = start.elapsed();
+    let summary = tessera_ext4::plan(&composed.tree, &options(record))
+        .map_err(|source| ext4_error(record, source))?;
+    tracing::debug!(
+        image = %record.name,
+        entries,
+        load_ms = loaded.as_millis() as u64,
+        compose_ms = (composed_at - loaded).as_millis() as u64,
+        plan_ms = (start.elapsed() - composed_at).as_millis() as u64,
+        "planned"
+    );
+    Ok(Planned {
+        summary,
+        objects: composed.objects.len(),
+    })
+}
+
+fn ext4_error(record: &ImageRecord, source: tessera_ext4::Error) -> ImageError {
+    ImageError::Ext4 {
+        name: record.name.clone(),
+        source,
+    }
+}
+
+/// The merged tree of `record`, the number of merged entries and the time loading took.
+fn load_and_compose(
+    store: &Store,
+    record: &ImageRecord,
+) -> Result<(Composed, usize, Duration), ImageError> {
+    let start = Instant::now();
+    let layers = record
+        .trees
+        .iter()
+        .map(|id| load_tree_view(store, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let picks = merge::merge_picks(&layers);
+    let loaded = start.elapsed();
+    Ok((compose(&record.name, &layers, &picks)?, picks.len(), loaded))
 }
 
 fn options(record: &ImageRecord) -> Options {

@@ -24,10 +24,37 @@ const LOST_FOUND_BLOCKS: usize = 4;
 
 /// Lay out `tree` as an ext4 filesystem.
 pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
+    let p = place(tree, opts, Blocks::Write)?;
+    Ok(p.prep.emit(&p.geo, &p.place, p.size, p.min_size))
+}
+
+/// Whether [`Prepared`] writes the generated blocks of directories and slow symlinks or
+/// only counts them: counting is enough to size and check an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocks {
+    Write,
+    Count,
+}
+
+/// A tree prepared and placed: everything but the bytes.
+pub(crate) struct Placed<'a> {
+    pub prep: Prepared<'a>,
+    pub geo: Geometry,
+    pub place: Placement,
+    pub size: u64,
+    pub min_size: u64,
+}
+
+/// Number, prepare and place every inode of `tree`, and check that it fits.
+pub(crate) fn place<'a>(
+    tree: &FsTree,
+    opts: &'a Options,
+    blocks: Blocks,
+) -> Result<Placed<'a>, Error> {
     if opts.label.len() > 16 {
         return Err(Error::LabelTooLong);
     }
-    let prep = Prepared::new(tree, opts)?;
+    let prep = Prepared::new(tree, opts, blocks)?;
     let needed_inodes = prep.max_ino as u64;
     if let Some(n) = opts.inodes {
         if (n as u64) < needed_inodes {
@@ -61,15 +88,23 @@ pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
             needed: min_size,
         });
     }
-    Ok(prep.emit(&geo, &place, size, min_size))
+    Ok(Placed {
+        prep,
+        geo,
+        place,
+        size,
+        min_size,
+    })
 }
 
 /// What an inode holds besides its fields.
-enum Content {
+pub(crate) enum Content {
     /// Nothing outside `i_block` (fast symlinks, devices, fifos, sockets).
     Inline([u8; 60]),
     /// Generated blocks: directory blocks or a slow symlink's target.
     Meta(Vec<Vec<u8>>),
+    /// As many generated blocks as `Meta` would hold, not written ([`Blocks::Count`]).
+    Sized(u64),
     /// File data: `segs` are (first logical block, block count) ranges, all backed by
     /// consecutive blocks of the object behind `handle`. Empty for an empty file.
     Data {
@@ -80,42 +115,43 @@ enum Content {
 }
 
 impl Content {
-    fn blocks(&self) -> u64 {
+    pub fn blocks(&self) -> u64 {
         match self {
             Content::Inline(_) => 0,
             Content::Meta(b) => b.len() as u64,
+            Content::Sized(n) => *n,
             Content::Data { segs, .. } => segs.iter().map(|s| s.1).sum(),
         }
     }
 }
 
-struct Ino {
-    ino: u32,
+pub(crate) struct Ino {
+    pub ino: u32,
     fields: InodeFields,
-    content: Content,
-    xattr_block: Option<Vec<u8>>,
-    is_dir: bool,
+    pub content: Content,
+    pub xattr_block: Option<Vec<u8>>,
+    pub is_dir: bool,
 }
 
-struct Prepared<'a> {
+pub(crate) struct Prepared<'a> {
     opts: &'a Options,
     /// Root first, then inodes `FIRST_INO..=max_ino` in order.
-    inodes: Vec<Ino>,
-    max_ino: u32,
+    pub inodes: Vec<Ino>,
+    pub max_ino: u32,
 }
 
 /// Where everything went.
-struct Placement {
+pub(crate) struct Placement {
     block_bitmaps: Vec<u64>,
     inode_bitmaps: Vec<u64>,
     inode_tables: Vec<u64>,
     /// Per entry of `Prepared::inodes`: content runs, extent-tree blocks, xattr block.
-    runs: Vec<Vec<(u64, u64)>>,
-    tree_blocks: Vec<Vec<u64>>,
-    xattr_blocks: Vec<Option<u64>>,
+    pub runs: Vec<Vec<(u64, u64)>>,
+    pub tree_blocks: Vec<Vec<u64>>,
+    pub xattr_blocks: Vec<Option<u64>>,
     /// Every allocated range, in increasing order (superblock backups excluded).
-    used: Vec<(u64, u64)>,
-    end: u64,
+    pub used: Vec<(u64, u64)>,
+    pub end: u64,
 }
 
 fn file_type(kind: &NodeKind) -> u8 {
@@ -148,7 +184,7 @@ fn path_of(tree: &FsTree, parent: &[NodeId], node: NodeId) -> String {
 }
 
 impl<'a> Prepared<'a> {
-    fn new(tree: &FsTree, opts: &'a Options) -> Result<Prepared<'a>, Error> {
+    fn new(tree: &FsTree, opts: &'a Options, write: Blocks) -> Result<Prepared<'a>, Error> {
         let nodes = tree.nodes();
         if !matches!(nodes[0].kind, NodeKind::Dir(_)) {
             return Err(Error::RootNotDir);
@@ -292,18 +328,27 @@ impl<'a> Prepared<'a> {
                     } else {
                         ino_of[parent[node as usize] as usize]
                     };
-                    let (blocks, indexed) = dir::build(
-                        ino,
-                        parent_ino,
-                        &kids,
-                        &hash_seed,
-                        checksum::inode_seed(fs_seed, ino, 0),
-                    );
+                    let (content, indexed) = match write {
+                        Blocks::Write => {
+                            let (blocks, indexed) = dir::build(
+                                ino,
+                                parent_ino,
+                                &kids,
+                                &hash_seed,
+                                checksum::inode_seed(fs_seed, ino, 0),
+                            );
+                            (Content::Meta(blocks), indexed)
+                        }
+                        Blocks::Count => {
+                            let (n, indexed) = dir::shape(&kids, &hash_seed);
+                            (Content::Sized(n as u64), indexed)
+                        }
+                    };
                     fields.mode |= inode::S_IFDIR;
-                    fields.size = blocks.len() as u64 * BLOCK_SIZE;
+                    fields.size = content.blocks() * BLOCK_SIZE;
                     fields.flags =
                         inode::EXT4_EXTENTS_FL | if indexed { inode::EXT4_INDEX_FL } else { 0 };
-                    Content::Meta(blocks)
+                    content
                 }
                 NodeKind::Symlink(target) => {
                     fields.mode |= inode::S_IFLNK;
@@ -321,6 +366,9 @@ impl<'a> Prepared<'a> {
                         let mut blk = [0u8; 60];
                         blk[..target.len()].copy_from_slice(target);
                         Content::Inline(blk)
+                    } else if write == Blocks::Count {
+                        fields.flags = inode::EXT4_EXTENTS_FL;
+                        Content::Sized(1)
                     } else {
                         fields.flags = inode::EXT4_EXTENTS_FL;
                         let mut b = vec![0u8; BS];
@@ -428,21 +476,31 @@ impl<'a> Prepared<'a> {
     }
 
     fn extents(&self, idx: usize, runs: &[(u64, u64)]) -> Vec<Extent> {
-        let segs: Vec<(u64, u64)> = match &self.inodes[idx].content {
-            Content::Inline(_) => return Vec::new(),
-            Content::Meta(b) => vec![(0, b.len() as u64)],
-            Content::Data { segs, .. } => segs.clone(),
-        };
         let mut out = Vec::new();
+        self.each_extent(idx, runs, |e| out.push(e));
+        out
+    }
+
+    /// The inode's extents, in logical order, mapping its content onto `runs`.
+    fn each_extent(&self, idx: usize, runs: &[(u64, u64)], mut f: impl FnMut(Extent)) {
+        let generated;
+        let segs: &[(u64, u64)] = match &self.inodes[idx].content {
+            Content::Inline(_) => return,
+            c @ (Content::Meta(_) | Content::Sized(_)) => {
+                generated = [(0, c.blocks())];
+                &generated
+            }
+            Content::Data { segs, .. } => segs,
+        };
         let mut runs = runs.iter().copied();
         let (mut phys, mut left_in_run) = (0, 0);
-        for (mut logical, mut n) in segs {
+        for &(mut logical, mut n) in segs {
             while n > 0 {
                 if left_in_run == 0 {
                     (phys, left_in_run) = runs.next().expect("runs cover the content");
                 }
                 let len = n.min(left_in_run).min(extent::MAX_LEN);
-                out.push(Extent {
+                f(Extent {
                     logical: logical as u32,
                     len: len as u16,
                     physical: phys,
@@ -453,7 +511,6 @@ impl<'a> Prepared<'a> {
                 left_in_run -= len;
             }
         }
-        out
     }
 
     fn allocate(&self, geo: &Geometry) -> Placement {
@@ -483,7 +540,11 @@ impl<'a> Prepared<'a> {
         for (idx, r) in runs.iter().enumerate() {
             let n = match self.inodes[idx].content {
                 Content::Inline(_) => 0,
-                _ => extent::tree_blocks(self.extents(idx, r).len()),
+                _ => {
+                    let mut count = 0;
+                    self.each_extent(idx, r, |_| count += 1);
+                    extent::tree_blocks(count)
+                }
             };
             let at = if n > 0 {
                 take(&mut a, &mut used, n as u64)
@@ -562,7 +623,9 @@ impl<'a> Prepared<'a> {
                                 object_block += len;
                             }
                         }
-                        Content::Inline(_) => unreachable!(),
+                        Content::Inline(_) | Content::Sized(_) => {
+                            unreachable!("emitting needs written blocks")
+                        }
                     }
                 }
             }

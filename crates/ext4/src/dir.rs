@@ -55,20 +55,17 @@ fn seal_leaf(b: &mut [u8], inode_seed: u32) {
 /// `start` entries (`.` and `..`) go first in the first block. Returns the blocks and, for
 /// each block, the index of its first entry.
 fn pack_leaves(entries: &[Dirent], inode_seed: u32) -> (Vec<Vec<u8>>, Vec<usize>) {
-    let mut blocks = Vec::new();
-    let mut firsts = Vec::new();
-    let mut i = 0;
-    while i < entries.len() || blocks.is_empty() {
+    let firsts = leaf_firsts(entries);
+    let mut blocks = Vec::with_capacity(firsts.len());
+    for (k, &first) in firsts.iter().enumerate() {
+        let end = firsts.get(k + 1).copied().unwrap_or(entries.len());
         let mut b = vec![0u8; BS];
-        firsts.push(i);
         let mut at = 0;
         let mut last = None;
-        while i < entries.len() && at + rec_len(entries[i].name.len()) <= LEAF_SPACE {
-            let e = &entries[i];
+        for e in &entries[first..end] {
             put_dirent(&mut b, at, e.ino, rec_len(e.name.len()), e.name, e.ftype);
             last = Some(at);
             at += rec_len(e.name.len());
-            i += 1;
         }
         match last {
             Some(l) => put16(&mut b, l + 4, (LEAF_SPACE - l) as u16),
@@ -78,6 +75,95 @@ fn pack_leaves(entries: &[Dirent], inode_seed: u32) -> (Vec<Vec<u8>>, Vec<usize>
         blocks.push(b);
     }
     (blocks, firsts)
+}
+
+/// Where [`pack_leaves`] starts each leaf block: the index of its first entry. The one
+/// packing rule, shared by emitting and by [`shape`] so the two cannot disagree.
+fn leaf_firsts(entries: &[Dirent]) -> Vec<usize> {
+    let mut firsts = Vec::new();
+    let mut i = 0;
+    while i < entries.len() || firsts.is_empty() {
+        firsts.push(i);
+        let mut at = 0;
+        while i < entries.len() && at + rec_len(entries[i].name.len()) <= LEAF_SPACE {
+            at += rec_len(entries[i].name.len());
+            i += 1;
+        }
+    }
+    firsts
+}
+
+/// Entries of `.`, `..` and `children` in the order [`build`] stores them, and whether
+/// that is an htree: name order in one linear block when everything fits, else hash order.
+/// The `u32` pairs are each entry's (hash, minor hash), present for an htree.
+fn ordered<'a>(
+    ino: u32,
+    parent: u32,
+    children: &[Dirent<'a>],
+    hash_seed: &[u32; 4],
+) -> (Vec<Dirent<'a>>, Option<Vec<(u32, u32)>>) {
+    let dot = [
+        Dirent {
+            name: b".",
+            ino,
+            ftype: FT_DIR,
+        },
+        Dirent {
+            name: b"..",
+            ino: parent,
+            ftype: FT_DIR,
+        },
+    ];
+    let linear_len: usize = dot
+        .iter()
+        .chain(children)
+        .map(|e| rec_len(e.name.len()))
+        .sum();
+    if linear_len <= LEAF_SPACE {
+        let mut all = dot.to_vec();
+        all.extend(children.iter().cloned());
+        all[2..].sort_by(|a, b| a.name.cmp(b.name));
+        return (all, None);
+    }
+    let mut hashed: Vec<(u32, u32, Dirent)> = children
+        .iter()
+        .map(|e| {
+            let (h, minor) = half_md4(e.name, hash_seed);
+            (h, minor, e.clone())
+        })
+        .collect();
+    hashed.sort_by(|a, b| (a.0, a.1, a.2.name).cmp(&(b.0, b.1, b.2.name)));
+    let hashes = hashed.iter().map(|&(h, m, _)| (h, m)).collect();
+    (
+        hashed.into_iter().map(|(_, _, e)| e).collect(),
+        Some(hashes),
+    )
+}
+
+/// Index blocks an htree of `leaves` leaf blocks needs below its root.
+fn index_nodes(leaves: usize) -> usize {
+    let nodes = if leaves > ROOT_LIMIT {
+        leaves.div_ceil(NODE_LIMIT)
+    } else {
+        0
+    };
+    assert!(
+        nodes <= ROOT_LIMIT,
+        "directory too large for a two-level htree"
+    );
+    nodes
+}
+
+/// What [`build`] would return, without writing a block: the number of blocks and whether
+/// the directory is an htree. For sizing an image without emitting it.
+pub(crate) fn shape(children: &[Dirent], hash_seed: &[u32; 4]) -> (usize, bool) {
+    match ordered(0, 0, children, hash_seed) {
+        (_, None) => (1, false),
+        (sorted, Some(_)) => {
+            let leaves = leaf_firsts(&sorted).len();
+            (1 + index_nodes(leaves) + leaves, true)
+        }
+    }
 }
 
 /// An empty leaf block (no live entries), as in lost+found's spare blocks.
@@ -93,46 +179,18 @@ pub(crate) fn build(
     hash_seed: &[u32; 4],
     inode_seed: u32,
 ) -> (Vec<Vec<u8>>, bool) {
-    let dot = [
-        Dirent {
-            name: b".",
-            ino,
-            ftype: FT_DIR,
-        },
-        Dirent {
-            name: b"..",
-            ino: parent,
-            ftype: FT_DIR,
-        },
-    ];
-    let mut linear: Vec<Dirent> = dot.to_vec();
-    linear.extend(children.iter().cloned());
-    let linear_len: usize = linear.iter().map(|e| rec_len(e.name.len())).sum();
-    if linear_len <= LEAF_SPACE {
-        let mut sorted = children.to_vec();
-        sorted.sort_by(|a, b| a.name.cmp(b.name));
-        let mut all = dot.to_vec();
-        all.extend(sorted);
-        return (pack_leaves(&all, inode_seed).0, false);
-    }
-
-    let mut hashed: Vec<(u32, u32, Dirent)> = children
-        .iter()
-        .map(|e| {
-            let (h, minor) = half_md4(e.name, hash_seed);
-            (h, minor, e.clone())
-        })
-        .collect();
-    hashed.sort_by(|a, b| (a.0, a.1, a.2.name).cmp(&(b.0, b.1, b.2.name)));
-    let sorted: Vec<Dirent> = hashed.iter().map(|(_, _, e)| e.clone()).collect();
+    let (sorted, hashes) = ordered(ino, parent, children, hash_seed);
+    let Some(hashes) = hashes else {
+        return (pack_leaves(&sorted, inode_seed).0, false);
+    };
     let (leaves, firsts) = pack_leaves(&sorted, inode_seed);
     // Index hash of each leaf: its first hash, with the low bit set when the previous leaf
     // ends with the same hash (a collision chain continues across the split).
     let leaf_hash: Vec<u32> = firsts
         .iter()
         .map(|&f| {
-            let h = hashed[f].0;
-            if f > 0 && hashed[f - 1].0 == h {
+            let h = hashes[f].0;
+            if f > 0 && hashes[f - 1].0 == h {
                 h | 1
             } else {
                 h
@@ -140,15 +198,7 @@ pub(crate) fn build(
         })
         .collect();
 
-    let nodes = if leaves.len() > ROOT_LIMIT {
-        leaves.len().div_ceil(NODE_LIMIT)
-    } else {
-        0
-    };
-    assert!(
-        nodes <= ROOT_LIMIT,
-        "directory too large for a two-level htree"
-    );
+    let nodes = index_nodes(leaves.len());
     let first_leaf = 1 + nodes;
     let mut out = Vec::with_capacity(first_leaf + leaves.len());
 

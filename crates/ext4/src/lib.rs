@@ -5,6 +5,7 @@
 //! any byte range of the device, which parts are generated metadata, which are slices of a
 //! file's data object and which are zeros. The crate knows nothing of stores, files on disk
 //! or sockets, and is deterministic: the same tree and options give the same bytes.
+//! [`plan`] answers what `build` would (fits or not, size, counts) without the bytes.
 //!
 //! Every file's data starts on a 4 KiB block boundary and runs contiguously (split only
 //! where a superblock backup or the 128 MiB extent limit forces it), so image block `p + i`
@@ -24,6 +25,7 @@ mod layout;
 mod le;
 mod plan;
 pub mod read;
+mod summary;
 mod superblock;
 mod tree;
 mod xattr;
@@ -31,6 +33,7 @@ mod xattr;
 pub use build::build;
 pub use error::Error;
 pub use layout::{Layout, MetaSlice, Piece, Pieces, Stats};
+pub use summary::{plan, Summary};
 pub use tree::{
     DataHandle, DirEntry, FileData, FsTree, Metadata, Node, NodeId, NodeKind, Segment, Timestamp,
     Xattr,
