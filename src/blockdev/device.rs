@@ -131,6 +131,15 @@ impl Device for ImageExport {
         self.dev.get()?.read_at_resident(buf, offset)
     }
 
+    fn read_cached_shared(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<bytes::Bytes>,
+    ) -> Option<io::Result<()>> {
+        self.dev.get()?.read_resident_shared(offset, len, out)
+    }
+
     /// Like `read_at_cached`: before the first read has synthesized the image, the
     /// blocking path synthesizes it.
     fn plan_read(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<Vec<FileRead>>> {

@@ -24,6 +24,9 @@ pub(super) struct Open {
     pub ident: (u64, u64),
     /// Set once readahead was requested for the whole object through this descriptor.
     pub advised: AtomicBool,
+    /// The object mapped through this descriptor, once a read was answered from it
+    /// (`object/shared.rs`); unmapped with the descriptor.
+    pub map: OnceLock<memmap2::Mmap>,
 }
 
 /// One small object's descriptor, if open.
@@ -79,7 +82,9 @@ impl Slot {
 }
 
 /// How many small-object descriptors stay open at most: half the soft `RLIMIT_NOFILE`
-/// (the rest is for sockets, overlays and the store), within 64..=32768.
+/// (the rest is for sockets, overlays and the store), within 64..=32768, and at most a
+/// quarter of `vm.max_map_count`, since each may also hold a mapping (`object/shared.rs`;
+/// the rest is for large objects, the allocator and libraries).
 pub(super) fn capacity() -> usize {
     static CAP: OnceLock<usize> = OnceLock::new();
     *CAP.get_or_init(|| {
@@ -93,7 +98,11 @@ pub(super) fn capacity() -> usize {
         } else {
             1024
         };
-        (soft / 2).clamp(64, 32768) as usize
+        let maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(65530);
+        (soft / 2).min(maps / 4).clamp(64, 32768) as usize
     })
 }
 
@@ -156,6 +165,7 @@ mod tests {
                     file: File::open(&path)?,
                     ident: (0, 0),
                     advised: AtomicBool::new(false),
+                    map: OnceLock::new(),
                 })
             })
             .unwrap();

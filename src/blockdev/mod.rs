@@ -94,6 +94,58 @@ impl ImageDevice {
         }
     }
 
+    /// Like [`ImageDevice::read_at_resident`], but file data is appended to `out` as slices
+    /// of the objects' mappings rather than copied (the NBD server writes them to the
+    /// socket as they are: one copy of each byte instead of two). Metadata and zeros
+    /// between them are copied into owned chunks. Same pieces, same conditions: `None`
+    /// when some data is not resident or not yet verified; `out` may then be partly filled.
+    pub fn read_resident_shared(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<bytes::Bytes>,
+    ) -> Option<io::Result<()>> {
+        if let Err(e) = self.check_range(offset, len) {
+            return Some(Err(e));
+        }
+        let mut owned: Vec<u8> = Vec::new();
+        for piece in self.layout.pieces(offset, len) {
+            let n = piece.len() as usize;
+            match piece {
+                Piece::Meta(meta) => {
+                    let at = owned.len();
+                    owned.resize(at + n, 0);
+                    meta.copy_to(&mut owned[at..]);
+                }
+                Piece::Zero(_) => owned.resize(owned.len() + n, 0),
+                Piece::Data {
+                    handle,
+                    offset: obj_offset,
+                    ..
+                } => {
+                    let Some(object) = self.objects.get(handle.0 as usize) else {
+                        return Some(Err(io::Error::other(format!(
+                            "layout names unknown data handle {}",
+                            handle.0
+                        ))));
+                    };
+                    let slice = match object.read_shared(obj_offset, n as u64, self.verify)? {
+                        Ok(slice) => slice,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    if !owned.is_empty() {
+                        out.push(std::mem::take(&mut owned).into());
+                    }
+                    out.push(slice);
+                }
+            }
+        }
+        if !owned.is_empty() {
+            out.push(owned.into());
+        }
+        Some(Ok(()))
+    }
+
     /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.prefetch(offset, buf.len() as u64);
@@ -164,7 +216,7 @@ impl ImageDevice {
         if until <= offset {
             return;
         }
-        let data: Vec<_> = self
+        let mut data = self
             .layout
             .pieces(offset, until - offset)
             .filter_map(|piece| match piece {
@@ -174,13 +226,16 @@ impl ImageDevice {
                     len,
                 } => Some((handle, offset, len)),
                 _ => None,
-            })
-            .collect();
+            });
+        let Some(first) = data.next() else {
+            return;
+        };
+        let mut rest = data.peekable();
         // One object and nothing ahead: the read itself is all the kernel needs to know.
-        if !sequential && data.len() < 2 {
+        if !sequential && rest.peek().is_none() {
             return;
         }
-        for (handle, obj_offset, piece_len) in data {
+        for (handle, obj_offset, piece_len) in std::iter::once(first).chain(rest) {
             if let Some(object) = self.objects.get(handle.0 as usize) {
                 object.prefetch(obj_offset, piece_len);
             }

@@ -28,6 +28,7 @@ use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
 
 pub(super) mod direct;
+mod shared;
 
 /// Every image that names an object shares one [`Object`] for it, so a thousand images of
 /// one base tree hold one table entry and at most one mapping per object, not a thousand.
@@ -70,6 +71,11 @@ pub(super) struct Object {
     remote: Option<Arc<RemoteCache>>,
     /// The object being fetched, once a read found it missing here.
     partial: OnceLock<Arc<Partial>>,
+    /// Held while the backing is set up, so that one thread opens (and maps) the object
+    /// while others wait for it: a cold sequential read has every I/O thread prefetch the
+    /// same objects ahead, and each of them opened, stat'ed and mapped every object once
+    /// (34 000 opens for the 4 000 objects of one image's first read).
+    opening: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -96,6 +102,7 @@ impl Object {
             check: OnceLock::new(),
             remote: None,
             partial: OnceLock::new(),
+            opening: Mutex::new(()),
         }
     }
 
@@ -261,27 +268,7 @@ impl Object {
         if out.is_empty() {
             return Some(Ok(()));
         }
-        let first = offset as usize / PAGE * PAGE;
-        let span = end as usize - first;
-        let pages = span.div_ceil(PAGE);
-        let mut small = [0u8; 64];
-        let mut large = Vec::new();
-        let vec: &mut [u8] = if pages <= small.len() {
-            &mut small[..pages]
-        } else {
-            large.resize(pages, 0);
-            &mut large
-        };
-        // SAFETY: `first..end` lies inside the live mapping `map` (checked above, and the
-        // mapping's start is page-aligned), and `vec` has one byte per page of that range.
-        let r = unsafe {
-            libc::mincore(
-                map.as_ptr().add(first) as *mut libc::c_void,
-                span,
-                vec.as_mut_ptr(),
-            )
-        };
-        if r != 0 || vec.iter().any(|&v| v & 1 == 0) {
+        if !shared::resident(map, offset as usize, end as usize) {
             return None;
         }
         out.copy_from_slice(&map[offset as usize..end as usize]);
@@ -289,6 +276,10 @@ impl Object {
     }
 
     fn backing(&self) -> io::Result<&Backing> {
+        if let Some(b) = self.backing.get() {
+            return Ok(b);
+        }
+        let _opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = self.backing.get() {
             return Ok(b);
         }
@@ -365,5 +356,6 @@ fn open_of(file: File) -> io::Result<Open> {
         file,
         ident: (meta.dev(), meta.ino()),
         advised: AtomicBool::new(false),
+        map: OnceLock::new(),
     })
 }

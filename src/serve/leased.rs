@@ -82,6 +82,14 @@ impl Device for Leased {
     fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
         self.dev().read_at_cached(buf, offset)
     }
+    fn read_cached_shared(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<bytes::Bytes>,
+    ) -> Option<io::Result<()>> {
+        self.dev().read_cached_shared(offset, len, out)
+    }
     fn plan_read(
         &self,
         buf: &mut [u8],

@@ -87,6 +87,22 @@ pub trait Device: Send + Sync + 'static {
         None
     }
 
+    /// Like `read_at_cached`, but instead of copying the bytes into a buffer, appends them
+    /// to `out` as shared slices of memory the device holds (a mapped file's resident
+    /// pages), which the server writes to the socket directly: one copy fewer per read.
+    /// `None` means "would block, or not available this way": the server falls back to
+    /// `read_at_cached`, then `read_at`; `out` may then hold a partial result, which the
+    /// server drops. The slices must hold only resident memory: they are written from an
+    /// async thread, where a page fault that waits on the disk would stall every client.
+    fn read_cached_shared(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _out: &mut Vec<bytes::Bytes>,
+    ) -> Option<io::Result<()>> {
+        None
+    }
+
     /// Free text shown to clients (NBD_INFO_DESCRIPTION, `nbdinfo`).
     fn description(&self) -> Option<String> {
         None

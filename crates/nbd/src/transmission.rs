@@ -16,6 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, WriteHalf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -54,6 +55,8 @@ const PAYLOAD_CHUNK: usize = 1 << 20;
 const WRITE_BATCH: usize = 64;
 /// A batch stops growing once it holds this many bytes.
 const WRITE_BATCH_BYTES: usize = 64 << 10;
+/// Slices passed to one `writev` at most (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
 
 /// Why transmission ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,11 +91,14 @@ pub struct Counters {
 }
 
 /// Reply bytes: the first `len` bytes of `bytes`, which go back to the pool
-/// after sending if they came from it.
+/// after sending if they came from it, then the slices of `shared`.
 struct ReplyBuf {
     bytes: Vec<u8>,
     len: usize,
     pooled: bool,
+    /// A read answered from the device's own memory (`Device::read_cached_shared`): its
+    /// chunk headers and the device's slices, written to the socket as they are.
+    shared: Vec<Bytes>,
 }
 
 impl From<Vec<u8>> for ReplyBuf {
@@ -101,7 +107,20 @@ impl From<Vec<u8>> for ReplyBuf {
             len: bytes.len(),
             bytes,
             pooled: false,
+            shared: Vec::new(),
         }
+    }
+}
+
+impl ReplyBuf {
+    fn total(&self) -> usize {
+        self.len + self.shared.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&self.bytes[..self.len])
+            .chain(self.shared.iter().map(|b| &b[..]))
+            .filter(|s| !s.is_empty())
     }
 }
 
@@ -255,7 +274,7 @@ pub(crate) async fn serve(
             Ok(Command::Disc) => break EndReason::Disconnect,
             Ok(cmd) => match ctx.try_cached(&h, cmd, &ahead, &mut permit).await {
                 Some(reply) => {
-                    inline_bytes += reply.len;
+                    inline_bytes += reply.total();
                     ctx.send(reply, permit);
                     // The writer was woken into this thread's LIFO slot,
                     // where no other thread can steal it: yield now and
@@ -322,14 +341,14 @@ async fn write_gathered(
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
     while let Some(out) = rx.recv().await {
-        let mut bytes = out.reply.len;
+        let mut bytes = out.reply.total();
         batch.push(out);
         // Large replies go alone: a batch holds every buffer and budget permit in it
         // until its last byte is written, and a socket takes a few hundred KiB at a time.
         while batch.len() < WRITE_BATCH && bytes < WRITE_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(out) => {
-                    bytes += out.reply.len;
+                    bytes += out.reply.total();
                     batch.push(out);
                 }
                 Err(_) => break,
@@ -337,11 +356,13 @@ async fn write_gathered(
         }
         let mut slices: Vec<io::IoSlice<'_>> = batch
             .iter()
-            .map(|o| io::IoSlice::new(&o.reply.bytes[..o.reply.len]))
+            .flat_map(|o| o.reply.slices())
+            .map(io::IoSlice::new)
             .collect();
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
-            let n = wr.write_vectored(rest).await?;
+            let upto = rest.len().min(IOV_MAX);
+            let n = wr.write_vectored(&rest[..upto]).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -349,7 +370,9 @@ async fn write_gathered(
         }
         drop(slices);
         for Outgoing { reply, _permit } in batch.drain(..) {
-            counters.sent.fetch_add(reply.len as u64, Ordering::Relaxed);
+            counters
+                .sent
+                .fetch_add(reply.total() as u64, Ordering::Relaxed);
             if reply.pooled {
                 pool.put(reply.bytes);
             }
@@ -376,8 +399,12 @@ async fn write_buffered(
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     while let Some(out) = rx.recv().await {
         let Outgoing { reply, _permit } = out;
-        wr.write_all(&reply.bytes[..reply.len]).await?;
-        counters.sent.fetch_add(reply.len as u64, Ordering::Relaxed);
+        for slice in reply.slices() {
+            wr.write_all(slice).await?;
+        }
+        counters
+            .sent
+            .fetch_add(reply.total() as u64, Ordering::Relaxed);
         if reply.pooled {
             pool.put(reply.bytes);
         }
@@ -566,6 +593,11 @@ impl Ctx {
         } else {
             vec![(len, false)]
         };
+        if cached_only {
+            if let Some(reply) = self.read_shared(h, offset, &runs, fail) {
+                return reply;
+            }
+        }
 
         // Lay the whole reply out in one pooled buffer: chunk headers are
         // encoded into `hdr` and copied in, data is read in place.
@@ -621,7 +653,46 @@ impl Ctx {
             bytes: buf,
             len: at,
             pooled: true,
+            shared: Vec::new(),
         }))
+    }
+
+    /// A read answered with the device's own slices ([`Device::read_cached_shared`]), or
+    /// `None` if any run is not available that way.
+    fn read_shared(
+        &self,
+        h: &RequestHeader,
+        offset: u64,
+        runs: &[(u64, bool)],
+        fail: impl Fn(io::Error) -> (Errno, String),
+    ) -> Option<Result<Option<ReplyBuf>, (Errno, String)>> {
+        let dev = self.device.as_ref();
+        let mut shared = Vec::with_capacity(2 * runs.len() + 8);
+        let mut hdr = Vec::with_capacity(self.mode.data_header_len().max(self.mode.hole_len()));
+        let mut pos = offset;
+        for (i, &(rlen, zero)) in runs.iter().enumerate() {
+            let done = i + 1 == runs.len();
+            hdr.clear();
+            if zero {
+                self.mode
+                    .hole(&mut hdr, h.cookie, h.offset, pos, rlen as u32, done);
+                shared.push(Bytes::copy_from_slice(&hdr));
+            } else {
+                self.mode
+                    .data_header(&mut hdr, h.cookie, h.offset, pos, rlen, done);
+                shared.push(Bytes::copy_from_slice(&hdr));
+                if let Err(e) = dev.read_cached_shared(pos, rlen, &mut shared)? {
+                    return Some(Err(fail(e)));
+                }
+            }
+            pos += rlen;
+        }
+        Some(Ok(Some(ReplyBuf {
+            bytes: Vec::new(),
+            len: 0,
+            pooled: false,
+            shared,
+        })))
     }
 }
 
