@@ -18,16 +18,16 @@
 use std::fs;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
-use super::{map_path, origin, RemoteCache, CHUNK};
+use super::{map_path, origin, Partial, RemoteCache, CHUNK};
 use crate::store::{Area, ObjectId};
 
 impl RemoteCache {
     /// Keep at most `limit` bytes of objects fetched from the remote here: counts what
     /// earlier runs fetched, and evicts down to the bound now.
-    pub fn bound(&self, limit: u64) -> io::Result<()> {
+    pub fn bound(self: &Arc<Self>, limit: u64) -> io::Result<()> {
         let _ = self.limit.set(limit);
         let mut found: Vec<(SystemTime, ObjectId, u64)> = Vec::new();
         let (objects, _) = self.local.list(Area::Object).map_err(io::Error::other)?;
@@ -82,15 +82,26 @@ impl RemoteCache {
     }
 
     /// Evict the least recently used objects not in use until the fetched bytes here are
-    /// under the bound (with `--cache-size`; otherwise nothing).
-    pub(super) fn enforce(&self) {
+    /// under the bound (with `--cache-size`; otherwise nothing). A read that finds another
+    /// eviction under way leaves it the job: that one goes round again until under.
+    pub(super) fn enforce(self: &Arc<Self>) {
         let Some(&limit) = self.limit.get() else {
             return;
         };
-        if self.lru().total() <= limit {
-            return;
+        while self.lru().total() > limit {
+            let Ok(_one) = self.evicting.try_lock() else {
+                return;
+            };
+            if self.evict_round(limit) == 0 {
+                return;
+            }
         }
-        let _one = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+    }
+
+    /// One round: pick victims, then delete their files with only each one's pin held, so
+    /// reads of other objects go on meanwhile (an unlink can wait on the filesystem's
+    /// journal). How many were evicted.
+    fn evict_round(self: &Arc<Self>, limit: u64) -> usize {
         // Deleting is done under the store lock held exclusively, as gc does, so no import
         // or image create (shared) is between finding an object here and naming it. Never
         // waited for: while one runs, the next read tries again.
@@ -98,43 +109,68 @@ impl RemoteCache {
             Ok(Some(lock)) => lock,
             Ok(None) => {
                 tracing::debug!("the store is locked (import, gc): evicting later");
-                return;
+                return 0;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lock the store to evict");
-                return;
+                return 0;
             }
         };
-        // No handle may be created while files go: a new one would open them.
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let mut lru = self.lru();
-        let victims = lru.victims(limit, |id| match open.get(id).and_then(Weak::upgrade) {
-            Some(handle) => handle.evict(),
-            None => {
-                self.delete_files(id);
-                true
-            }
-        });
-        if victims.is_empty() {
-            return;
-        }
+        let mut evicted = 0;
         let mut freed = 0;
-        for (id, bytes) in &victims {
-            lru.remove(id);
-            freed += bytes;
-            tracing::debug!(object = %id, bytes, "evicted from the cache");
+        for (handle, bytes) in self.pick(limit) {
+            let id = handle.id();
+            if handle.evict() {
+                evicted += 1;
+                freed += bytes;
+                tracing::debug!(object = %id, bytes, "evicted from the cache");
+            } else {
+                // A read took it since it was picked: it stays, listed again.
+                self.lru().set(id, bytes);
+            }
         }
         self.stats
             .evictions
-            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+            .fetch_add(evicted as u64, Ordering::Relaxed);
         self.stats.bytes_evicted.fetch_add(freed, Ordering::Relaxed);
-        tracing::debug!(
-            objects = victims.len(),
-            bytes = freed,
-            kept = lru.total(),
-            limit,
-            "cache over its bound: evicted the least recently used"
-        );
+        if evicted > 0 {
+            tracing::debug!(
+                objects = evicted,
+                bytes = freed,
+                kept = self.lru().total(),
+                limit,
+                "cache over its bound: evicted the least recently used"
+            );
+        }
+        evicted
+    }
+
+    /// The least recently used objects not in use, enough to get under `limit`, taken off
+    /// the list, each with a handle: one nobody held gets a fresh one, whose pin keeps a
+    /// new reader from reopening the files while they go.
+    fn pick(self: &Arc<Self>, limit: u64) -> Vec<(Arc<Partial>, u64)> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lru = self.lru();
+        let picked = lru.victims(limit, |id| {
+            open.get(id)
+                .and_then(Weak::upgrade)
+                .is_none_or(|h| !h.in_use())
+        });
+        picked
+            .into_iter()
+            .map(|(id, bytes)| {
+                lru.remove(&id);
+                let handle = match open.get(&id).and_then(Weak::upgrade) {
+                    Some(h) => h,
+                    None => {
+                        let h = Arc::new(Partial::new(self.clone(), id));
+                        open.insert(id, Arc::downgrade(&h));
+                        h
+                    }
+                };
+                (handle, bytes)
+            })
+            .collect()
     }
 
     /// Delete the files of the fetched object `id`: the object if it came from this remote,

@@ -431,9 +431,18 @@ impl Partial {
         Ok(())
     }
 
-    /// Delete the object's files here unless it is in use; true if it was not. The
-    /// caller holds the cache's `open` table, so no new handle can reopen the files
-    /// meanwhile.
+    pub(super) fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// Whether a read or prefetch holds the object now.
+    pub(super) fn in_use(&self) -> bool {
+        self.pin.try_write().is_err()
+    }
+
+    /// Delete the object's files here unless it is in use; true if it was not. Readers of
+    /// it wait meanwhile (they hold the pin shared); any other way to the files goes
+    /// through this handle, which the cache's table names while it lives.
     pub(super) fn evict(&self) -> bool {
         let Ok(_only) = self.pin.try_write() else {
             return false;
