@@ -9,13 +9,25 @@ use tessera_nbd::Device;
 
 use super::DeviceInfo;
 
+/// As in `device.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    New { recoverable: bool },
+    Recover(u32),
+}
+
 pub struct UblkDevice {
     pub info: DeviceInfo,
     never: std::convert::Infallible,
 }
 
 impl UblkDevice {
-    pub fn add(_export: &str, _dev: Arc<dyn Device>, _queues: u16) -> Result<UblkDevice, String> {
+    pub fn add(
+        _export: &str,
+        _dev: Arc<dyn Device>,
+        _queues: u16,
+        _start: Start,
+    ) -> Result<UblkDevice, String> {
         Err(super::Unavailable::NotBuilt.to_string())
     }
 

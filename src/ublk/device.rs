@@ -27,6 +27,16 @@ const DEPTH: u16 = 128;
 const IO_BUF_BYTES: u32 = 512 << 10;
 const BLOCK_SHIFT: u8 = 12;
 
+/// How a device comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new device; with `recoverable`, a dead server's device waits (quiesced, its I/O
+    /// queued) for a new server to take it over instead of being removed.
+    New { recoverable: bool },
+    /// Take over device `id`, quiesced since its server died.
+    Recover(u32),
+}
+
 /// A running device; [`UblkDevice::stop`] (or dropping it) stops and deletes it.
 pub struct UblkDevice {
     pub info: DeviceInfo,
@@ -53,7 +63,9 @@ fn ublk_error(e: libublk::UblkError) -> String {
     }
 }
 
-fn set_params(udev: &mut UblkDev, dev: &dyn Device) {
+fn set_params(udev: &mut UblkDev, dev: &dyn Device, export: &str) {
+    // Read back by the server that recovers the device (`super::recover`).
+    udev.set_target_json(serde_json::json!({ "export": export }));
     let size = dev.size();
     let mut attrs = 0;
     if dev.is_read_only() {
@@ -100,7 +112,12 @@ fn set_params(udev: &mut UblkDev, dev: &dyn Device) {
 impl UblkDevice {
     /// Creates and starts a device serving `dev` as `export`, with `queues` queues.
     /// Returns once `/dev/ublkbN` exists.
-    pub fn add(export: &str, dev: Arc<dyn Device>, queues: u16) -> Result<UblkDevice, AddError> {
+    pub fn add(
+        export: &str,
+        dev: Arc<dyn Device>,
+        queues: u16,
+        start: Start,
+    ) -> Result<UblkDevice, AddError> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(u32, u16), String>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let read_only = dev.is_read_only();
@@ -108,7 +125,7 @@ impl UblkDevice {
         let name = export.to_owned();
         let thread = std::thread::Builder::new()
             .name("tessera-ublk".into())
-            .spawn(move || control_thread(name, dev, queues, ready_tx, stop_rx))
+            .spawn(move || control_thread(name, dev, queues, start, ready_tx, stop_rx))
             .map_err(AddError::Thread)?;
         // The driver may give fewer queues than asked (no more than CPUs).
         let (id, queues) = match ready_rx.recv() {
@@ -191,17 +208,42 @@ fn control_thread(
     export: String,
     dev: Arc<dyn Device>,
     queues: u16,
+    start: Start,
     ready: mpsc::Sender<Result<(u32, u16), String>>,
     stop: mpsc::Receiver<()>,
 ) {
-    let ctrl = match UblkCtrlBuilder::default()
+    let builder = UblkCtrlBuilder::default()
         .name("tessera")
         .nr_queues(queues)
         .depth(DEPTH)
-        .io_buf_bytes(IO_BUF_BYTES)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-    {
+        .io_buf_bytes(IO_BUF_BYTES);
+    let builder =
+        match start {
+            Start::New { recoverable } => builder
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .ctrl_flags(if recoverable {
+                    // REISSUE: requests the dead server had taken are queued again too, so a
+                    // reader sees a pause, not an error.
+                    u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE)
+                } else {
+                    0
+                }),
+            Start::Recover(id) => {
+                let begun = libublk::ctrl::UblkCtrl::new_simple(id as i32)
+                    .and_then(|c| c.start_user_recover());
+                if let Err(e) = begun {
+                    let _ = ready.send(Err(format!(
+                        "cannot start recovering /dev/ublkb{id}: {}",
+                        ublk_error(e)
+                    )));
+                    return;
+                }
+                builder
+                    .id(id as i32)
+                    .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            }
+        };
+    let ctrl = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             let _ = ready.send(Err(ublk_error(e)));
@@ -211,12 +253,13 @@ fn control_thread(
     let id = ctrl.dev_info().dev_id;
     let queues = ctrl.dev_info().nr_hw_queues;
     let params_dev = dev.clone();
+    let params_export = export.clone();
     let started = ready.clone();
     // run_target wants a Sync closure; only this thread ever locks it.
     let stop = std::sync::Mutex::new(stop);
     let result = ctrl.run_target(
         |udev: &mut UblkDev| {
-            set_params(udev, &*params_dev);
+            set_params(udev, &*params_dev, &params_export);
             Ok(())
         },
         move |qid, udev: &UblkDev| target::serve_queue(qid, udev, dev.clone()),

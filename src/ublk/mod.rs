@@ -18,6 +18,8 @@ mod info;
 #[cfg(feature = "ublk")]
 mod reads;
 #[cfg(feature = "ublk")]
+mod recover;
+#[cfg(feature = "ublk")]
 mod target;
 
 use std::collections::BTreeMap;
@@ -26,10 +28,10 @@ use std::sync::{Arc, Mutex};
 
 use tessera_nbd::Exports;
 
-use device::UblkDevice;
+use device::{Start, UblkDevice};
 pub use info::DeviceInfo;
 
-use crate::serve::{ExportName, OverlayPolicy, Policy, StoreExports};
+use crate::serve::{ExportName, OverlayPolicy, Policy, StoreExports, WriteMode};
 use crate::store::Store;
 
 /// The kernel's ublk control device, there once `ublk_drv` is loaded.
@@ -131,6 +133,12 @@ pub struct UblkArgs {
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=2))]
     pub ublk_queues: u16,
+    /// Devices of read-only exports (IMAGE) outlive a crash of this server: their I/O
+    /// waits, and a mounted filesystem stays mounted, until the next `tessera serve
+    /// --ublk-recovery` on this store takes them over (at start). Without it a dead
+    /// server's devices are removed and their I/O fails
+    #[arg(long)]
+    pub ublk_recovery: bool,
 }
 
 impl UblkArgs {
@@ -151,13 +159,19 @@ pub struct Ublk {
     exports: StoreExports,
     devices: Mutex<BTreeMap<u32, UblkDevice>>,
     queues: u16,
+    recovery: bool,
 }
 
 impl Ublk {
     /// A frontend for `store`; `queues` per device (1 or 2). The operator names exports
     /// explicitly, so every mode is allowed and persistent overlays are created on first
     /// use, as with `serve --export`; the rest of the server's `policy` applies.
-    pub fn new(nbd: &StoreExports, queues: u16, policy: &Policy) -> anyhow::Result<Ublk> {
+    pub fn new(
+        nbd: &StoreExports,
+        queues: u16,
+        recovery: bool,
+        policy: &Policy,
+    ) -> anyhow::Result<Ublk> {
         check_available()?;
         #[cfg(feature = "ublk")]
         sweep_dead_devices();
@@ -171,6 +185,7 @@ impl Ublk {
             exports: nbd.sharing(policy),
             devices: Mutex::default(),
             queues,
+            recovery,
         })
     }
 
@@ -180,18 +195,36 @@ impl Ublk {
 
     /// Opens `export` and makes a device for it.
     pub fn add(&self, export: &str) -> Result<DeviceInfo, String> {
-        if ExportName::parse(export).is_none() {
+        let Some(name) = ExportName::parse(export) else {
             return Err(format!(
                 "{export:?} is not an export name: use IMAGE, IMAGE@OVERLAY or IMAGE+ephemeral"
             ));
+        };
+        // Only read-only devices: an overlay keeps its block map in memory until FLUSH, so a
+        // recovered writable device could silently lose acknowledged writes under a
+        // filesystem that stayed mounted.
+        let recoverable = self.recovery && name.mode == WriteMode::ReadOnly;
+        self.make(export, Start::New { recoverable })
+    }
+
+    /// Takes over device `id`, quiesced since its server died, serving `export` again.
+    pub fn recover(&self, id: u32, export: &str) -> Result<DeviceInfo, String> {
+        match ExportName::parse(export) {
+            Some(n) if n.mode == WriteMode::ReadOnly => self.make(export, Start::Recover(id)),
+            _ => Err(format!(
+                "{export:?} is not a read-only export: not recoverable"
+            )),
         }
+    }
+
+    fn make(&self, export: &str, start: Start) -> Result<DeviceInfo, String> {
         let opened = match self.exports.open(export) {
             Ok(Some(e)) => e,
             Ok(None) => return Err(format!("no export named {export:?}")),
             Err(e) => return Err(format!("cannot open {export}: {e}")),
         };
-        let dev =
-            UblkDevice::add(&opened.name, opened.device, self.queues).map_err(|e| e.to_string())?;
+        let dev = UblkDevice::add(&opened.name, opened.device, self.queues, start)
+            .map_err(|e| e.to_string())?;
         let info = dev.info.clone();
         tracing::info!(device = info.block, export, "ublk device added");
         self.devices().insert(info.id, dev);
@@ -269,9 +302,23 @@ impl UblkServer {
         policy: &Policy,
     ) -> anyhow::Result<UblkServer> {
         let mut server = UblkServer {
-            ublk: Arc::new(Ublk::new(nbd, args.ublk_queues, policy)?),
+            ublk: Arc::new(Ublk::new(
+                nbd,
+                args.ublk_queues,
+                args.ublk_recovery,
+                policy,
+            )?),
             control: None,
         };
+        #[cfg(feature = "ublk")]
+        if args.ublk_recovery {
+            for (id, export) in recover::quiesced() {
+                match server.ublk.recover(id, &export) {
+                    Ok(info) => println!("recovered {}", describe(&info)),
+                    Err(e) => eprintln!("ublk: cannot recover /dev/ublkb{id} ({export}): {e}"),
+                }
+            }
+        }
         for export in &args.exports {
             let info = server.ublk.add(export).map_err(anyhow::Error::msg)?;
             println!("{}", describe(&info));

@@ -143,7 +143,8 @@ case_ublk() {
     # queues_listed=1: the guest has one vCPU, and the driver caps --ublk-queues 2 to that.
     expect_fields "$glog" ublk "$nonce" noserver=ok cold=4x64k+3manifests "manifest=$UBLK_MANIFEST_LINES" \
         lbs=4096 pbs=4096 dd=11 cmp=whole listed=2 unknown=ok mounted=ok busy=ok again=ok \
-        stopped=clean queues_listed=1 kept=yes fsck=clean mounted_report=yes swept=yes
+        stopped=clean queues_listed=1 kept=yes fsck=clean mounted_report=yes swept=yes \
+        recovery_waits=yes recovered=yes
     marker "$glog" ublk "$nonce" >> "$WORK/markers"
     report "ublk: one boot in ${BOOT_SECONDS}s: $(marker "$glog" ublk "$nonce" | cut -c1-400)"
 }
