@@ -695,6 +695,11 @@ fn a_bounded_cache_stays_under_its_size_refetches_and_gc_and_stats_follow() {
         big_partial.exists(),
         "the leased partial object was removed"
     );
+    let big_outboard = b.store.join("outboard").join(&hex[..2]).join(&hex[2..]);
+    assert!(
+        big_outboard.exists(),
+        "the outboard of an object being fetched was removed"
+    );
     assert!(!fan.join(&orphan[2..]).exists() && !fan.join("stray.tmp").exists());
     drop(holding);
 
@@ -722,5 +727,5 @@ fn a_bounded_cache_stays_under_its_size_refetches_and_gc_and_stats_follow() {
     assert_eq!(stats["partial_objects"], 1, "{stats}");
     // With neither image nor server left, gc takes the partial object too.
     b.ok(&["store", "gc"]);
-    assert!(!big_partial.exists());
+    assert!(!big_partial.exists() && !big_outboard.exists());
 }

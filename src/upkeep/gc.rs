@@ -62,15 +62,26 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
         remove(&path, dry_run)?;
         report.objects += 1;
     }
+    partial(store, &live_objects, dry_run, &mut report)?;
+    // A live object being fetched keeps its outboard: its kept chunks are checked
+    // against it after a restart.
+    let fetching = |id: &ObjectId| {
+        let hex = id.to_hex();
+        store
+            .root()
+            .join("partial")
+            .join(&hex[..2])
+            .join(&hex[2..])
+            .exists()
+    };
     let (outboards, _) = store.list(Area::Outboard)?;
     for id in outboards
         .iter()
-        .filter(|id| !live_objects.contains(id) || !store.has_object(id))
+        .filter(|id| !live_objects.contains(id) || !(store.has_object(id) || fetching(id)))
     {
         remove(&store.outboard_path(id), dry_run)?;
         report.outboards += 1;
     }
-    partial(store, &live_objects, dry_run, &mut report)?;
     let tmp = store.tmp_dir();
     for entry in fs::read_dir(&tmp).map_err(|e| StoreError::io("list", &tmp, e))? {
         let entry = entry.map_err(|e| StoreError::io("list", &tmp, e))?;
