@@ -489,6 +489,11 @@ fn an_interrupted_push_finishes_on_rerun_uploading_nothing_twice() {
     // The bucket is complete: a third host pulls the image whole and exports A's bytes.
     let c = Env::new();
     c.ok(&["store", "pull", "web", "--from", &u]);
+    // Pulled objects count as fetched from the remote, none as local.
+    let stats: serde_json::Value =
+        serde_json::from_str(&c.ok(&["store", "stats", "--json"])).unwrap();
+    assert_eq!(stats["fetched_objects"], total, "{stats}");
+    assert_eq!(stats["local_bytes"], 0, "{stats}");
     assert!(export(&c) == export(&a));
 }
 
@@ -707,6 +712,18 @@ fn a_bounded_cache_stays_under_its_size_refetches_and_gc_and_stats_follow() {
     assert!(served.stop(Duration::from_secs(10)).success());
     let stats: serde_json::Value =
         serde_json::from_str(&b.ok(&["store", "stats", "--json"])).unwrap();
+    let a_stats: serde_json::Value =
+        serde_json::from_str(&a.ok(&["store", "stats", "--json"])).unwrap();
+    assert_eq!(
+        a_stats["local_bytes"], data,
+        "A imported everything: {a_stats}"
+    );
+    assert_eq!(a_stats["fetched_objects"], 0, "{a_stats}");
+    assert_eq!(
+        a_stats["remote_cache"],
+        serde_json::Value::Null,
+        "{a_stats}"
+    );
     let cache = &stats["remote_cache"];
     let n = |k: &str| cache[k].as_u64().unwrap_or_else(|| panic!("{k}: {stats}"));
     assert!(n("misses") >= sizes.len() as u64, "{stats}");
