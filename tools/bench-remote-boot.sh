@@ -92,3 +92,5 @@ read_bytes=$((data - BULK_MIB * 1048576))
 echo "  (c) pull alone:${times[pull]} s; held on disk after (a): $(mib "$(median <<< "${held[lazy]}")") MiB," \
   "after (b): $(mib "$(median <<< "${held[traced]}")") MiB; fetched / what the guest reads:" \
   "(a) $(ratio "$(median <<< "${fetched[lazy]}")" "$read_bytes"), (b) $(ratio "$(median <<< "${fetched[traced]}")" "$read_bytes")"
+# The proxy's count of what crossed it.
+[ -z "${proxy_pid:-}" ] || { kill "$proxy_pid"; wait "$proxy_pid" || true; }
