@@ -56,8 +56,9 @@ impl InFlight {
 
     /// Starts `reads` into `buf` (the tag's request buffer) for `tag`, whose request then
     /// completes with `result`; `push` queues each entry on the ring, with `user_data(tag)`
-    /// as its user data. `reads` must be non-empty and lie inside `buf`, and `buf` must
-    /// stay untouched until the tag's last completion.
+    /// as its user data, and returns false if it could not. `reads` must be non-empty and
+    /// lie inside `buf`, and `buf` must stay untouched until the tag's last completion.
+    /// Returns the outcome at once if no read could be queued.
     pub fn start(
         &mut self,
         tag: u16,
@@ -65,8 +66,9 @@ impl InFlight {
         reads: Vec<FileRead>,
         result: i32,
         user_data: impl Fn(u16) -> u64,
-        mut push: impl FnMut(squeue::Entry),
-    ) {
+        mut push: impl FnMut(squeue::Entry) -> bool,
+    ) -> Option<Outcome> {
+        let mut unqueued = 0;
         let t = &mut self.tags[usize::from(tag)];
         debug_assert_eq!(t.left, 0, "tag {tag} started twice");
         *t = Tag {
@@ -89,8 +91,16 @@ impl InFlight {
             .build()
             .user_data(user_data(tag));
             t.files.push(r.file);
-            push(sqe);
+            if !push(sqe) {
+                unqueued += 1;
+            }
         }
+        // A read never queued never completes: count it as failed now.
+        let mut outcome = None;
+        for _ in 0..unqueued {
+            outcome = self.complete(tag, -libc::EIO);
+        }
+        outcome
     }
 
     /// Takes one completion of `tag` (its result: bytes read or a negative errno); returns
@@ -168,7 +178,10 @@ mod tests {
                 file: b.clone(),
             },
         ];
-        flight.start(3, &mut buf, reads, 16384, u64::from, |e| pushed.push(e));
+        flight.start(3, &mut buf, reads, 16384, u64::from, |e| {
+            pushed.push(e);
+            true
+        });
         assert_eq!(flight.busy(), 1);
         let outcomes = run(&mut flight, pushed);
         assert_eq!(
@@ -213,7 +226,10 @@ mod tests {
                 file: file_with(&[1u8; 4096]),
             },
         ];
-        flight.start(1, &mut buf, reads, 8192, u64::from, |e| pushed.push(e));
+        flight.start(1, &mut buf, reads, 8192, u64::from, |e| {
+            pushed.push(e);
+            true
+        });
         let outcomes: Vec<_> = run(&mut flight, pushed).into_iter().flatten().collect();
         assert_eq!(
             outcomes,
@@ -233,7 +249,10 @@ mod tests {
             offset: 0,
             file: dir,
         }];
-        flight.start(0, &mut buf, reads, 4096, u64::from, |e| pushed.push(e));
+        flight.start(0, &mut buf, reads, 4096, u64::from, |e| {
+            pushed.push(e);
+            true
+        });
         let outcomes: Vec<_> = run(&mut flight, pushed).into_iter().flatten().collect();
         assert_eq!(
             outcomes,
@@ -243,6 +262,55 @@ mod tests {
                 want: 4096
             }]
         );
+        // A read the ring would not take fails its request at once, after the others.
+        let mut pushed = Vec::new();
+        let reads = vec![
+            FileRead {
+                at: 0,
+                len: 4096,
+                offset: 0,
+                file: file_with(&[1u8; 4096]),
+            },
+            FileRead {
+                at: 4096,
+                len: 4096,
+                offset: 0,
+                file: file_with(&[2u8; 4096]),
+            },
+        ];
+        let now = flight.start(1, &mut buf, reads, 8192, u64::from, |e| {
+            let first = pushed.is_empty();
+            if first {
+                pushed.push(e);
+            }
+            first
+        });
+        assert_eq!(now, None, "one read is still in flight");
+        let outcomes: Vec<_> = run(&mut flight, pushed).into_iter().flatten().collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Failed {
+                errno: Some(-libc::EIO),
+                got: 4096,
+                want: 8192
+            }]
+        );
+        let reads = vec![FileRead {
+            at: 0,
+            len: 4096,
+            offset: 0,
+            file: file_with(&[1u8; 4096]),
+        }];
+        let now = flight.start(0, &mut buf, reads, 4096, u64::from, |_| false);
+        assert_eq!(
+            now,
+            Some(Outcome::Failed {
+                errno: Some(-libc::EIO),
+                got: 0,
+                want: 4096
+            })
+        );
+        assert_eq!(flight.busy(), 0);
         // A stray completion for an idle tag is ignored.
         assert_eq!(flight.complete(0, 4096), None);
     }

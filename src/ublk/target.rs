@@ -127,26 +127,28 @@ pub fn serve_queue(qid: u16, udev: &UblkDev, dev: Arc<dyn Device>) {
             tracing::error!(qid, tag, error = %e, "cannot complete a ublk request");
         }
     };
+    let finish = |q: &UblkQueue, tag: u16, buf: &[u8], outcome: Outcome| match outcome {
+        Outcome::Done(res) => complete(q, tag, buf, res),
+        Outcome::Failed { errno, got, want } => {
+            let iod = q.get_iod(tag);
+            tracing::warn!(
+                qid,
+                tag,
+                start = iod.start_sector,
+                sectors = iod.nr_sectors,
+                errno,
+                got,
+                want,
+                "a file read of a ublk request failed or came back short"
+            );
+            complete(q, tag, buf, -libc::EIO);
+        }
+    };
     queue.wait_and_handle_io(|q: &UblkQueue, tag, ctx| {
         let buf = bufs[tag as usize].as_mut_slice();
         if ctx.is_tgt_io() {
-            match flight.complete(tag, ctx.result()) {
-                None => {}
-                Some(Outcome::Done(res)) => complete(q, tag, buf, res),
-                Some(Outcome::Failed { errno, got, want }) => {
-                    let iod = q.get_iod(tag);
-                    tracing::warn!(
-                        qid,
-                        tag,
-                        start = iod.start_sector,
-                        sectors = iod.nr_sectors,
-                        errno,
-                        got,
-                        want,
-                        "a file read of a ublk request failed or came back short"
-                    );
-                    complete(q, tag, buf, -libc::EIO);
-                }
+            if let Some(outcome) = flight.complete(tag, ctx.result()) {
+                finish(q, tag, buf, outcome);
             }
             return;
         }
@@ -161,12 +163,17 @@ pub fn serve_queue(qid: u16, udev: &UblkDev, dev: Arc<dyn Device>) {
                     file_reads += reads.len() as u64;
                     let len = (sectors as i32) << SECTOR_SHIFT;
                     let data = |tag| UblkIOCtx::build_user_data(tag, sys::UBLK_IO_OP_READ, 0, true);
-                    flight.start(tag, buf, reads, len, data, |sqe| {
-                        if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
-                            // Only a failed io_uring_enter while the ring is full gets here.
-                            tracing::error!(qid, tag, error = %e, "cannot queue a ublk file read");
-                        }
+                    let now = flight.start(tag, buf, reads, len, data, |sqe| {
+                        // Only a failed io_uring_enter while the ring is full fails here.
+                        q.ublk_submit_sqe_sync(sqe)
+                            .map_err(|e| {
+                                tracing::error!(qid, tag, error = %e, "cannot queue a ublk file read")
+                            })
+                            .is_ok()
                     });
+                    if let Some(outcome) = now {
+                        finish(q, tag, buf, outcome);
+                    }
                     return;
                 }
             }
