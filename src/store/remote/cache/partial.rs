@@ -25,8 +25,8 @@ pub struct Partial {
     pub(super) pin: RwLock<()>,
     /// Held while fetching (two readers of one chunk fetch it once): the chunk map.
     fetching: Mutex<Option<File>>,
-    /// A large object's bytes: the partial file, or the object once complete. Small
-    /// objects are opened for each read (their descriptors would be too many to keep).
+    /// A large object's partial file while it is being fetched; complete objects, whole or
+    /// chunked, are opened for each read (their descriptors would be too many to keep).
     data: Mutex<Option<Arc<File>>>,
 }
 
@@ -160,26 +160,28 @@ impl Partial {
             self.cache.lru().touch(self.id);
         } else {
             stats.misses.fetch_add(1, Ordering::Relaxed);
-            self.ensure(shape, chunks)?;
+            self.ensure(shape, chunks.clone())?;
         }
         match self.read_here(shape, out, offset) {
-            // A whole object deleted under us (gc, or another server's eviction).
-            Err(e) if e.kind() == io::ErrorKind::NotFound && shape.outboard.is_none() => {
-                shape.set(0, ABSENT);
+            // A complete object deleted under us (gc, or another server's eviction).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                for c in 0..shape.chunks() {
+                    shape.set(c, ABSENT);
+                }
                 self.cache.lru().remove(&self.id);
-                self.ensure(shape, 0..1)?;
+                self.ensure(shape, chunks)?;
                 self.read_here(shape, out, offset)
             }
             r => r,
         }
     }
 
+    /// Read bytes that are here: from the partial file, or from the complete object,
+    /// opened for the read (descriptors of every object once read would be too many).
     fn read_here(&self, shape: &Shape, out: &mut [u8], offset: u64) -> io::Result<()> {
-        let file = match shape.outboard {
-            Some(_) => self
-                .data()
-                .clone()
-                .ok_or_else(|| io::Error::other("chunks marked present without a file"))?,
+        let partial = shape.outboard.as_ref().and(self.data().clone());
+        let file = match partial {
+            Some(f) => f,
             None => Arc::new(File::open(self.cache.local.object_path(&self.id))?),
         };
         file.read_exact_at(out, offset)
@@ -227,10 +229,7 @@ impl Partial {
                 None
             };
             return Ok(match outboard {
-                Some(o) => {
-                    *self.data() = Some(Arc::new(File::open(&path)?));
-                    (Shape::chunked(o, CHECKED), false)
-                }
+                Some(o) => (Shape::chunked(o, CHECKED), false),
                 None => (Shape::whole(len, true), false),
             });
         }
@@ -306,8 +305,11 @@ impl Partial {
             }
             return Ok(());
         };
+        if shape.all_checked(chunks.clone()) {
+            return Ok(());
+        }
         if self.data().is_none() {
-            // Evicted since: start again.
+            // Complete and evicted since (or deleted by someone else): start again.
             self.open_files(shape, &mut map)?;
         }
         let file = self.data().clone().expect("opened");
@@ -416,7 +418,6 @@ impl Partial {
         let dest = cache.local.object_path(&self.id);
         if dest.exists() {
             // Someone else completed it: read theirs, drop ours.
-            *self.data() = Some(Arc::new(File::open(&dest)?));
             fs::remove_file(&path)?;
         } else {
             origin::mark(file, cache.remote.url());
@@ -427,6 +428,7 @@ impl Partial {
             File::open(dest.parent().expect("fan directory"))?.sync_all()?;
         }
         *map = None;
+        *self.data() = None;
         fs::remove_file(map_path(&path))?;
         Ok(())
     }

@@ -98,6 +98,14 @@ fn chunks_survive_a_restart_are_rechecked_and_complete_into_an_object() {
         "marked as fetched"
     );
     assert_eq!(cache.usage().0, data.len() as u64);
+
+    // Deleted under the handle (gc, another server's eviction): fetched again on read.
+    fs::remove_file(store.object_path(&id)).unwrap();
+    p.read(&mut out, CHUNK + 1).unwrap();
+    assert_eq!(out, data[CHUNK as usize + 1..][..100]);
+    p.read(&mut all, 0).unwrap();
+    assert_eq!(all, data);
+    assert_eq!(fs::read(store.object_path(&id)).unwrap(), data);
 }
 
 #[test]
