@@ -1,6 +1,6 @@
 //! From merged manifests to the synthesizer's input, and the synthesized layout.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use tessera_ext4::{
@@ -126,9 +126,10 @@ pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Compo
     let mut dir_nodes: Vec<Vec<NodeId>> = layers.iter().map(|_| Vec::new()).collect();
     dir_nodes[root.layer as usize] = vec![NodeId::MAX; layers[root.layer as usize].len()];
     dir_nodes[root.layer as usize][root.index as usize] = FsTree::ROOT;
-    let mut dirs_by_path: HashMap<&[u8], NodeId> = HashMap::from([(&b""[..], FsTree::ROOT)]);
-    let mut links: HashMap<(u32, u64), NodeId> = HashMap::new();
-    let mut handles: HashMap<ObjectId, u64> = HashMap::new();
+    let mut dirs_by_path: FxHashMap<&[u8], NodeId> = FxHashMap::default();
+    dirs_by_path.insert(&b""[..], FsTree::ROOT);
+    let mut links: FxHashMap<(u32, u64), NodeId> = FxHashMap::default();
+    let mut handles: FxHashMap<ObjectId, u64> = FxHashMap::default();
     let mut objects = Vec::new();
     for &Pick { layer, index } in &picks[1..] {
         let view = &layers[layer as usize];

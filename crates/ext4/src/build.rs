@@ -82,6 +82,7 @@ pub(crate) fn place<'a>(
         });
     }
     let place = prep.allocate(&geo);
+    debug_assert_eq!(prep.allocated_end(&geo), place.end);
     if place.end > geo.blocks {
         return Err(Error::TooSmall {
             size,
@@ -466,7 +467,7 @@ impl<'a> Prepared<'a> {
                 }
                 Err(e) => return Err(e),
             };
-            let end = self.allocate(&geo).end;
+            let end = self.allocated_end(&geo);
             if end <= geo.blocks {
                 return Ok(size);
             }
@@ -511,6 +512,37 @@ impl<'a> Prepared<'a> {
                 left_in_run -= len;
             }
         }
+    }
+
+    /// `allocate(geo).end` without keeping where anything went: the minimum-size search
+    /// tries geometries with it. The same steps in the same order as [`Self::allocate`].
+    fn allocated_end(&self, geo: &Geometry) -> u64 {
+        let mut a = Allocator::new(geo);
+        for _ in 0..2 * geo.groups {
+            a.contiguous(1);
+        }
+        for _ in 0..geo.groups {
+            a.contiguous(geo.itable_blocks);
+        }
+        let mut tree_blocks = Vec::with_capacity(self.inodes.len());
+        for (idx, ino) in self.inodes.iter().enumerate() {
+            let runs = a.runs(ino.content.blocks());
+            tree_blocks.push(match ino.content {
+                Content::Inline(_) => 0,
+                _ => {
+                    let mut count = 0;
+                    self.each_extent(idx, &runs, |_| count += 1);
+                    extent::tree_blocks(count)
+                }
+            });
+        }
+        for n in tree_blocks.into_iter().filter(|&n| n > 0) {
+            a.contiguous(n as u64);
+        }
+        for _ in self.inodes.iter().filter(|i| i.xattr_block.is_some()) {
+            a.contiguous(1);
+        }
+        a.end()
     }
 
     fn allocate(&self, geo: &Geometry) -> Placement {
@@ -558,7 +590,8 @@ impl<'a> Prepared<'a> {
             .iter()
             .map(|i| i.xattr_block.as_ref().map(|_| take(&mut a, &mut used, 1)))
             .collect();
-        used.sort_unstable();
+        // The allocator only moves forward: `used` is in block order as pushed.
+        debug_assert!(used.is_sorted());
         Placement {
             block_bitmaps,
             inode_bitmaps,

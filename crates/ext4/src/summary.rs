@@ -45,26 +45,19 @@ pub fn plan(tree: &FsTree, opts: &Options) -> Result<Summary, Error> {
     let supers = geo.super_ranges();
     meta_blocks += supers.iter().map(|&(_, len)| len).sum::<u64>();
 
-    let mut ranges: Vec<(u64, u64)> = place.used.iter().chain(&supers).copied().collect();
-    ranges.sort_unstable();
-    let mut ranges = ranges.iter().peekable();
-    let mut free_blocks = 0;
-    for g in 0..geo.groups {
-        let (gstart, glen) = (geo.group_start(g), geo.group_len(g));
-        let mut used = 0;
-        while let Some(&&(s, l)) = ranges.peek() {
-            if s >= gstart + glen {
-                break;
-            }
-            used += (s + l).min(gstart + glen).saturating_sub(s.max(gstart));
-            if s + l > gstart + glen {
-                break; // continues into the next group
-            }
-            ranges.next();
+    // Allocated blocks, each once (the allocator steps over the superblock copies), and
+    // which groups hold any of them.
+    let mut touched = vec![false; geo.groups as usize];
+    let mut used = 0;
+    for &(s, l) in place.used.iter().chain(&supers).filter(|r| r.1 > 0) {
+        used += l;
+        for g in s / BLOCKS_PER_GROUP..=(s + l - 1) / BLOCKS_PER_GROUP {
+            touched[g as usize] = true;
         }
-        free_blocks += glen - used;
+    }
+    for g in 0..geo.groups {
         // A block bitmap has padding bits past a short last group.
-        meta_blocks += (used > 0 || glen < BLOCKS_PER_GROUP) as u64;
+        meta_blocks += (touched[g as usize] || geo.group_len(g) < BLOCKS_PER_GROUP) as u64;
         let iused = used_in(g);
         // An inode bitmap has padding bits past `ipg`.
         meta_blocks += (iused > 0 || ipg < BLOCKS_PER_GROUP) as u64;
@@ -75,7 +68,7 @@ pub fn plan(tree: &FsTree, opts: &Options) -> Result<Summary, Error> {
         size: size / BLOCK_SIZE * BLOCK_SIZE,
         stats: Stats {
             blocks: geo.blocks,
-            free_blocks,
+            free_blocks: geo.blocks - used,
             inodes: geo.inodes(),
             free_inodes: geo.inodes() - prep.max_ino as u64,
             groups: geo.groups,
