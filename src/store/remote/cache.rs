@@ -19,8 +19,8 @@
 //! fails (EIO at the NBD client) and the log names the object. Reads of chunks already
 //! here never touch the network, so they keep working while the backend is down.
 //!
-//! Eviction ([`evict`]) deletes whole objects, fetched or partial, never one a read or
-//! prefetch is using, and never one not marked as fetched from this remote.
+//! Eviction (`cache/evict.rs`) deletes whole objects, fetched or partial, never one a read
+//! or prefetch is using, and never one not marked as fetched from this remote.
 
 mod evict;
 mod partial;
