@@ -248,3 +248,44 @@ fn set_mtime(path: &Path, t: std::time::SystemTime) {
     let f = fs::File::open(path).unwrap();
     f.set_modified(t).unwrap();
 }
+
+#[test]
+fn an_eviction_cut_short_by_a_crash_leaves_nothing_wrong_to_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(2 * CHUNK as usize + 5, 40);
+    let (cache, id, _) = setup(dir.path(), &data);
+    let mut out = vec![0u8; 64];
+    handle(&cache, id).read(&mut out, 10).unwrap();
+    let path = cache.partial_path(&id);
+    let local = cache.local.root().to_path_buf();
+    let remote = cache.remote.clone();
+    drop(cache);
+
+    // The map went first and the crash came before the file: chunks without marks.
+    fs::remove_file(map_path(&path)).unwrap();
+    let store = Store::open(&local).unwrap().with_remote(remote.clone());
+    let cache = store.remote_cache().unwrap().clone();
+    let p = handle(&cache, id);
+    p.read(&mut out, 10).unwrap();
+    assert_eq!(out, data[10..74]);
+    assert_eq!(
+        cache.stats.bytes_fetched.load(Ordering::Relaxed),
+        CHUNK,
+        "an unmarked chunk is fetched again, not trusted"
+    );
+    drop((p, cache, store));
+
+    // Had the order been the other way round: marks over a recreated, empty file. The
+    // check after a restart still refuses them.
+    fs::remove_file(&path).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap();
+    let store = Store::open(&local).unwrap().with_remote(remote);
+    let cache = store.remote_cache().unwrap().clone();
+    handle(&cache, id).read(&mut out, 10).unwrap();
+    assert_eq!(out, data[10..74]);
+}
