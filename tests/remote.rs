@@ -578,6 +578,45 @@ fn fetched_bytes(store: &Path) -> u64 {
 
 const CHUNK: u64 = 1 << 20;
 
+/// One libnbd connection answering the test's reads one at a time.
+struct Reader {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Reader {
+    fn new(uri: &str) -> Reader {
+        let script = "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+                      for line in sys.stdin:\n  at,n=map(int,line.split())\n  \
+                      sys.stdout.buffer.write(h.pread(n,at)); sys.stdout.flush()\n";
+        let mut child = Command::new(PY)
+            .args(["-c", script, uri])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Reader { child, out }
+    }
+
+    fn read(&mut self, at: u64, len: u64) -> Vec<u8> {
+        use std::io::{Read, Write};
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{at} {len}").unwrap();
+        stdin.flush().unwrap();
+        let mut buf = vec![0u8; len as usize];
+        self.out.read_exact(&mut buf).unwrap();
+        buf
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 /// A libnbd client that reads `len` bytes at `offset` of `uri` and keeps its connection
 /// (and so the server's lease on the image) until dropped.
 struct Holding(std::process::Child);
@@ -638,6 +677,22 @@ fn a_bounded_cache_stays_under_its_size_refetches_and_gc_and_stats_follow() {
         &["--remote", &u, "--cache-size", "2M"],
     );
     let uri = served.uri("web");
+    // One reader, one read at a time, every file: each read is answered only once the
+    // cache is back under its bound, so between reads B holds at most the bound.
+    let mut reader = Reader::new(&uri);
+    for &(id, at, len) in &places {
+        let got = reader.read(at, len);
+        assert!(
+            got == a_img[at as usize..(at + len) as usize],
+            "object {id}"
+        );
+        let kept = fetched_bytes(&b.store);
+        assert!(
+            kept <= LIMIT,
+            "{kept} bytes kept after reading {id}, bound {LIMIT}"
+        );
+    }
+    drop(reader);
     // Every byte, by nbdcopy (4 connections, many reads in flight): right, and B keeps no
     // more than the bound. Eviction runs after each read lets go of its object, so at
     // rest nothing is in flight; one chunk of slack for a read that finished last.
