@@ -288,6 +288,30 @@ mod tests {
     }
 
     #[test]
+    fn shape_counts_the_blocks_build_writes() {
+        // Around the linear/htree boundary, a one-level htree, and one with index blocks.
+        let names: Vec<Vec<u8>> = (0..40_000)
+            .map(|i| format!("n{i}-{}", "x".repeat(20 + i % 50)).into_bytes())
+            .collect();
+        for n in [0, 1, 60, 70, 80, 90, 100, 2000, 40_000] {
+            let kids: Vec<Dirent> = names[..n]
+                .iter()
+                .map(|name| Dirent {
+                    name,
+                    ino: 12,
+                    ftype: FT_REG,
+                })
+                .collect();
+            let seed = [5, 6, 7, 8];
+            let (blocks, indexed) = build(2, 2, &kids, &seed, 0);
+            assert_eq!(shape(&kids, &seed), (blocks.len(), indexed), "{n} entries");
+            if n == 40_000 {
+                assert_eq!(blocks[0][24 + 6], 1, "an index level");
+            }
+        }
+    }
+
+    #[test]
     fn big_directories_get_an_index_level_when_the_root_overflows() {
         let names: Vec<Vec<u8>> = (0..60_000)
             .map(|i| format!("file-with-a-long-name-{i:08}").into_bytes())
