@@ -38,6 +38,27 @@ impl From<UnixListener> for Listener {
     }
 }
 
+/// Send buffer asked for on Unix sockets (the kernel caps it at `net.core.wmem_max`).
+const UNIX_SNDBUF: libc::c_int = 1 << 20;
+
+/// A Unix socket's default send buffer (`net.core.wmem_default`, 208 KiB) holds less than one
+/// 256 KiB read reply: the writer filled it, slept in `epoll_wait` until the client drained
+/// it, and was woken again several times per reply.
+fn larger_send_buffer(s: &tokio::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local; the socket is
+    // owned by `s` for the duration of the call. Failure only leaves the default size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&UNIX_SNDBUF as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 impl Listener {
     async fn accept(&self) -> io::Result<(BoxIo, String)> {
         match self {
@@ -49,6 +70,7 @@ impl Listener {
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
+                larger_send_buffer(&s);
                 let peer = match s.peer_cred() {
                     Ok(c) => format!("unix:pid={}", c.pid().unwrap_or(-1)),
                     Err(_) => "unix".to_string(),
