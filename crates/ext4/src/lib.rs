@@ -23,6 +23,7 @@ mod hash;
 mod inode;
 mod layout;
 mod le;
+mod placement;
 mod plan;
 pub mod read;
 mod summary;
