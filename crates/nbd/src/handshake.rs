@@ -436,6 +436,11 @@ impl State<'_> {
                 return Ok(());
             }
         }
+        if !self.permits(&req.export) {
+            let msg = self.denied(&req.export).to_string();
+            reply_err(stream, code, REP_ERR_POLICY, &msg).await?;
+            return Ok(());
+        }
         match self.exists(&req.export).await {
             Ok(true) => {}
             Ok(false) => {

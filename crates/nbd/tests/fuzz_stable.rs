@@ -36,17 +36,6 @@ fn option_bytes(code: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
-fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = (export.len() as u32).to_be_bytes().to_vec();
-    v.extend(export.as_bytes());
-    v.extend((queries.len() as u32).to_be_bytes());
-    for q in queries {
-        v.extend((q.len() as u32).to_be_bytes());
-        v.extend(q.as_bytes());
-    }
-    v
-}
-
 #[test]
 fn option_decoders() {
     let mut go = go_payload("disk");

@@ -333,6 +333,18 @@ fn allow_list_limits_exports_per_client() {
     assert_eq!(rtype, REP_SERVER);
     assert_eq!(&entry[4..], b"mem");
     assert_eq!(read_option_reply(&mut s).1, REP_ACK);
+    // Metadata contexts of an export the client may not open are refused like NBD_OPT_GO,
+    // not listed: the reply would tell the client the export exists.
+    send_option(&mut s, OPT_LIST_META_CONTEXT, &meta_payload("secret", &[]));
+    let (_, rtype, msg) = read_option_reply(&mut s);
+    let msg = String::from_utf8_lossy(&msg);
+    assert_eq!(rtype, REP_ERR_POLICY, "{msg}");
+    assert!(msg.contains("allow-list"), "{msg}");
+    send_option(&mut s, OPT_LIST_META_CONTEXT, &meta_payload("mem", &[]));
+    let (_, rtype, ctx) = read_option_reply(&mut s);
+    assert_eq!(rtype, REP_META_CONTEXT);
+    assert_eq!(&ctx[4..], b"base:allocation");
+    assert_eq!(read_option_reply(&mut s).1, REP_ACK);
 }
 
 #[test]

@@ -194,6 +194,18 @@ pub fn go_payload(name: &str) -> Vec<u8> {
     v
 }
 
+/// The payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+pub fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = (export.len() as u32).to_be_bytes().to_vec();
+    v.extend(export.as_bytes());
+    v.extend((queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend((q.len() as u32).to_be_bytes());
+        v.extend(q.as_bytes());
+    }
+    v
+}
+
 /// NBD_OPT_GO to `name`; returns (size, transmission flags).
 pub fn go(s: &mut UnixStream, name: &str) -> (u64, u16) {
     send_option(s, OPT_GO, &go_payload(name));
