@@ -801,3 +801,71 @@ fn a_bounded_cache_stays_under_its_size_refetches_and_gc_and_stats_follow() {
     b.ok(&["store", "gc"]);
     assert!(!big_partial.exists() && !big_outboard.exists());
 }
+
+/// Sets the flag when dropped, so a helper thread stops even when the test panics.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn gc_in_a_loop_never_takes_what_a_lazy_server_is_fetching() {
+    // A file:// remote: the fetch path is the same as S3's, only the transport differs.
+    if !common::can_run("remote: gc during fetches", false, &[PY]) {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Many small objects (each fetched whole through tmp/), some chunked ones with
+    // outboards (fetched through partial/): every kind of file a fetch writes.
+    let (a, _src) = host_a(120);
+    let bucket = a.path("bucket");
+    let u = format!("file://{}", bucket.display());
+    a.ok(&["store", "push", "--to", &u]);
+    let a_img = export(&a);
+    let places = placements(&a.store, "web");
+
+    let b = Env::new();
+    let log = b.path("b.log");
+    let mut served = Served::start_logged(&b, "b.sock", &log, &["--remote", &u]);
+    let stop = AtomicBool::new(false);
+    let runs = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let out = b.run(&["store", "gc"]);
+                runs.fetch_add(1, Ordering::Relaxed);
+                if !out.status.success() {
+                    failed
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+        });
+        let mut reader = Reader::new(&served.uri("web"));
+        for &(id, at, len) in &places {
+            let got = reader.read(at, len);
+            assert!(
+                got == a_img[at as usize..(at + len) as usize],
+                "object {id} read wrong bytes while gc ran; server log:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    });
+    assert!(runs.load(Ordering::Relaxed) > 0, "gc never ran");
+    let failed = failed.into_inner().unwrap();
+    assert!(failed.is_empty(), "gc failed: {failed:?}");
+    assert!(served.stop(Duration::from_secs(10)).success());
+    let kept: HashSet<ObjectId> = objects_in(&b.store).into_iter().collect();
+    for (id, _, _) in &places {
+        assert!(
+            kept.contains(id),
+            "gc removed {id}, fetched for a running server"
+        );
+    }
+}

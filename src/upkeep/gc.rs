@@ -22,9 +22,10 @@ pub struct GcReport {
 
 /// Remove every tree no image or running server's lease names, every object no remaining
 /// tree names, every partial object (`partial/`, with its chunk map) of such an object,
-/// every stray file there, and every file in `tmp/`. Holds the store lock exclusively, so no import is writing meanwhile. Stops
-/// without removing anything if an image or a referenced tree cannot be read: deleting on
-/// partial knowledge could destroy live data. With `dry_run`, only counts.
+/// every stray file there, and every file in `tmp/`. Holds the store lock exclusively, so
+/// no import and no fetch from a remote (both hold it shared while they write) is writing
+/// meanwhile. Stops without removing anything if an image or a referenced tree cannot be
+/// read: deleting on partial knowledge could destroy live data. With `dry_run`, only counts.
 pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
     let lock = store.lock(true)?;
     let mut live_trees = HashSet::new();
@@ -129,8 +130,8 @@ fn partial(
             if keep {
                 continue;
             }
-            // A server completing it (a rename, not under the store lock) may have taken it
-            // since the listing.
+            // Fetches and evictions change `partial/` only under the store lock, but a
+            // file removed by hand since the listing is no reason to stop.
             let meta = match fs::symlink_metadata(&path) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,

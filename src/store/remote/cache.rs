@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 pub use super::counters::CacheStats;
 use super::lru::Lru;
 use super::{origin, trace, Kind, Remote, RemoteError};
-use crate::store::{ObjectId, Store};
+use crate::store::{ObjectId, Store, StoreLock};
 pub use partial::Partial;
 
 /// The unit of fetching: 16 outboard groups.
@@ -237,12 +237,26 @@ impl RemoteCache {
 
     /// Keep the checked bytes of object `id`, fetched whole.
     fn store_fetched(&self, id: &ObjectId, bytes: &[u8]) -> io::Result<()> {
-        self.local
-            .put_fetched_object(bytes, self.remote.url())
-            .map_err(io::Error::other)?;
+        {
+            let _lock = self.write_lock()?;
+            self.local
+                .put_fetched_object(bytes, self.remote.url())
+                .map_err(io::Error::other)?;
+        }
         self.lru().add(*id, bytes.len() as u64);
         self.record(*id, 0..0);
         Ok(())
+    }
+}
+
+impl RemoteCache {
+    /// The store lock, shared, held while fetched bytes are written under `tmp/` or
+    /// `partial/` and named, as an import holds it: a `store gc` (exclusive) never empties
+    /// `tmp/` or judges `partial/` and the outboards halfway through. Not held across
+    /// network requests, so an eviction (which only tries the lock exclusively) is not kept
+    /// out by slow fetches.
+    fn write_lock(&self) -> io::Result<StoreLock> {
+        self.local.lock(false).map_err(io::Error::other)
     }
 }
 

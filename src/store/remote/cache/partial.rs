@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use super::{backend, map_path, mismatch, Kind, RemoteCache, CHUNK, OUTBOARD_MIN};
 use crate::store::remote::origin;
-use crate::store::{ObjectId, Outboard};
+use crate::store::{ObjectId, Outboard, StoreLock};
 
 /// An object fetched, or being fetched, from the remote. Every read of it goes through
 /// here, so the cache knows when it is in use and can delete its files when it is not.
@@ -234,6 +234,9 @@ impl Partial {
             });
         }
         let mut outboard = local.read_outboard(id).ok().flatten();
+        // Taken before the outboard is stored and held until the partial file exists:
+        // gc keeps the outboard of a live object only while it is here or being fetched.
+        let mut lock = None;
         if outboard.is_none() {
             if let Some(len) = cache.fetch_small(id)? {
                 return Ok((Shape::whole(len, true), true));
@@ -241,6 +244,7 @@ impl Partial {
             outboard = match cache.remote.get_content(Kind::Outboard, id) {
                 Ok(bytes) => match Outboard::decode(id, &bytes) {
                     Ok(o) => {
+                        lock = Some(cache.write_lock()?);
                         local.put_outboard(id, &o).map_err(io::Error::other)?;
                         Some(o)
                     }
@@ -256,10 +260,15 @@ impl Partial {
         match outboard.filter(|o| o.len() > OUTBOARD_MIN) {
             Some(o) => {
                 let shape = Shape::chunked(o, ABSENT);
-                self.open_files(&shape, map)?;
+                let lock = match lock {
+                    Some(l) => l,
+                    None => cache.write_lock()?,
+                };
+                self.open_files(&shape, map, &lock)?;
                 Ok((shape, false))
             }
             None => {
+                drop(lock);
                 let len = cache.fetch_whole(id, 2)?;
                 Ok((Shape::whole(len, true), true))
             }
@@ -267,8 +276,13 @@ impl Partial {
     }
 
     /// Open (or create) the partial file and its chunk map, and take the marks of chunks
-    /// an earlier run kept.
-    fn open_files(&self, shape: &Shape, map: &mut Option<File>) -> io::Result<()> {
+    /// an earlier run kept. The caller holds the store lock (shared).
+    fn open_files(
+        &self,
+        shape: &Shape,
+        map: &mut Option<File>,
+        _locked: &StoreLock,
+    ) -> io::Result<()> {
         let path = self.cache.partial_path(&self.id);
         fs::create_dir_all(path.parent().expect("fan directory"))?;
         let open = |p: &std::path::Path| {
@@ -310,7 +324,7 @@ impl Partial {
         }
         if self.data().is_none() {
             // Complete and evicted since (or deleted by someone else): start again.
-            self.open_files(shape, &mut map)?;
+            self.open_files(shape, &mut map, &self.cache.write_lock()?)?;
         }
         let file = self.data().clone().expect("opened");
         // Chunks kept by an earlier run: check them from disk.
@@ -391,6 +405,7 @@ impl Partial {
             }
         }
         let bytes = bytes.expect("checked bytes");
+        let _lock = cache.write_lock()?;
         file.write_all_at(&bytes, range.start)?;
         file.sync_data()?;
         if let Some(map) = map {
@@ -416,6 +431,7 @@ impl Partial {
         let cache = &self.cache;
         let path = cache.partial_path(&self.id);
         let dest = cache.local.object_path(&self.id);
+        let _lock = cache.write_lock()?;
         if dest.exists() {
             // Someone else completed it: read theirs, drop ours.
             fs::remove_file(&path)?;
