@@ -98,7 +98,7 @@ pub(crate) fn store_file<R: ReadAt>(
         Ok(())
     })?;
     let object = ObjectId(*hasher.finalize().as_bytes());
-    if pending(&object) || store.has_object(&object) {
+    if pending(&object) || store.has_kept_object(&object) {
         return Ok(Content {
             object,
             segments,

@@ -54,7 +54,7 @@ pub(crate) fn store_file(
     };
     let ranges = segments.clone().unwrap_or_else(|| vec![Segment(0, size)]);
     let data_len: u64 = ranges.iter().map(|r| r.1).sum();
-    let is_new = |id: ObjectId| !store.has_object(&id) && claim(id);
+    let is_new = |id: ObjectId| !store.has_kept_object(&id) && claim(id);
 
     let (object, staged) = if data_len <= BUF as u64 {
         let mut data = vec![0u8; data_len as usize];

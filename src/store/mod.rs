@@ -159,6 +159,16 @@ impl Store {
         self.object_path(id).exists()
     }
 
+    /// Whether object `id` is here for good: present and not marked as fetched from a
+    /// remote ([`remote::origin`]), which a bounded cache may delete again. An import or
+    /// commit that finds a marked object writes it anew (unmarked) instead of naming the
+    /// cache's copy, so its image never loses the object to an eviction. Call holding the
+    /// store lock (shared): evictions, which hold it exclusively, cannot run in between.
+    pub fn has_kept_object(&self, id: &ObjectId) -> bool {
+        let path = self.object_path(id);
+        path.exists() && remote::origin::of(&path).is_none()
+    }
+
     pub fn has_tree(&self, id: &ObjectId) -> bool {
         self.tree_path(id).exists()
     }
@@ -222,7 +232,11 @@ impl Store {
 
     fn put_object_from(&self, bytes: &[u8], origin: Option<&str>) -> Result<ObjectId, StoreError> {
         let id = ObjectId::of(bytes);
-        if !self.has_object(&id) {
+        let here = match origin {
+            Some(_) => self.has_object(&id),
+            None => self.has_kept_object(&id),
+        };
+        if !here {
             atomic::write(self, &self.object_path(&id), 0o444, |f| {
                 io::Write::write_all(f, bytes)?;
                 if let Some(url) = origin {

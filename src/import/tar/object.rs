@@ -118,7 +118,7 @@ impl<'s> ObjectSink<'s> {
         let id: ObjectId = hasher.finalize().into();
         self.files += 1;
         self.data_bytes += len;
-        if !self.store.has_object(&id) && self.pending.insert(id) {
+        if !self.store.has_kept_object(&id) && self.pending.insert(id) {
             let staged = self
                 .store
                 .stage_object(id, |out| {

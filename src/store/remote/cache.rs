@@ -243,7 +243,10 @@ impl RemoteCache {
                 .put_fetched_object(bytes, self.remote.url())
                 .map_err(io::Error::other)?;
         }
-        self.lru().add(*id, bytes.len() as u64);
+        // Unless it was here for good already (imported), or cannot be marked.
+        if self.fetched_here(id) {
+            self.lru().add(*id, bytes.len() as u64);
+        }
         self.record(*id, 0..0);
         Ok(())
     }

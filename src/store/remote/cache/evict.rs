@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
+use super::partial::Eviction;
 use super::{map_path, origin, Partial, RemoteCache, CHUNK};
 use crate::store::{Area, ObjectId};
 
@@ -120,13 +121,16 @@ impl RemoteCache {
         let mut freed = 0;
         for (handle, bytes) in self.pick(limit) {
             let id = handle.id();
-            if handle.evict() {
-                evicted += 1;
-                freed += bytes;
-                tracing::debug!(object = %id, bytes, "evicted from the cache");
-            } else {
+            match handle.evict() {
+                Eviction::Done => {
+                    evicted += 1;
+                    freed += bytes;
+                    tracing::debug!(object = %id, bytes, "evicted from the cache");
+                }
                 // A read took it since it was picked: it stays, listed again.
-                self.lru().set(id, bytes);
+                Eviction::InUse => self.lru().set(id, bytes),
+                // Imported since: no longer counted as fetched.
+                Eviction::Kept => tracing::debug!(object = %id, "kept: imported here since"),
             }
         }
         self.stats

@@ -458,16 +458,21 @@ impl Partial {
         self.pin.try_write().is_err()
     }
 
-    /// Delete the object's files here unless it is in use; true if it was not. Readers of
-    /// it wait meanwhile (they hold the pin shared); any other way to the files goes
+    /// Delete the object's files here unless it is in use or no longer the cache's. Readers
+    /// of it wait meanwhile (they hold the pin shared); any other way to the files goes
     /// through this handle, which the cache's table names while it lives.
-    pub(super) fn evict(&self) -> bool {
+    pub(super) fn evict(&self) -> Eviction {
         let Ok(_only) = self.pin.try_write() else {
-            return false;
+            return Eviction::InUse;
         };
         let Ok(mut map) = self.fetching.try_lock() else {
-            return false;
+            return Eviction::InUse;
         };
+        if self.cache.local.has_kept_object(&self.id) {
+            // Written here for good since it was fetched (an import of the same bytes):
+            // reads find it complete, and it is not the cache's to delete.
+            return Eviction::Kept;
+        }
         *map = None;
         *self.data() = None;
         self.cache.delete_files(&self.id);
@@ -476,8 +481,18 @@ impl Partial {
                 shape.set(c, ABSENT);
             }
         }
-        true
+        Eviction::Done
     }
+}
+
+/// What [`Partial::evict`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Eviction {
+    Done,
+    /// A read or prefetch holds it.
+    InUse,
+    /// A local object kept for good now (see [`crate::store::Store::has_kept_object`]).
+    Kept,
 }
 
 /// Check `bytes`, the object's bytes at the group-aligned `offset`; the first bad group's

@@ -289,3 +289,44 @@ fn an_eviction_cut_short_by_a_crash_leaves_nothing_wrong_to_read() {
     handle(&cache, id).read(&mut out, 10).unwrap();
     assert_eq!(out, data[10..74]);
 }
+
+#[test]
+fn an_object_imported_after_it_was_fetched_is_never_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (pseudo_random(200 << 10, 30), pseudo_random(200 << 10, 31));
+    let (remote, _) = remote_with(dir.path(), &[&a, &b]);
+    let store = Store::open(&dir.path().join("local"))
+        .unwrap()
+        .with_remote(remote);
+    let cache = store.remote_cache().unwrap().clone();
+    cache.bound(300 << 10).unwrap();
+    let (ia, ib) = (ObjectId::of(&a), ObjectId::of(&b));
+    let mut out = vec![0u8; 100];
+    handle(&cache, ia).read(&mut out, 0).unwrap();
+    assert_eq!(
+        origin::of(&store.object_path(&ia)).as_deref(),
+        Some(cache.remote.url())
+    );
+
+    // An import of the same bytes, as `import dir` stores a file: its image now names the
+    // object, which must stay here whatever the cache does.
+    let lock = store.lock(false).unwrap();
+    assert!(
+        !store.has_kept_object(&ia),
+        "a fetched object is the cache's"
+    );
+    store.put_object_bytes(&a).unwrap();
+    assert!(store.has_kept_object(&ia));
+    drop(lock);
+
+    // Over the bound: the oldest, the imported object, would go first.
+    handle(&cache, ib).read(&mut out, 0).unwrap();
+    assert!(store.has_object(&ia), "an imported object was evicted");
+    assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 0);
+    assert_eq!(cache.usage().0, 200 << 10, "only b counts as fetched");
+    assert!(
+        matches!(cache.open(ia).unwrap(), Fetched::Local),
+        "read like any local object from now on"
+    );
+    assert!(fs::read(store.object_path(&ia)).unwrap() == a);
+}
