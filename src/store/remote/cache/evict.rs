@@ -120,17 +120,9 @@ impl RemoteCache {
         let mut evicted = 0;
         let mut freed = 0;
         for (handle, bytes) in self.pick(limit) {
-            let id = handle.id();
-            match handle.evict() {
-                Eviction::Done => {
-                    evicted += 1;
-                    freed += bytes;
-                    tracing::debug!(object = %id, bytes, "evicted from the cache");
-                }
-                // A read took it since it was picked: it stays, listed again.
-                Eviction::InUse => self.lru().set(id, bytes),
-                // Imported since: no longer counted as fetched.
-                Eviction::Kept => tracing::debug!(object = %id, "kept: imported here since"),
+            if self.evict_picked(&handle, bytes) {
+                evicted += 1;
+                freed += bytes;
             }
         }
         self.stats
@@ -149,10 +141,27 @@ impl RemoteCache {
         evicted
     }
 
+    /// Evict an object [`Self::pick`] took off the list with `bytes`; true if it went.
+    pub(super) fn evict_picked(&self, handle: &Partial, bytes: u64) -> bool {
+        let id = handle.id();
+        match handle.evict() {
+            Eviction::Done => {
+                tracing::debug!(object = %id, bytes, "evicted from the cache");
+                return true;
+            }
+            // A read took it since it was picked: it stays, listed again with its bytes
+            // added to what that read may have fetched and listed meanwhile.
+            Eviction::InUse => self.lru().add(id, bytes),
+            // Imported since: no longer counted as fetched.
+            Eviction::Kept => tracing::debug!(object = %id, "kept: imported here since"),
+        }
+        false
+    }
+
     /// The least recently used objects not in use, enough to get under `limit`, taken off
     /// the list, each with a handle: one nobody held gets a fresh one, whose pin keeps a
     /// new reader from reopening the files while they go.
-    fn pick(self: &Arc<Self>, limit: u64) -> Vec<(Arc<Partial>, u64)> {
+    pub(super) fn pick(self: &Arc<Self>, limit: u64) -> Vec<(Arc<Partial>, u64)> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut lru = self.lru();
         let picked = lru.victims(limit, |id| {

@@ -330,3 +330,31 @@ fn an_object_imported_after_it_was_fetched_is_never_evicted() {
     );
     assert!(fs::read(store.object_path(&ia)).unwrap() == a);
 }
+
+#[test]
+fn an_object_a_read_takes_while_it_is_being_evicted_keeps_all_its_bytes_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(3 * CHUNK as usize + 5, 40);
+    let (cache, id, _) = setup(dir.path(), &data);
+    let p = handle(&cache, id);
+    let mut out = vec![0u8; 10];
+    p.read(&mut out, 0).unwrap();
+    assert_eq!(cache.usage().0, CHUNK);
+
+    // Picked for eviction; before it is deleted, a read pins it and fetches one more chunk.
+    let picked = cache.pick(0);
+    assert_eq!(picked.len(), 1);
+    let pin = p.pin.read().unwrap();
+    p.prefetch(1..2).unwrap();
+    assert!(!cache.evict_picked(&picked[0].0, picked[0].1), "in use");
+    drop(pin);
+    assert_eq!(
+        cache.usage().0,
+        2 * CHUNK,
+        "both chunks here are counted against the bound"
+    );
+    assert_eq!(
+        fs::read(map_path(&cache.partial_path(&id))).unwrap(),
+        [1, 1, 0, 0]
+    );
+}
