@@ -24,6 +24,7 @@ pub struct UblkDevice {
 impl UblkDevice {
     pub fn add(
         _export: &str,
+        _store: &std::path::Path,
         _dev: Arc<dyn Device>,
         _queues: u16,
         _start: Start,
@@ -42,4 +43,8 @@ impl UblkDevice {
     pub fn abandon(self) {
         match self.never {}
     }
+}
+
+pub fn stop_waiting(_id: u32) -> Result<(), String> {
+    Err(super::Unavailable::NotBuilt.to_string())
 }

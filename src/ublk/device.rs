@@ -8,6 +8,7 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -63,9 +64,11 @@ fn ublk_error(e: libublk::UblkError) -> String {
     }
 }
 
-fn set_params(udev: &mut UblkDev, dev: &dyn Device, export: &str) {
-    // Read back by the server that recovers the device (`super::recover`).
-    udev.set_target_json(serde_json::json!({ "export": export }));
+fn set_params(udev: &mut UblkDev, dev: &dyn Device, export: &str, store: &Path) {
+    // Read back by the server that recovers the device (`super::recover`): only a server
+    // of the same store may take it over, since another store's image of that name is
+    // another filesystem under the one still mounted.
+    udev.set_target_json(serde_json::json!({ "export": export, "store": store }));
     let size = dev.size();
     let mut attrs = 0;
     if dev.is_read_only() {
@@ -114,6 +117,7 @@ impl UblkDevice {
     /// Returns once `/dev/ublkbN` exists.
     pub fn add(
         export: &str,
+        store: &Path,
         dev: Arc<dyn Device>,
         queues: u16,
         start: Start,
@@ -123,9 +127,10 @@ impl UblkDevice {
         let read_only = dev.is_read_only();
         let size = dev.size();
         let name = export.to_owned();
+        let store = store.to_owned();
         let thread = std::thread::Builder::new()
             .name("tessera-ublk".into())
-            .spawn(move || control_thread(name, dev, queues, start, ready_tx, stop_rx))
+            .spawn(move || control_thread(name, store, dev, queues, start, ready_tx, stop_rx))
             .map_err(AddError::Thread)?;
         // The driver may give fewer queues than asked (no more than CPUs).
         let (id, queues) = match ready_rx.recv() {
@@ -206,6 +211,7 @@ impl Drop for UblkDevice {
 
 fn control_thread(
     export: String,
+    store: PathBuf,
     dev: Arc<dyn Device>,
     queues: u16,
     start: Start,
@@ -229,8 +235,14 @@ fn control_thread(
                     0
                 }),
             Start::Recover(id) => {
+                // libublk retries EBUSY (another server holds or is taking over the device)
+                // for 30 s, then returns it as Ok(-EBUSY): that is a refusal too.
                 let begun = libublk::ctrl::UblkCtrl::new_simple(id as i32)
-                    .and_then(|c| c.start_user_recover());
+                    .and_then(|c| c.start_user_recover())
+                    .and_then(|r| match r {
+                        r if r < 0 => Err(libublk::UblkError::OtherError(r)),
+                        r => Ok(r),
+                    });
                 if let Err(e) = begun {
                     let _ = ready.send(Err(format!(
                         "cannot start recovering /dev/ublkb{id}: {}",
@@ -259,7 +271,7 @@ fn control_thread(
     let stop = std::sync::Mutex::new(stop);
     let result = ctrl.run_target(
         |udev: &mut UblkDev| {
-            set_params(udev, &*params_dev, &params_export);
+            set_params(udev, &*params_dev, &params_export, &store);
             Ok(())
         },
         move |qid, udev: &UblkDev| target::serve_queue(qid, udev, dev.clone()),
@@ -272,9 +284,32 @@ fn control_thread(
             }
         },
     );
-    if let Err(e) = result {
-        let _ = ready.send(Err(ublk_error(e)));
+    match result {
+        Err(e) => {
+            let _ = ready.send(Err(ublk_error(e)));
+        }
+        // libublk deletes on drop only the devices it added: a recovered one would stay,
+        // stopped, its id and /dev/ublkcN taken until the next server's sweep. Its queues
+        // have closed /dev/ublkcN by now, so DEL_DEV does not wait on this process.
+        Ok(_) if matches!(start, Start::Recover(_)) => {
+            if let Err(e) = ctrl.del_dev() {
+                tracing::warn!(id, error = %ublk_error(e), "cannot delete the recovered ublk device");
+            }
+        }
+        Ok(_) => {}
     }
     drop(ctrl);
     tracing::info!(id, export, "ublk device deleted");
+}
+
+/// Stops device `id`, quiesced and waiting for a server this one cannot be: the driver
+/// then fails the I/O it holds and what comes after, and removes the disk (a filesystem on
+/// it shuts down, as after a crash without recovery). The stopped device is deleted by a
+/// sweep ([`super::sweep_dead_devices`]).
+pub fn stop_waiting(id: u32) -> Result<(), String> {
+    let ctrl = libublk::ctrl::UblkCtrl::new_simple(id as i32).map_err(ublk_error)?;
+    match ctrl.kill_dev().map_err(ublk_error)? {
+        r if r < 0 => Err(io::Error::from_raw_os_error(-r).to_string()),
+        _ => Ok(()),
+    }
 }

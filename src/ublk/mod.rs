@@ -23,7 +23,7 @@ mod recover;
 mod target;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tessera_nbd::Exports;
@@ -157,6 +157,9 @@ fn parse_export(s: &str) -> Result<String, String> {
 /// The devices of one server.
 pub struct Ublk {
     exports: StoreExports,
+    /// The store's root, absolute: recorded with each device so that only a server of
+    /// this store recovers it.
+    store: PathBuf,
     devices: Mutex<BTreeMap<u32, UblkDevice>>,
     queues: u16,
     recovery: bool,
@@ -167,6 +170,7 @@ impl Ublk {
     /// explicitly, so every mode is allowed and persistent overlays are created on first
     /// use, as with `serve --export`; the rest of the server's `policy` applies.
     pub fn new(
+        store: &Path,
         nbd: &StoreExports,
         queues: u16,
         recovery: bool,
@@ -181,8 +185,10 @@ impl Ublk {
             ephemeral: true,
             ..policy.clone()
         };
+        let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_owned());
         Ok(Ublk {
             exports: nbd.sharing(policy),
+            store,
             devices: Mutex::default(),
             queues,
             recovery,
@@ -205,26 +211,45 @@ impl Ublk {
         // filesystem that stayed mounted.
         let recoverable = self.recovery && name.mode == WriteMode::ReadOnly;
         self.make(export, Start::New { recoverable })
+            .map_err(|(Made::NoExport(e) | Made::NotAdded(e))| e)
     }
 
     /// Takes over device `id`, quiesced since its server died, serving `export` again.
+    /// A device no server of this store can serve (its export is gone, or writable) is
+    /// stopped, so that its waiting I/O fails instead of waiting forever; one this server
+    /// could not take over now (another server holds it, the export cannot be opened) is
+    /// left waiting.
     pub fn recover(&self, id: u32, export: &str) -> Result<DeviceInfo, String> {
-        match ExportName::parse(export) {
-            Some(n) if n.mode == WriteMode::ReadOnly => self.make(export, Start::Recover(id)),
-            _ => Err(format!(
-                "{export:?} is not a read-only export: not recoverable"
-            )),
-        }
+        let why = match ExportName::parse(export) {
+            Some(n) if n.mode == WriteMode::ReadOnly => {
+                match self.make(export, Start::Recover(id)) {
+                    Ok(info) => return Ok(info),
+                    Err(Made::NotAdded(e)) => {
+                        return Err(format!("{e}; the device is left waiting"))
+                    }
+                    Err(Made::NoExport(e)) => e,
+                }
+            }
+            _ => format!("{export:?} is not a read-only export: not recoverable"),
+        };
+        Err(match device::stop_waiting(id) {
+            Ok(()) => format!("{why}; stopped the device: its waiting I/O fails"),
+            Err(e) => format!("{why}; cannot stop the device either ({e}): its I/O still waits"),
+        })
     }
 
-    fn make(&self, export: &str, start: Start) -> Result<DeviceInfo, String> {
+    fn make(&self, export: &str, start: Start) -> Result<DeviceInfo, Made> {
         let opened = match self.exports.open(export) {
             Ok(Some(e)) => e,
-            Ok(None) => return Err(format!("no export named {export:?}")),
-            Err(e) => return Err(format!("cannot open {export}: {e}")),
+            Ok(None) => return Err(Made::NoExport(format!("no export named {export:?}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Made::NoExport(format!("cannot open {export}: {e}")))
+            }
+            // Perhaps passing (a remote store out of reach): a recovery may still succeed.
+            Err(e) => return Err(Made::NotAdded(format!("cannot open {export}: {e}"))),
         };
-        let dev = UblkDevice::add(&opened.name, opened.device, self.queues, start)
-            .map_err(|e| e.to_string())?;
+        let dev = UblkDevice::add(&opened.name, &self.store, opened.device, self.queues, start)
+            .map_err(|e| Made::NotAdded(e.to_string()))?;
         let info = dev.info.clone();
         tracing::info!(device = info.block, export, "ublk device added");
         self.devices().insert(info.id, dev);
@@ -278,6 +303,14 @@ impl Ublk {
     }
 }
 
+/// Why [`Ublk::make`] made no device.
+enum Made {
+    /// The store has no such export: nothing was sent to the driver.
+    NoExport(String),
+    /// The export could not be opened, the driver refused, or the device's threads failed.
+    NotAdded(String),
+}
+
 /// `/dev/ublkb3`, `ublkb3`, `3` → 3.
 pub fn parse_device(s: &str) -> Option<u32> {
     let s = s.strip_prefix("/dev/").unwrap_or(s);
@@ -303,6 +336,7 @@ impl UblkServer {
     ) -> anyhow::Result<UblkServer> {
         let mut server = UblkServer {
             ublk: Arc::new(Ublk::new(
+                store.root(),
                 nbd,
                 args.ublk_queues,
                 args.ublk_recovery,
@@ -312,12 +346,14 @@ impl UblkServer {
         };
         #[cfg(feature = "ublk")]
         if args.ublk_recovery {
-            for (id, export) in recover::quiesced() {
+            for (id, export) in recover::quiesced(&server.ublk.store) {
                 match server.ublk.recover(id, &export) {
                     Ok(info) => println!("recovered {}", describe(&info)),
                     Err(e) => eprintln!("ublk: cannot recover /dev/ublkb{id} ({export}): {e}"),
                 }
             }
+            // Deletes the devices stopped above once nothing holds them.
+            sweep_dead_devices();
         }
         for export in &args.exports {
             let info = server.ublk.add(export).map_err(anyhow::Error::msg)?;
