@@ -869,3 +869,53 @@ fn gc_in_a_loop_never_takes_what_a_lazy_server_is_fetching() {
         );
     }
 }
+
+#[test]
+fn a_file_imported_while_its_object_is_cached_is_never_evicted() {
+    // A file:// remote: this one needs no engine, only libnbd's Python module.
+    if !common::can_run("remote: import of a cached object", false, &[PY]) {
+        return;
+    }
+    let (a, src) = host_a(6);
+    let bucket = a.path("bucket");
+    let u = format!("file://{}", bucket.display());
+    a.ok(&["store", "push", "--to", &u]);
+    let places = placements(&a.store, "web");
+    let big = *places.iter().max_by_key(|p| p.2).unwrap();
+    let f3 = fs::read(src.join("etc/f3")).unwrap();
+    let id = ObjectId::of(&f3);
+    let at = places.iter().find(|p| p.0 == id).unwrap();
+
+    let b = Env::new();
+    let mut served = Served::start_logged(
+        &b,
+        "b.sock",
+        &b.path("b.log"),
+        &["--remote", &u, "--cache-size", "1M"],
+    );
+    let mut reader = Reader::new(&served.uri("web"));
+    assert!(reader.read(at.1, at.2) == f3);
+    assert!(objects_in(&b.store).contains(&id), "fetched");
+    // B imports a directory holding the same file while it serves.
+    let mine = b.path("mine");
+    fs::create_dir(&mine).unwrap();
+    fs::write(mine.join("same"), &f3).unwrap();
+    b.ok(&["import", "dir", mine.to_str().unwrap(), "--name", "mine"]);
+    // Two chunks of the big object: over the bound, everything not in use goes.
+    reader.read(big.1, 10);
+    reader.read(big.1 + CHUNK, 10);
+    drop(reader);
+    assert!(served.stop(Duration::from_secs(10)).success());
+    assert!(
+        objects_in(&b.store).contains(&id),
+        "the object of B's own image was evicted"
+    );
+    assert!(
+        fetched_bytes(&b.store) <= 1 << 20,
+        "the bound held: {}",
+        fetched_bytes(&b.store)
+    );
+    // B's image works without the remote.
+    let out = b.path("mine.img");
+    b.ok(&["image", "export", "mine", out.to_str().unwrap()]);
+}
