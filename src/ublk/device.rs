@@ -68,7 +68,11 @@ fn set_params(udev: &mut UblkDev, dev: &dyn Device, export: &str, store: &Path) 
     // Read back by the server that recovers the device (`super::recover`): only a server
     // of the same store may take it over, since another store's image of that name is
     // another filesystem under the one still mounted.
-    udev.set_target_json(serde_json::json!({ "export": export, "store": store }));
+    udev.set_target_json(serde_json::json!({
+        "export": export,
+        "store": store,
+        "image": super::identity(dev),
+    }));
     let size = dev.size();
     let mut attrs = 0;
     if dev.is_read_only() {

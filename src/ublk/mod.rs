@@ -210,19 +210,21 @@ impl Ublk {
         // recovered writable device could silently lose acknowledged writes under a
         // filesystem that stayed mounted.
         let recoverable = self.recovery && name.mode == WriteMode::ReadOnly;
-        self.make(export, Start::New { recoverable })
+        self.make(export, Start::New { recoverable }, None)
             .map_err(|(Made::NoExport(e) | Made::NotAdded(e))| e)
     }
 
-    /// Takes over device `id`, quiesced since its server died, serving `export` again.
-    /// A device no server of this store can serve (its export is gone, or writable) is
+    /// Takes over device `id`, quiesced since its server died, serving `export` again if
+    /// it is still the image `was` (its [`identity`], when the device recorded one).
+    /// A device no server of this store can serve (its export is gone, is now another
+    /// image, or is writable) is
     /// stopped, so that its waiting I/O fails instead of waiting forever; one this server
     /// could not take over now (another server holds it, the export cannot be opened) is
     /// left waiting.
-    pub fn recover(&self, id: u32, export: &str) -> Result<DeviceInfo, String> {
+    pub fn recover(&self, id: u32, export: &str, was: Option<&str>) -> Result<DeviceInfo, String> {
         let why = match ExportName::parse(export) {
             Some(n) if n.mode == WriteMode::ReadOnly => {
-                match self.make(export, Start::Recover(id)) {
+                match self.make(export, Start::Recover(id), was) {
                     Ok(info) => return Ok(info),
                     Err(Made::NotAdded(e)) => {
                         return Err(format!("{e}; the device is left waiting"))
@@ -238,7 +240,9 @@ impl Ublk {
         })
     }
 
-    fn make(&self, export: &str, start: Start) -> Result<DeviceInfo, Made> {
+    /// Opens `export` and makes a device for it; with `was`, only if the export is still
+    /// that image.
+    fn make(&self, export: &str, start: Start, was: Option<&str>) -> Result<DeviceInfo, Made> {
         let opened = match self.exports.open(export) {
             Ok(Some(e)) => e,
             Ok(None) => return Err(Made::NoExport(format!("no export named {export:?}"))),
@@ -248,6 +252,14 @@ impl Ublk {
             // Perhaps passing (a remote store out of reach): a recovery may still succeed.
             Err(e) => return Err(Made::NotAdded(format!("cannot open {export}: {e}"))),
         };
+        let now = identity(&*opened.device);
+        if let Some(was) = was.filter(|&was| was != now) {
+            // The filesystem still mounted on the device is of the image it served: another
+            // one under it would be read as corrupt metadata and wrong file contents.
+            return Err(Made::NoExport(format!(
+                "{export} is now another image ({now}), not the one the device served ({was})"
+            )));
+        }
         let dev = UblkDevice::add(&opened.name, &self.store, opened.device, self.queues, start)
             .map_err(|e| Made::NotAdded(e.to_string()))?;
         let info = dev.info.clone();
@@ -303,9 +315,20 @@ impl Ublk {
     }
 }
 
+/// What a device served, as its JSON records it for recovery: the image's description
+/// (name, trees, filesystem UUID) and the device's size.
+pub(crate) fn identity(dev: &dyn tessera_nbd::Device) -> String {
+    format!(
+        "{}, {} bytes",
+        dev.description().unwrap_or_default(),
+        dev.size()
+    )
+}
+
 /// Why [`Ublk::make`] made no device.
 enum Made {
-    /// The store has no such export: nothing was sent to the driver.
+    /// The store has no such export (or, recovering, no longer the same image): nothing
+    /// was sent to the driver.
     NoExport(String),
     /// The export could not be opened, the driver refused, or the device's threads failed.
     NotAdded(String),
@@ -346,8 +369,8 @@ impl UblkServer {
         };
         #[cfg(feature = "ublk")]
         if args.ublk_recovery {
-            for (id, export) in recover::quiesced(&server.ublk.store) {
-                match server.ublk.recover(id, &export) {
+            for (id, export, was) in recover::quiesced(&server.ublk.store) {
+                match server.ublk.recover(id, &export, was.as_deref()) {
                     Ok(info) => println!("recovered {}", describe(&info)),
                     Err(e) => eprintln!("ublk: cannot recover /dev/ublkb{id} ({export}): {e}"),
                 }

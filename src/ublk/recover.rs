@@ -15,8 +15,9 @@ use libublk::sys;
 /// Whose a waiting device is, by the target data of its JSON.
 #[derive(Debug, PartialEq, Eq)]
 enum Claim {
-    /// This store's: the export to serve again.
-    Ours(String),
+    /// This store's: the export to serve again, and what image it was (`super::identity`)
+    /// if recorded.
+    Ours(String, Option<String>),
     /// Another store's (its root): an image of the same name here is another filesystem.
     Other(String),
     /// Not tessera's, or from a tessera that did not record its store.
@@ -26,15 +27,17 @@ enum Claim {
 fn claim(target: Option<&serde_json::Value>, store: &Path) -> Claim {
     let field = |k: &str| target?.get(k)?.as_str().map(str::to_owned);
     match (field("export"), field("store")) {
-        (Some(export), Some(root)) if Path::new(&root) == store => Claim::Ours(export),
+        (Some(export), Some(root)) if Path::new(&root) == store => {
+            Claim::Ours(export, field("image"))
+        }
         (Some(_), Some(root)) => Claim::Other(root),
         _ => Claim::Unknown,
     }
 }
 
 /// Quiesced devices of `store` (its absolute root) whose server is gone, with the export
-/// each served.
-pub fn quiesced(store: &Path) -> Vec<(u32, String)> {
+/// each served and the image it was.
+pub fn quiesced(store: &Path) -> Vec<(u32, String, Option<String>)> {
     let ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
         .map(|dir| {
             dir.flatten()
@@ -55,7 +58,7 @@ pub fn quiesced(store: &Path) -> Vec<(u32, String)> {
             continue;
         }
         match claim(ctrl.get_target_data_from_json().as_ref(), store) {
-            Claim::Ours(export) => found.push((id, export)),
+            Claim::Ours(export, image) => found.push((id, export, image)),
             Claim::Other(root) => eprintln!(
                 "ublk: /dev/ublkb{id} waits for recovery by a server of the store {root}: left alone"
             ),
@@ -77,8 +80,11 @@ mod tests {
     #[test]
     fn only_devices_of_this_store_are_claimed() {
         let here = Path::new("/srv/store");
-        let mine = json!({ "export": "bb", "store": "/srv/store" });
-        assert_eq!(claim(Some(&mine), here), Claim::Ours("bb".into()));
+        let mine = json!({ "export": "bb", "store": "/srv/store", "image": "uuid 1, 4096 bytes" });
+        assert_eq!(
+            claim(Some(&mine), here),
+            Claim::Ours("bb".into(), Some("uuid 1, 4096 bytes".into()))
+        );
         let theirs = json!({ "export": "bb", "store": "/srv/other" });
         assert_eq!(
             claim(Some(&theirs), here),

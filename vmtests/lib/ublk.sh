@@ -144,7 +144,7 @@ case_ublk() {
     expect_fields "$glog" ublk "$nonce" noserver=ok cold=4x64k+3manifests "manifest=$UBLK_MANIFEST_LINES" \
         lbs=4096 pbs=4096 dd=11 cmp=whole listed=2 unknown=ok mounted=ok busy=ok again=ok \
         stopped=clean queues_listed=1 kept=yes fsck=clean mounted_report=yes swept=yes \
-        recovery_waits=yes other_store=left recovered=yes export_gone=failed
+        recovery_waits=yes other_store=left recovered=yes image_changed=failed export_gone=failed
     marker "$glog" ublk "$nonce" >> "$WORK/markers"
     report "ublk: one boot in ${BOOT_SECONDS}s: $(marker "$glog" ublk "$nonce" | cut -c1-400)"
 }
