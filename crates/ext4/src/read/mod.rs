@@ -2,10 +2,10 @@
 //! has written to (not only ours).
 //!
 //! Modules follow the on-disk structures of the kernel's `Documentation/filesystems/ext4/`:
-//! [`superblock`] (and the feature check), [`group`] descriptors (32- and 64-byte), [`inode`]s
-//! (times with their `_extra` fields, device numbers, flags), [`extent`] trees of any depth,
-//! linear [`dir`]ectory blocks (htree interior blocks look like empty entries, so a linear
-//! walk sees every name), [`xattr`]s in the inode and in an external block, and a [`walk`]
+//! `superblock` (and the feature check), `group` descriptors (32- and 64-byte), `inode`s
+//! (times with their `_extra` fields, device numbers, flags), `extent` trees of any depth,
+//! linear `dir`ectory blocks (htree interior blocks look like empty entries, so a linear
+//! walk sees every name), `xattr`s in the inode and in an external block, and a `walk`
 //! of the whole tree. Everything reads through [`ReadAt`], so the crate stays free of files
 //! and sockets.
 //!
