@@ -242,15 +242,30 @@ impl StoreExports {
             }
         }
         let create = self.policy.overlays == OverlayPolicy::Create || self.policy.only.is_some();
-        let base = image.clone() as Arc<dyn Device>;
-        let overlay = named::attach(
-            self.store.root(),
-            name,
-            image_name,
-            image.fingerprint(),
-            base,
-            create,
-        )?;
+        // This server's last connection to the overlay may be closing right now: its last
+        // reference is gone but its drop is still saving the block map, holding the
+        // overlay's lock. A client that reconnects at once (nbdcopy reading back what it
+        // wrote) waits for that instead of being told another client holds the overlay.
+        let closing_here = attached.get(name).is_some_and(|w| w.strong_count() == 0);
+        let started = std::time::Instant::now();
+        let overlay = loop {
+            let base = image.clone() as Arc<dyn Device>;
+            match named::attach(
+                self.store.root(),
+                name,
+                image_name,
+                image.fingerprint(),
+                base,
+                create,
+            ) {
+                Err(named::OverlayError::Busy(_))
+                    if closing_here && started.elapsed() < CLOSING_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other?,
+            }
+        };
         let overlay = Arc::new(if self.policy.overlay_connections > 1 {
             overlay.share()
         } else {
@@ -278,6 +293,10 @@ impl StoreExports {
         }
     }
 }
+
+/// How long an open waits for this server's own closing attachment of an overlay to let
+/// go of it (see [`StoreExports::persistent`]).
+const CLOSING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Exports for StoreExports {
     /// Every name a client can ask for: with `--export`, those; otherwise each image, its
