@@ -38,19 +38,7 @@ pub struct Planned {
 
 /// Merge the image's trees and lay them out as ext4. Reads manifests only.
 pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
-    let start = Instant::now();
-    let (composed, entries, loaded) = load_and_compose(store, record)?;
-    let composed_at = start.elapsed();
-    let layout = tessera_ext4::build(&composed.tree, &options(record))
-        .map_err(|source| ext4_error(record, source))?;
-    tracing::debug!(
-        image = %record.name,
-        entries,
-        load_ms = loaded.as_millis() as u64,
-        compose_ms = (composed_at - loaded).as_millis() as u64,
-        layout_ms = (start.elapsed() - composed_at).as_millis() as u64,
-        "synthesized"
-    );
+    let (layout, composed) = lay_out(store, record, "synthesized", tessera_ext4::build)?;
     Ok(Built {
         layout,
         objects: composed.objects,
@@ -60,23 +48,35 @@ pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
 /// Check that the image lays out as ext4 and find its size and counts, as [`build`] would,
 /// without generating its metadata.
 pub fn plan(store: &Store, record: &ImageRecord) -> Result<Planned, ImageError> {
+    let (summary, composed) = lay_out(store, record, "planned", tessera_ext4::plan)?;
+    Ok(Planned {
+        summary,
+        objects: composed.objects.len(),
+    })
+}
+
+/// Load and compose `record`'s trees, then run `step` (the synthesizer's `build` or `plan`)
+/// on them, logging how long each part took under `what`.
+fn lay_out<T>(
+    store: &Store,
+    record: &ImageRecord,
+    what: &str,
+    step: impl FnOnce(&FsTree, &Options) -> Result<T, tessera_ext4::Error>,
+) -> Result<(T, Composed), ImageError> {
     let start = Instant::now();
     let (composed, entries, loaded) = load_and_compose(store, record)?;
     let composed_at = start.elapsed();
-    let summary = tessera_ext4::plan(&composed.tree, &options(record))
-        .map_err(|source| ext4_error(record, source))?;
+    let out =
+        step(&composed.tree, &options(record)).map_err(|source| ext4_error(record, source))?;
     tracing::debug!(
         image = %record.name,
         entries,
         load_ms = loaded.as_millis() as u64,
         compose_ms = (composed_at - loaded).as_millis() as u64,
-        plan_ms = (start.elapsed() - composed_at).as_millis() as u64,
-        "planned"
+        ext4_ms = (start.elapsed() - composed_at).as_millis() as u64,
+        "{what}"
     );
-    Ok(Planned {
-        summary,
-        objects: composed.objects.len(),
-    })
+    Ok((out, composed))
 }
 
 fn ext4_error(record: &ImageRecord, source: tessera_ext4::Error) -> ImageError {
