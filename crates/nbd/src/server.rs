@@ -100,6 +100,7 @@ pub async fn run_all(
     config: Config,
     shutdown: impl Future,
 ) {
+    crate::buffers::fix_mmap_threshold();
     let (notify_tx, notify_rx) = watch::channel(false);
     // Each connection holds a sender; recv() returning None means all ended.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
