@@ -129,7 +129,7 @@ pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Compo
     let mut dirs_by_path: FxHashMap<&[u8], NodeId> = FxHashMap::default();
     dirs_by_path.insert(&b""[..], FsTree::ROOT);
     let mut links: FxHashMap<(u32, u64), NodeId> = FxHashMap::default();
-    let mut handles: FxHashMap<ObjectId, u64> = FxHashMap::default();
+    let mut handles: FxHashMap<ObjectId, u32> = FxHashMap::default();
     let mut objects = Vec::new();
     for &Pick { layer, index } in &picks[1..] {
         let view = &layers[layer as usize];
@@ -159,7 +159,8 @@ pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Compo
         let mut handle = |id: ObjectId| {
             DataHandle(*handles.entry(id).or_insert_with(|| {
                 objects.push(id);
-                objects.len() as u64 - 1
+                // Fewer objects than nodes, whose ids are 32 bits.
+                objects.len() as u32 - 1
             }))
         };
         let kind = node_kind(&entry, &mut handle);

@@ -471,15 +471,15 @@ impl<'a> Prepared<'a> {
                             for &(start, len) in runs {
                                 let offset = object_block * BLOCK_SIZE;
                                 let data_len = (len * BLOCK_SIZE).min(object_len - offset);
-                                out.regions.push(Region {
+                                out.regions.extend(Region::split(
                                     start,
                                     len,
-                                    kind: RegionKind::Data {
+                                    RegionKind::Data {
                                         handle: *handle,
                                         offset,
                                         data_len,
                                     },
-                                });
+                                ));
                                 object_block += len;
                             }
                         }
@@ -595,11 +595,11 @@ impl<'a> Prepared<'a> {
         let data_blocks = out
             .regions
             .iter()
-            .filter(|r| matches!(r.kind, RegionKind::Data { .. }))
-            .map(|r| r.len)
+            .filter(|r| matches!(r.kind(), RegionKind::Data { .. }))
+            .map(|r| r.len())
             .sum();
         let mut regions = out.regions;
-        regions.sort_unstable_by_key(|r| r.start);
+        regions.sort_unstable_by_key(|r| r.start());
         Layout {
             size: size / BLOCK_SIZE * BLOCK_SIZE,
             regions,
@@ -726,11 +726,11 @@ impl Emitter {
         }
         self.generated += bytes.len() as u64;
         let first = first.expect("at least one block");
-        self.regions.push(Region {
+        self.regions.extend(Region::split(
             start,
-            len: (bytes.len() / BS) as u64,
-            kind: RegionKind::Meta { first },
-        });
+            (bytes.len() / BS) as u64,
+            RegionKind::Meta { first },
+        ));
     }
 
     /// Like `meta` for one block, but an all-zero block needs no region at all.

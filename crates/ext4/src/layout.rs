@@ -26,11 +26,102 @@ pub(crate) enum RegionKind {
     },
 }
 
+/// Bits of [`Region::packed`] that hold the length in blocks.
+const LEN_BITS: u32 = 19;
+/// Longest region; longer runs are stored as several.
+const MAX_REGION_BLOCKS: u64 = (1 << LEN_BITS) - 1;
+const TAIL_SHIFT: u32 = LEN_BITS;
+/// Set in [`Region::packed`] for data regions.
+const DATA: u32 = 1 << 31;
+
+/// A run of blocks in 16 bytes: an export holds one per file extent for as long as it is
+/// served, so this table, not the files' count, sets what a read export costs. Images
+/// have at most 2^32 blocks (16 TiB, see `plan::MAX_BLOCKS`) and handles are 32 bits, so
+/// block numbers, handles and object offsets in blocks all fit in a `u32`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Region {
-    pub start: u64,
-    pub len: u64,
-    pub kind: RegionKind,
+    start: u32,
+    /// Length in blocks (low [`LEN_BITS`]); for data regions [`DATA`], and the bytes of
+    /// the object in the region's last block less one (12 bits above the length): every
+    /// block of a file's data but the last is whole.
+    packed: u32,
+    /// Metadata: the first block's index in the `MetaStore`; data: the handle.
+    target: u32,
+    /// Data: where the region starts in the object, in blocks.
+    object_block: u32,
+}
+
+impl Region {
+    /// Regions for `len` blocks at `start` of `kind`, split at [`MAX_REGION_BLOCKS`].
+    pub fn split(start: u64, len: u64, kind: RegionKind) -> impl Iterator<Item = Region> {
+        let mut done = 0;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let n = (len - done).min(MAX_REGION_BLOCKS);
+            let at = u32::try_from(start + done).expect("images have at most 2^32 blocks");
+            let region = match kind {
+                RegionKind::Meta { first } => Region {
+                    start: at,
+                    packed: n as u32,
+                    target: u32::try_from(first + done as usize)
+                        .expect("metadata blocks fit the image"),
+                    object_block: 0,
+                },
+                RegionKind::Data {
+                    handle,
+                    offset,
+                    data_len,
+                } => {
+                    debug_assert_eq!(offset % BLOCK_SIZE, 0);
+                    let skip = done * BLOCK_SIZE;
+                    // Bytes of the object in this piece's blocks: whole blocks but the last.
+                    let bytes = data_len.saturating_sub(skip).min(n * BLOCK_SIZE);
+                    assert!(
+                        bytes > (n - 1) * BLOCK_SIZE,
+                        "a data region's blocks hold object bytes up to its last block"
+                    );
+                    let tail = (bytes - (n - 1) * BLOCK_SIZE - 1) as u32;
+                    Region {
+                        start: at,
+                        packed: n as u32 | tail << TAIL_SHIFT | DATA,
+                        target: handle.0,
+                        object_block: u32::try_from((offset + skip) / BLOCK_SIZE)
+                            .expect("objects in an image are under 16 TiB"),
+                    }
+                }
+            };
+            done += n;
+            Some(region)
+        })
+    }
+
+    pub fn start(&self) -> u64 {
+        self.start as u64
+    }
+
+    pub fn len(&self) -> u64 {
+        (self.packed & MAX_REGION_BLOCKS as u32) as u64
+    }
+
+    pub fn end(&self) -> u64 {
+        self.start() + self.len()
+    }
+
+    pub fn kind(&self) -> RegionKind {
+        if self.packed & DATA == 0 {
+            return RegionKind::Meta {
+                first: self.target as usize,
+            };
+        }
+        let tail = ((self.packed & !DATA) >> TAIL_SHIFT) as u64 + 1;
+        RegionKind::Data {
+            handle: DataHandle(self.target),
+            offset: self.object_block as u64 * BLOCK_SIZE,
+            data_len: (self.len() - 1) * BLOCK_SIZE + tail,
+        }
+    }
 }
 
 /// Counts describing a synthesized filesystem.
@@ -214,7 +305,7 @@ impl Layout {
         let end = offset.saturating_add(len).min(self.size);
         let block = offset / BLOCK_SIZE;
         // First region that ends after `block`.
-        let idx = self.regions.partition_point(|r| r.start + r.len <= block);
+        let idx = self.regions.partition_point(|r| r.end() <= block);
         Pieces {
             layout: self,
             pos: offset.min(end),
@@ -249,8 +340,8 @@ impl<'a> Iterator for Pieces<'a> {
             self.pos = self.end;
             return Some(Piece::Zero(len));
         };
-        let rstart = region.start * BLOCK_SIZE;
-        let rend = (region.start + region.len) * BLOCK_SIZE;
+        let rstart = region.start() * BLOCK_SIZE;
+        let rend = region.end() * BLOCK_SIZE;
         if self.pos < rstart {
             let len = rstart.min(self.end) - self.pos;
             self.pos += len;
@@ -258,7 +349,7 @@ impl<'a> Iterator for Pieces<'a> {
         }
         let within = self.pos - rstart;
         let upto = rend.min(self.end);
-        let piece = match region.kind {
+        let piece = match region.kind() {
             RegionKind::Meta { first } => Piece::Meta(MetaSlice {
                 store: &self.layout.meta,
                 first: first + (within / BLOCK_SIZE) as usize,
@@ -287,5 +378,81 @@ impl<'a> Iterator for Pieces<'a> {
             self.idx += 1;
         }
         Some(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_is_16_bytes() {
+        assert_eq!(std::mem::size_of::<Region>(), 16);
+    }
+
+    #[test]
+    fn regions_keep_what_they_were_given() {
+        for (len, data_len) in [
+            (1, 1),
+            (1, 4096),
+            (3, 8193),
+            (3, 12288),
+            (70, 70 * 4096 - 5),
+        ] {
+            let kind = RegionKind::Data {
+                handle: DataHandle(u32::MAX),
+                offset: (u32::MAX as u64) * BLOCK_SIZE - 4096 * 100,
+                data_len,
+            };
+            let r: Vec<_> = Region::split((1 << 32) - 1 - len, len, kind).collect();
+            assert_eq!(r.len(), 1);
+            assert_eq!((r[0].start(), r[0].len()), ((1 << 32) - 1 - len, len));
+            assert_eq!(r[0].kind(), kind);
+        }
+        let meta = RegionKind::Meta { first: 12345 };
+        let r: Vec<_> = Region::split(7, 9, meta).collect();
+        assert_eq!((r[0].start(), r[0].len(), r[0].kind()), (7, 9, meta));
+    }
+
+    /// A file of more than 2 GiB in one run becomes several regions that read as one.
+    #[test]
+    fn long_runs_split_and_read_as_one() {
+        let len = MAX_REGION_BLOCKS * 2 + 10;
+        let data_len = (len - 1) * BLOCK_SIZE + 100;
+        let kind = RegionKind::Data {
+            handle: DataHandle(3),
+            offset: 8 * BLOCK_SIZE,
+            data_len,
+        };
+        let regions: Vec<_> = Region::split(50, len, kind).collect();
+        assert_eq!(regions.len(), 3);
+        assert_eq!(regions[2].end(), 50 + len);
+        let layout = Layout {
+            size: (60 + len) * BLOCK_SIZE,
+            regions,
+            meta: MetaStore::default(),
+            stats: Stats::default(),
+        };
+        let mut data = 0;
+        let mut zeros = 0;
+        let mut expect_offset = 8 * BLOCK_SIZE;
+        for piece in layout.pieces(0, layout.size()) {
+            match piece {
+                Piece::Data {
+                    handle,
+                    offset,
+                    len,
+                } => {
+                    assert_eq!(handle, DataHandle(3));
+                    assert_eq!(offset, expect_offset);
+                    expect_offset += len;
+                    data += len;
+                }
+                Piece::Zero(n) => zeros += n,
+                Piece::Meta(_) => unreachable!(),
+            }
+        }
+        assert_eq!(data, data_len);
+        assert_eq!(data + zeros, layout.size());
     }
 }

@@ -10,9 +10,10 @@ use crate::Error;
 /// Index of a node in an [`FsTree`]. The root directory is always node 0.
 pub type NodeId = u32;
 
-/// Opaque reference to a file's data, chosen by the caller (e.g. an index into its object table).
+/// Opaque reference to a file's data, chosen by the caller (e.g. an index into its object
+/// table). 32 bits, as inode numbers are: a layout keeps one per file extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DataHandle(pub u64);
+pub struct DataHandle(pub u32);
 
 /// Seconds since the Unix epoch (may be negative or past 2038) plus nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]

@@ -58,7 +58,7 @@ impl Fixture {
     }
 
     pub fn file(&mut self, parent: NodeId, name: &str, data: &[u8]) -> NodeId {
-        let handle = DataHandle(self.objects.len() as u64);
+        let handle = DataHandle(self.objects.len() as u32);
         self.objects.push(data.to_vec());
         let f = FileData {
             handle,
@@ -85,7 +85,7 @@ impl Fixture {
         size: u64,
         segments: &[(u64, u64)],
     ) -> NodeId {
-        let handle = DataHandle(self.objects.len() as u64);
+        let handle = DataHandle(self.objects.len() as u32);
         let mut obj = Vec::new();
         for &(off, len) in segments {
             obj.extend((0..len).map(|i| ((off + i) % 251) as u8));
