@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
 
 use common::Env;
 use tessera::blockdev::ImageDevice;
@@ -119,7 +118,7 @@ fn a_truncated_object_is_an_io_error_not_a_crash() {
     let path = store.object_path(victim);
     std::fs::remove_file(&path).unwrap();
     std::fs::write(&path, b"short").unwrap();
-    let dev = ImageDevice::new(&store, Arc::new(built.layout), &built.objects);
+    let dev = ImageDevice::new(&store, built.layout, &built.objects);
     let mut buf = vec![0u8; 1 << 20];
     let failures = (0..dev.size())
         .step_by(1 << 20)

@@ -61,15 +61,7 @@ fn overlapping_images_are_served_right_from_shared_objects() {
         env.ok(&args);
     }
 
-    let served = Served::start(&env, &[]);
-    for name in &names {
-        let want = env.path(&format!("{name}.want"));
-        env.ok(&[
-            "image".as_ref(),
-            "export".as_ref(),
-            name.as_ref(),
-            want.as_os_str(),
-        ]);
+    let copy = |served: &Served, name: &str, round: usize| {
         let got = env.path(&format!("{name}.got"));
         let o = Command::new("nbdcopy")
             .arg(served.uri(name))
@@ -82,10 +74,42 @@ fn overlapping_images_are_served_right_from_shared_objects() {
             String::from_utf8_lossy(&o.stderr)
         );
         assert!(
-            fs::read(&got).unwrap() == fs::read(&want).unwrap(),
-            "{name}: served bytes differ from the export"
+            fs::read(&got).unwrap() == fs::read(env.path(&format!("{name}.want"))).unwrap(),
+            "{name}, round {round}: served bytes differ from the export"
         );
+    };
+    let served = Served::start(&env, &[]);
+    for name in &names {
+        let want = env.path(&format!("{name}.want"));
+        env.ok(&[
+            "image".as_ref(),
+            "export".as_ref(),
+            name.as_ref(),
+            want.as_os_str(),
+        ]);
+        copy(&served, name, 0);
     }
+    drop(served);
+
+    // A server whose metadata budget holds less than one image: every image read after
+    // another drops that one's metadata, and reading it again generates it again. nbdcopy
+    // reads with several connections at once, so generation races reads on others.
+    // SAFETY: this file's only test, before any thread of its own reads the environment.
+    unsafe { std::env::set_var("RUST_LOG", "tessera=debug") };
+    let log = env.path("tight.log");
+    let tight = Served::start_logged(&env, "tight.sock", &log, &["--metadata-memory", "1"]);
+    for round in 1..3 {
+        for name in &names {
+            copy(&tight, name, round);
+        }
+    }
+    drop(tight);
+    let log = fs::read_to_string(&log).unwrap();
+    let regenerated = log.matches("generated dropped metadata again").count();
+    assert!(
+        regenerated >= names.len(),
+        "each image's metadata is generated again in round 2 ({regenerated} times):\n{log}"
+    );
 
     // The base tree's objects back data blocks of every image: one object, many images.
     let store = env.open_store();

@@ -2,21 +2,46 @@
 //! overlays and `overlay commit` stack on.
 
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use tessera_nbd::{Device, Extent, FileRead};
 
+use super::metadata::MetadataBudget;
 use super::ImageDevice;
 use crate::image::{ImageError, ImageRecord};
 use crate::store::Store;
 
-/// Compose the image and lay it out: the expensive step.
-fn synthesize(store: &Store, record: &ImageRecord) -> Result<ImageDevice, ImageError> {
+/// Compose the image and lay it out: the expensive step. Its metadata is held under
+/// `budget` and, once dropped, generated again by the same build.
+fn synthesize(
+    store: &Store,
+    record: &ImageRecord,
+    budget: &MetadataBudget,
+) -> Result<ImageDevice, ImageError> {
     let built = crate::image::build(store, record)?;
-    Ok(ImageDevice::new(
+    let (again_store, again_record) = (store.clone(), record.clone());
+    let regenerate = Box::new(move || {
+        let started = std::time::Instant::now();
+        let mut layout = crate::image::build(&again_store, &again_record)
+            .map_err(|e| {
+                tracing::error!(image = %again_record.name, error = %anyhow::Error::from(e),
+                    "cannot generate the image's metadata again");
+                io::Error::other(format!(
+                    "cannot generate the metadata of image {:?} again",
+                    again_record.name
+                ))
+            })?
+            .layout;
+        tracing::debug!(image = %again_record.name, ms = started.elapsed().as_millis() as u64,
+            "generated dropped metadata again");
+        Ok(layout.take_metadata())
+    });
+    Ok(ImageDevice::budgeted(
         store,
-        Arc::new(built.layout),
+        built.layout,
         &built.objects,
+        budget,
+        regenerate,
     ))
 }
 
@@ -31,7 +56,7 @@ pub struct ImageExport {
     dev: OnceLock<ImageDevice>,
     /// What the first read needs to synthesize; held while synthesizing, so concurrent
     /// first reads wait for one build. A failed build is not kept: the next read retries.
-    pending: Mutex<Option<(Store, ImageRecord)>>,
+    pending: Mutex<Option<(Store, ImageRecord, MetadataBudget)>>,
     description: String,
     fingerprint: String,
 }
@@ -39,7 +64,7 @@ pub struct ImageExport {
 impl ImageExport {
     /// Opens `name`: synthesizes it now if its record does not give the device size, else
     /// on the first read.
-    pub fn open(store: &Store, name: &str) -> anyhow::Result<Self> {
+    pub fn open(store: &Store, name: &str, budget: &MetadataBudget) -> anyhow::Result<Self> {
         let record = crate::image::load(store, name)?;
         let dev = OnceLock::new();
         let size = match record.device_size {
@@ -51,7 +76,7 @@ impl ImageExport {
                 size
             }
             None => {
-                let d = synthesize(store, &record)?;
+                let d = synthesize(store, &record, budget)?;
                 let size = d.size();
                 let _ = dev.set(d);
                 size
@@ -62,7 +87,9 @@ impl ImageExport {
             size,
             description: record.describe(),
             fingerprint: record.fingerprint(),
-            pending: Mutex::new((dev.get().is_none()).then(|| (store.clone(), record))),
+            pending: Mutex::new(
+                (dev.get().is_none()).then(|| (store.clone(), record, budget.clone())),
+            ),
             dev,
         })
     }
@@ -76,8 +103,8 @@ impl ImageExport {
         if let Some(dev) = self.dev.get() {
             return Ok(dev);
         }
-        let (store, record) = pending.as_ref().expect("pending until synthesized");
-        let dev = synthesize(store, record).map_err(|e| {
+        let (store, record, budget) = pending.as_ref().expect("pending until synthesized");
+        let dev = synthesize(store, record, budget).map_err(|e| {
             tracing::error!(image = %self.name, error = %anyhow::Error::from(e), "cannot synthesize");
             io::Error::other(format!("cannot synthesize image {:?}", self.name))
         })?;
@@ -180,11 +207,16 @@ mod tests {
             crate::image::create(&store, "lazy", &[tree], &CreateOptions::default()).unwrap();
         assert!(record.device_size.is_some());
 
-        let export = ImageExport::open(&store, "lazy").unwrap();
+        let export = ImageExport::open(&store, "lazy", &MetadataBudget::unbounded()).unwrap();
         assert!(!export.is_synthesized(), "opening synthesizes nothing");
         assert_eq!(Device::size(&export), record.device_size.unwrap());
 
-        let eager = synthesize(&store, &crate::image::load(&store, "lazy").unwrap()).unwrap();
+        let eager = synthesize(
+            &store,
+            &crate::image::load(&store, "lazy").unwrap(),
+            &MetadataBudget::unbounded(),
+        )
+        .unwrap();
         let (mut lazy_bytes, mut eager_bytes) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
         for offset in (0..eager.size()).step_by(1 << 20) {
             let n = (eager.size() - offset).min(1 << 20) as usize;
@@ -193,6 +225,60 @@ mod tests {
             assert!(lazy_bytes[..n] == eager_bytes[..n], "at {offset}");
         }
         assert!(export.is_synthesized());
+    }
+
+    /// Under a budget smaller than one image's metadata, reading two images in turn drops
+    /// and generates their metadata again, with the same bytes every time; a read that
+    /// may not block is sent to the blocking path while the metadata is dropped.
+    #[test]
+    fn dropped_metadata_is_generated_again_with_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = crate::demo::store_demo_tree(&store).unwrap();
+        let opts = CreateOptions::default();
+        crate::image::create(&store, "a", std::slice::from_ref(&tree), &opts).unwrap();
+        crate::image::create(&store, "b", &[tree], &opts).unwrap();
+        let eager = |name: &str| {
+            let dev = ImageDevice::open(&store, name).unwrap();
+            let mut bytes = vec![0u8; dev.size() as usize];
+            dev.read_at(&mut bytes, 0).unwrap();
+            bytes
+        };
+        let (want_a, want_b) = (eager("a"), eager("b"));
+        assert!(want_a != want_b, "names seed the UUID and hashes");
+
+        let budget = MetadataBudget::new(1);
+        let a = ImageExport::open(&store, "a", &budget).unwrap();
+        let b = ImageExport::open(&store, "b", &budget).unwrap();
+        let read_all = |export: &ImageExport| {
+            let mut bytes = vec![0u8; Device::size(export) as usize];
+            for (i, chunk) in bytes.chunks_mut(1 << 20).enumerate() {
+                export.read_at(chunk, (i << 20) as u64).unwrap();
+            }
+            bytes
+        };
+        for round in 0..3 {
+            assert!(read_all(&a) == want_a, "a, round {round}");
+            // The superblock is metadata: a held copy answers without blocking.
+            assert!(a.read_at_cached(&mut [0u8; 4096], 0).is_some());
+            assert!(read_all(&b) == want_b, "b, round {round}");
+            assert!(
+                a.read_at_cached(&mut [0u8; 4096], 0).is_none(),
+                "a's metadata was dropped for b's: the read must go where it may block"
+            );
+        }
+        let stats = budget.stats();
+        assert_eq!(stats.held_images, 1, "{stats:?}");
+        assert!(
+            stats.evictions >= 5 && stats.regenerations >= 4,
+            "{stats:?}"
+        );
+        drop((a, b));
+        assert_eq!(
+            budget.stats().held_bytes,
+            0,
+            "dropped exports give their bytes back"
+        );
     }
 
     #[test]
@@ -206,7 +292,7 @@ mod tests {
         store
             .write_image_bytes("old", &serde_json::to_vec(&record).unwrap())
             .unwrap();
-        let export = ImageExport::open(&store, "old").unwrap();
+        let export = ImageExport::open(&store, "old", &MetadataBudget::unbounded()).unwrap();
         assert!(export.is_synthesized());
     }
 }

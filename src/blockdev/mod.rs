@@ -7,18 +7,20 @@ mod check;
 mod device;
 mod export;
 mod fds;
+pub mod metadata;
 mod object;
 pub mod overlay;
 mod planned;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use tessera_ext4::{Layout, Piece};
+use tessera_ext4::{Layout, MetadataBlocks, Piece};
 
 pub use device::ImageExport;
 pub use export::export;
+use metadata::{MetaSlot, MetadataBudget, Regenerate};
 use object::Object;
 
 use crate::image::{self, ImageError};
@@ -27,7 +29,9 @@ use crate::store::{ObjectId, Store};
 /// A read-only block device over a synthesized image.
 #[derive(Debug)]
 pub struct ImageDevice {
+    /// The block map; its metadata blocks are in `meta`.
     layout: Arc<Layout>,
+    meta: Arc<MetaSlot>,
     objects: Vec<Arc<Object>>,
     /// Check object bytes against their names before returning them.
     verify: bool,
@@ -35,6 +39,9 @@ pub struct ImageDevice {
     recent_ends: [AtomicU64; RECENT],
     next_end: AtomicUsize,
 }
+
+/// What reads and walks that need no metadata bytes read them from.
+static NO_METADATA: LazyLock<Arc<MetadataBlocks>> = LazyLock::new(Default::default);
 
 /// Blocking reads remembered to recognize a sequential reader: enough for a few clients'
 /// worth of interleaved streams (nbdcopy reads with 4 connections).
@@ -53,13 +60,32 @@ pub struct Extent {
 impl ImageDevice {
     /// `layout` with `objects[i]` behind `DataHandle(i)`; object bytes are checked against
     /// their names if `store` [verifies reads](Store::verifies_reads).
-    pub fn new(store: &Store, layout: Arc<Layout>, objects: &[ObjectId]) -> Self {
+    pub fn new(store: &Store, mut layout: Layout, objects: &[ObjectId]) -> Self {
+        let meta = MetaSlot::pinned(layout.take_metadata());
+        Self::with_meta(store, layout, meta, objects)
+    }
+
+    /// Like [`new`](Self::new), with the metadata held under `budget` and generated again
+    /// by `regenerate` when it was dropped.
+    pub fn budgeted(
+        store: &Store,
+        mut layout: Layout,
+        objects: &[ObjectId],
+        budget: &MetadataBudget,
+        regenerate: Regenerate,
+    ) -> Self {
+        let meta = MetaSlot::budgeted(layout.take_metadata(), budget, regenerate);
+        Self::with_meta(store, layout, meta, objects)
+    }
+
+    fn with_meta(store: &Store, layout: Layout, meta: Arc<MetaSlot>, objects: &[ObjectId]) -> Self {
         let objects = objects
             .iter()
             .map(|id| object::shared(*id, store.object_path(id), store.remote_cache()))
             .collect();
         ImageDevice {
-            layout,
+            layout: Arc::new(layout),
+            meta,
             objects,
             verify: store.verifies_reads(),
             recent_ends: Default::default(),
@@ -71,22 +97,48 @@ impl ImageDevice {
     pub fn open(store: &Store, name: &str) -> Result<Self, ImageError> {
         let record = image::load(store, name)?;
         let built = image::build(store, &record)?;
-        Ok(Self::new(store, Arc::new(built.layout), &built.objects))
+        Ok(Self::new(store, built.layout, &built.objects))
     }
 
     pub fn size(&self) -> u64 {
         self.layout.size()
     }
 
+    /// The block map (its metadata blocks are read with [`metadata`](Self::metadata)).
     pub fn layout(&self) -> &Arc<Layout> {
         &self.layout
+    }
+
+    /// The image's metadata blocks, generated again if they were dropped.
+    pub fn metadata(&self) -> io::Result<Arc<MetadataBlocks>> {
+        self.meta.get()
+    }
+
+    /// The metadata a read of `offset..offset + len` needs, if it can have it without
+    /// blocking: `None` when the range has metadata that was dropped.
+    fn metadata_now(&self, offset: u64, len: u64) -> Option<Arc<MetadataBlocks>> {
+        if self.layout.has_metadata_in(offset, len) {
+            self.meta.if_held()
+        } else {
+            Some(NO_METADATA.clone())
+        }
+    }
+
+    /// Like [`metadata_now`](Self::metadata_now), generating dropped metadata again.
+    fn metadata_for(&self, offset: u64, len: u64) -> io::Result<Arc<MetadataBlocks>> {
+        if self.layout.has_metadata_in(offset, len) {
+            self.meta.get()
+        } else {
+            Ok(NO_METADATA.clone())
+        }
     }
 
     /// Like [`ImageDevice::read_at`], but only if nothing has to come from disk: metadata
     /// and zeros always qualify, file data only when its pages are resident. `None` means
     /// "might block" (the server then reads on an I/O thread); `buf` may be partly written.
     pub fn read_at_resident(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        match self.fill(buf, offset, |object, out, at| {
+        let meta = self.metadata_now(offset, buf.len() as u64)?;
+        match self.fill(buf, offset, &meta, |object, out, at| {
             object.read_resident(out, at, self.verify)?.ok()
         }) {
             Ok(done) => done.then_some(Ok(())),
@@ -108,8 +160,9 @@ impl ImageDevice {
         if let Err(e) = self.check_range(offset, len) {
             return Some(Err(e));
         }
+        let meta = self.metadata_now(offset, len)?;
         let mut owned: Vec<u8> = Vec::new();
-        for piece in self.layout.pieces(offset, len) {
+        for piece in self.layout.pieces_with(&meta, offset, len) {
             let n = piece.len() as usize;
             match piece {
                 Piece::Meta(meta) => {
@@ -149,8 +202,9 @@ impl ImageDevice {
     /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.prefetch(offset, buf.len() as u64);
+        let meta = self.metadata_for(offset, buf.len() as u64)?;
         let mut failed = None;
-        self.fill(buf, offset, |object, out, at| {
+        self.fill(buf, offset, &meta, |object, out, at| {
             object
                 .read(out, at, self.verify)
                 .map_err(|e| failed = Some(e))
@@ -159,17 +213,19 @@ impl ImageDevice {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Walk the pieces of `buf`'s range: metadata and zeros are filled here, file data by
-    /// `data(object, out, object_offset)`, whose `None` stops the walk (`Ok(false)`).
+    /// Walk the pieces of `buf`'s range: metadata (from `meta`) and zeros are filled here,
+    /// file data by `data(object, out, object_offset)`, whose `None` stops the walk
+    /// (`Ok(false)`).
     fn fill(
         &self,
         buf: &mut [u8],
         offset: u64,
+        meta: &MetadataBlocks,
         mut data: impl FnMut(&Object, &mut [u8], u64) -> Option<()>,
     ) -> io::Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
         let mut at = 0usize;
-        for piece in self.layout.pieces(offset, buf.len() as u64) {
+        for piece in self.layout.pieces_with(meta, offset, buf.len() as u64) {
             let n = piece.len() as usize;
             let out = &mut buf[at..at + n];
             match piece {
@@ -218,7 +274,7 @@ impl ImageDevice {
         }
         let mut data = self
             .layout
-            .pieces(offset, until - offset)
+            .pieces_with(&NO_METADATA, offset, until - offset)
             .filter_map(|piece| match piece {
                 Piece::Data {
                     handle,
@@ -247,7 +303,8 @@ impl ImageDevice {
         self.check_range(offset, len)?;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
-        for piece in self.layout.pieces(offset, len) {
+        // Only the pieces' kinds: no metadata bytes are read.
+        for piece in self.layout.pieces_with(&NO_METADATA, offset, len) {
             let zero = matches!(piece, Piece::Zero(_));
             match out.last_mut() {
                 Some(last) if last.zero == zero => last.len += piece.len(),

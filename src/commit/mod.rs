@@ -120,8 +120,10 @@ pub fn commit(store: &Store, overlay: &str, name: &str) -> Result<CommitReport, 
         image: image_name.clone(),
         source,
     };
-    let export =
-        crate::blockdev::ImageExport::open(store, &image_name).map_err(|e| base_err(e.into()))?;
+    // Read once, start to end: nothing to drop.
+    let budget = crate::blockdev::metadata::MetadataBudget::unbounded();
+    let export = crate::blockdev::ImageExport::open(store, &image_name, &budget)
+        .map_err(|e| base_err(e.into()))?;
     let fingerprint = export.fingerprint().to_owned();
     let base: Arc<dyn Device> = Arc::new(export);
     let (ov, _) = detached::open(store.root(), overlay, &fingerprint, base.clone())?;

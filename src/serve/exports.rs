@@ -10,6 +10,7 @@ use tessera_nbd::{Device, Export, ExportInfo, Exports};
 
 use super::leased::Leased;
 use super::spec::{ExportName, ExportSpec, WriteMode};
+use crate::blockdev::metadata::MetadataBudget;
 use crate::blockdev::overlay::{named, Overlay};
 use crate::blockdev::ImageExport;
 use crate::store::{Leases, Store};
@@ -50,6 +51,8 @@ pub struct StoreExports {
     default: Option<String>,
     leases: Arc<Leases>,
     cache: Cache,
+    /// What the synthesized images' metadata may hold, together.
+    budget: MetadataBudget,
     /// Persistent overlays attached by this server, by overlay name, for sharing among
     /// connections. Held while attaching, so two first connections do not race.
     attached: Mutex<HashMap<String, Weak<Overlay>>>,
@@ -72,6 +75,13 @@ impl StoreExports {
         self
     }
 
+    /// Holds the metadata of the images these exports synthesize under `budget` (default:
+    /// no bound).
+    pub fn with_metadata_budget(mut self, budget: MetadataBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
     pub fn new(store: Store, policy: Policy, default: Option<String>) -> anyhow::Result<Self> {
         let leases = Leases::create(&store)?;
         Ok(StoreExports {
@@ -80,6 +90,7 @@ impl StoreExports {
             default,
             leases,
             cache: Arc::default(),
+            budget: MetadataBudget::unbounded(),
             attached: Mutex::default(),
         })
     }
@@ -95,6 +106,7 @@ impl StoreExports {
             default: None,
             leases: self.leases.clone(),
             cache: self.cache.clone(),
+            budget: self.budget.clone(),
             attached: Mutex::default(),
         }
     }
@@ -176,7 +188,7 @@ impl StoreExports {
             Some(dev) if dev.fingerprint() == current => dev.clone(),
             _ => {
                 let started = std::time::Instant::now();
-                let dev = ImageExport::open(&self.store, image)
+                let dev = ImageExport::open(&self.store, image, &self.budget)
                     .map_err(|e| io::Error::other(format!("{e:#}")))?;
                 tracing::info!(
                     image,

@@ -30,6 +30,7 @@ pub use exports::{OverlayPolicy, Policy, StoreExports};
 pub use listen::ListenAddr;
 pub use spec::{ExportName, ExportSpec, WriteMode};
 
+use crate::blockdev::metadata::MetadataBudget;
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -115,6 +116,11 @@ pub struct ServeArgs {
     /// store, evicting the least recently used objects not being read [default: no bound]
     #[arg(long, value_name = "SIZE", requires = "remote", value_parser = crate::image::parse_size)]
     pub cache_size: Option<u64>,
+    /// Keep at most SIZE of generated metadata (inode tables, directories) of read images;
+    /// beyond it, the least recently read images' metadata is dropped and generated again
+    /// when next read (a few ms per thousand files). An image's block map stays
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::image::parse_size)]
+    pub metadata_memory: u64,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -157,7 +163,8 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         ephemeral: args.ephemeral,
         overlay_connections: args.overlay_connections as usize,
     };
-    let exports = StoreExports::new(store.clone(), policy.clone(), None)?;
+    let exports = StoreExports::new(store.clone(), policy.clone(), None)?
+        .with_metadata_budget(MetadataBudget::new(args.metadata_memory));
     let listed = tessera_nbd::Exports::list(&exports);
     // With a single export, the empty name (`nbd+unix://?socket=…`) means it.
     let exports =

@@ -158,7 +158,7 @@ pub(crate) struct MetaStore {
 
 impl MetaStore {
     /// Store one 4 KiB block; returns its index in `blocks`.
-    pub fn push(&mut self, block: &[u8]) -> usize {
+    pub(crate) fn push(&mut self, block: &[u8]) -> usize {
         debug_assert_eq!(block.len(), BS);
         let packed = lz4_flex::block::compress(block);
         let (bytes, raw) = if packed.len() < BS {
@@ -183,7 +183,7 @@ impl MetaStore {
     }
 
     /// Drop the build-time index and spare capacity.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.seen = HashMap::new();
         self.blob.shrink_to_fit();
         self.blocks.shrink_to_fit();
@@ -202,8 +202,21 @@ impl MetaStore {
         }
     }
 
-    pub fn heap_bytes(&self) -> usize {
+    pub(crate) fn heap_bytes(&self) -> usize {
         self.blob.capacity() + self.blocks.capacity() * std::mem::size_of::<MetaBlock>()
+    }
+}
+
+/// The generated metadata blocks of a layout, taken out of it by
+/// [`Layout::take_metadata`] so that a server can drop them under memory pressure and
+/// generate them again, while it keeps the block map.
+#[derive(Debug, Clone, Default)]
+pub struct MetadataBlocks(MetaStore);
+
+impl MetadataBlocks {
+    /// Heap bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        self.0.heap_bytes()
     }
 }
 
@@ -301,20 +314,61 @@ impl Layout {
     }
 
     /// The pieces that make up bytes `offset..offset + len`, clipped to the device size.
+    ///
+    /// After [`take_metadata`](Self::take_metadata), a metadata piece's bytes can only be
+    /// read through [`pieces_with`](Self::pieces_with).
     pub fn pieces(&self, offset: u64, len: u64) -> Pieces<'_> {
+        self.pieces_from(&self.meta, offset, len)
+    }
+
+    /// Like [`pieces`](Self::pieces), with metadata bytes from `meta`, which
+    /// [`take_metadata`](Self::take_metadata) took from this layout or from one built from
+    /// the same tree and options.
+    pub fn pieces_with<'a>(
+        &'a self,
+        meta: &'a MetadataBlocks,
+        offset: u64,
+        len: u64,
+    ) -> Pieces<'a> {
+        self.pieces_from(&meta.0, offset, len)
+    }
+
+    fn pieces_from<'a>(&'a self, meta: &'a MetaStore, offset: u64, len: u64) -> Pieces<'a> {
         let end = offset.saturating_add(len).min(self.size);
         let block = offset / BLOCK_SIZE;
         // First region that ends after `block`.
         let idx = self.regions.partition_point(|r| r.end() <= block);
         Pieces {
-            layout: self,
+            regions: &self.regions,
+            meta,
             pos: offset.min(end),
             end,
             idx,
         }
     }
 
-    /// Heap bytes held by this layout (compressed metadata plus the region table).
+    /// Moves the generated metadata out of this layout, which keeps the block map.
+    pub fn take_metadata(&mut self) -> MetadataBlocks {
+        MetadataBlocks(std::mem::take(&mut self.meta))
+    }
+
+    /// Whether bytes `offset..offset + len` include generated metadata.
+    pub fn has_metadata_in(&self, offset: u64, len: u64) -> bool {
+        let end = offset
+            .saturating_add(len)
+            .min(self.size)
+            .div_ceil(BLOCK_SIZE);
+        let first = self
+            .regions
+            .partition_point(|r| r.end() <= offset / BLOCK_SIZE);
+        self.regions[first..]
+            .iter()
+            .take_while(|r| r.start() < end)
+            .any(|r| matches!(r.kind(), RegionKind::Meta { .. }))
+    }
+
+    /// Heap bytes held by this layout (compressed metadata, unless taken, plus the region
+    /// table).
     pub fn memory_bytes(&self) -> usize {
         self.meta.heap_bytes() + self.regions.capacity() * std::mem::size_of::<Region>()
     }
@@ -322,7 +376,8 @@ impl Layout {
 
 /// Iterator returned by [`Layout::pieces`].
 pub struct Pieces<'a> {
-    layout: &'a Layout,
+    regions: &'a [Region],
+    meta: &'a MetaStore,
     pos: u64,
     end: u64,
     idx: usize,
@@ -335,7 +390,7 @@ impl<'a> Iterator for Pieces<'a> {
         if self.pos >= self.end {
             return None;
         }
-        let Some(region) = self.layout.regions.get(self.idx) else {
+        let Some(region) = self.regions.get(self.idx) else {
             let len = self.end - self.pos;
             self.pos = self.end;
             return Some(Piece::Zero(len));
@@ -351,7 +406,7 @@ impl<'a> Iterator for Pieces<'a> {
         let upto = rend.min(self.end);
         let piece = match region.kind() {
             RegionKind::Meta { first } => Piece::Meta(MetaSlice {
-                store: &self.layout.meta,
+                store: self.meta,
                 first: first + (within / BLOCK_SIZE) as usize,
                 skip: (within % BLOCK_SIZE) as usize,
                 len: (upto - self.pos) as usize,

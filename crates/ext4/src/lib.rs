@@ -33,7 +33,7 @@ mod xattr;
 
 pub use build::build;
 pub use error::Error;
-pub use layout::{Layout, MetaSlice, Piece, Pieces, Stats};
+pub use layout::{Layout, MetaSlice, MetadataBlocks, Piece, Pieces, Stats};
 pub use summary::{plan, Summary};
 pub use tree::{
     DataHandle, DirEntry, FileData, FsTree, Metadata, Node, NodeId, NodeKind, Segment, Timestamp,

@@ -96,3 +96,46 @@ fn pieces_of_any_range_agree_with_the_whole_image() {
     }
     assert_eq!(layout.pieces(layout.size(), 10).count(), 0);
 }
+
+/// A server keeps the block map and drops the metadata under memory pressure, then reads
+/// with metadata taken from a fresh build of the same tree.
+#[test]
+fn metadata_taken_out_and_rebuilt_reads_the_same_bytes() {
+    let fx = sample();
+    let whole = image_bytes(&build(&fx.tree, &options(None)).unwrap(), &fx.objects);
+    let mut map = build(&fx.tree, &options(None)).unwrap();
+    let kept = map.take_metadata();
+    assert!(map.memory_bytes() < build(&fx.tree, &options(None)).unwrap().memory_bytes());
+    let rebuilt = build(&fx.tree, &options(None)).unwrap().take_metadata();
+    for meta in [&kept, &rebuilt] {
+        let mut got = Vec::new();
+        for p in map.pieces_with(meta, 0, map.size()) {
+            match p {
+                Piece::Meta(m) => got.extend_from_slice(&m.to_vec()),
+                Piece::Data {
+                    handle,
+                    offset,
+                    len,
+                } => got.extend_from_slice(
+                    &fx.objects[handle.0 as usize][offset as usize..(offset + len) as usize],
+                ),
+                Piece::Zero(n) => got.resize(got.len() + n as usize, 0),
+            }
+        }
+        assert!(got == whole);
+    }
+    // `has_metadata_in` says exactly whether a range has a metadata piece, block by block
+    // and across neighbours.
+    for block in 0..map.size() / 4096 {
+        for (off, len) in [
+            (block * 4096, 4096),
+            (block * 4096 + 100, 9000),
+            (block * 4096, 1),
+        ] {
+            let has = map
+                .pieces_with(&kept, off, len)
+                .any(|p| matches!(p, Piece::Meta(_)));
+            assert_eq!(map.has_metadata_in(off, len), has, "{off}+{len}");
+        }
+    }
+}
