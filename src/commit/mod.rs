@@ -2,9 +2,9 @@
 //! every unchanged file with the base.
 //!
 //! The overlay's device (base image + overlay, read-only, under the overlay's lock so no
-//! client attaches meanwhile) is read as ext4 by `tessera_ext4::read`; [`diff`] compares it
+//! client attaches meanwhile) is read as ext4 by `tessera_ext4::read`; `diff` compares it
 //! with the base image's merged tree and yields a tree of changes (new and changed entries,
-//! whiteouts for deletions); new file data is stored as objects ([`content`]); the new image
+//! whiteouts for deletions); new file data is stored as objects (`content`); the new image
 //! is the base image's trees plus that tree, with the base's size and inode count.
 //!
 //! A file whose extents are the base's and whose blocks the overlay never wrote is known

@@ -16,7 +16,7 @@
 //! Rules beyond the OCI spec's: a whiteout in the first layer, or naming nothing, is
 //! ignored; a directory an entry needs but the layer lacks keeps the lower layer's
 //! metadata; a hardlink to a lower layer's file becomes a copy of it (hardlink groups do
-//! not span trees); the path rules of [`super::tar::layer`] apply to every layer.
+//! not span trees); the path rules of `tar::layer` apply to every layer.
 //!
 //! Every blob is checked against its descriptor's size and sha256 digest, and each layer's
 //! uncompressed content against the config's `rootfs.diff_ids`. Objects are committed only

@@ -1,9 +1,9 @@
 //! `tessera import tar`: a tarball, streamed into the store without unpacking it anywhere.
 //!
 //! The compression (none, gzip, zstd, xz) is recognized by its magic number. Each member's
-//! data is hashed and staged as it streams by ([`object`]); the tree is built in archive
-//! order with `tar -x`'s rules and the checks listed in [`layer`]; header decoding (PAX
-//! times and xattrs, GNU sparse files, devices) is in [`header`]. Objects are committed
+//! data is hashed and staged as it streams by (`object`); the tree is built in archive
+//! order with `tar -x`'s rules and the checks listed in `layer`; header decoding (PAX
+//! times and xattrs, GNU sparse files, devices) is in `header`. Objects are committed
 //! only once the whole archive has been read without error, and the tree last, so an
 //! interrupted or failed import leaves nothing that anything refers to.
 //!

@@ -3,9 +3,9 @@
 //! Each image is synthesized (its layout computed) the first time a client
 //! opens it and then shared by all connections and modes; writes go to
 //! overlays. The protocol lives in the `tessera-nbd` crate; this module wires
-//! the store to it: export names ([`spec`]), their resolution and policy
-//! ([`exports`]), the device adapter ([`device`]), leases that keep `gc` away
-//! from served data ([`leased`]) and listen addresses ([`listen`]).
+//! the store to it: export names (`spec`), their resolution and policy
+//! (`exports`), the device adapter (`device`), leases that keep `gc` away
+//! from served data (`leased`) and listen addresses (`listen`).
 
 mod activation;
 mod banner;

@@ -3,8 +3,8 @@
 //! The second frontend beside NBD, over the same devices: an export name (`IMAGE`,
 //! `IMAGE@OVERLAY`, `IMAGE+ephemeral`) is opened through [`StoreExports`] exactly as an
 //! NBD client's would be, so leases, overlays and their FLUSH/FUA durability come with it.
-//! Each device has its own control thread and queue threads outside tokio ([`device`]);
-//! requests become [`tessera_nbd::Device`] calls ([`target`]); a Unix socket in the
+//! Each device has its own control thread and queue threads outside tokio (`device`);
+//! requests become [`tessera_nbd::Device`] calls (`target`); a Unix socket in the
 //! store's `run/` directory lets `tessera ublk add/list/del` manage devices of the running
 //! server ([`control`]).
 
@@ -215,7 +215,7 @@ impl Ublk {
     }
 
     /// Takes over device `id`, quiesced since its server died, serving `export` again if
-    /// it is still the image `was` (its [`identity`], when the device recorded one).
+    /// it is still the image `was` (its `identity`, when the device recorded one).
     /// A device no server of this store can serve (its export is gone, is now another
     /// image, or is writable) is
     /// stopped, so that its waiting I/O fails instead of waiting forever; one this server
