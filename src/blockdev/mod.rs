@@ -41,7 +41,25 @@ pub struct ImageDevice {
 }
 
 /// What reads and walks that need no metadata bytes read them from.
-static NO_METADATA: LazyLock<Arc<MetadataBlocks>> = LazyLock::new(Default::default);
+static NO_METADATA: LazyLock<MetadataBlocks> = LazyLock::new(Default::default);
+
+/// The metadata one read uses: none (most reads: no shared counter is touched), or the
+/// image's, kept alive by the read even if the budget drops it meanwhile.
+enum MetaRef {
+    NotNeeded,
+    Held(Arc<MetadataBlocks>),
+}
+
+impl std::ops::Deref for MetaRef {
+    type Target = MetadataBlocks;
+
+    fn deref(&self) -> &MetadataBlocks {
+        match self {
+            MetaRef::NotNeeded => &NO_METADATA,
+            MetaRef::Held(meta) => meta,
+        }
+    }
+}
 
 /// Blocking reads remembered to recognize a sequential reader: enough for a few clients'
 /// worth of interleaved streams (nbdcopy reads with 4 connections).
@@ -116,20 +134,20 @@ impl ImageDevice {
 
     /// The metadata a read of `offset..offset + len` needs, if it can have it without
     /// blocking: `None` when the range has metadata that was dropped.
-    fn metadata_now(&self, offset: u64, len: u64) -> Option<Arc<MetadataBlocks>> {
+    fn metadata_now(&self, offset: u64, len: u64) -> Option<MetaRef> {
         if self.layout.has_metadata_in(offset, len) {
-            self.meta.if_held()
+            self.meta.if_held().map(MetaRef::Held)
         } else {
-            Some(NO_METADATA.clone())
+            Some(MetaRef::NotNeeded)
         }
     }
 
     /// Like [`metadata_now`](Self::metadata_now), generating dropped metadata again.
-    fn metadata_for(&self, offset: u64, len: u64) -> io::Result<Arc<MetadataBlocks>> {
+    fn metadata_for(&self, offset: u64, len: u64) -> io::Result<MetaRef> {
         if self.layout.has_metadata_in(offset, len) {
-            self.meta.get()
+            self.meta.get().map(MetaRef::Held)
         } else {
-            Ok(NO_METADATA.clone())
+            Ok(MetaRef::NotNeeded)
         }
     }
 
