@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use common::Env;
 use tessera::blockdev::ImageDevice;
 use tessera::image::{self, CreateOptions};
