@@ -103,7 +103,10 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 print_json(&ImageDetailView::new(&record, &built))?;
             } else {
                 let layout = &built.layout;
-                let memory = Some(layout.memory_bytes() as u64);
+                let memory = Some((
+                    layout.memory_bytes() as u64,
+                    layout.block_map_bytes() as u64,
+                ));
                 print_image(
                     &record,
                     layout.size(),
@@ -135,13 +138,14 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `memory`: what the synthesized layout holds, when the image was synthesized.
+/// `memory`: what the synthesized layout holds, and of it the block map, when the image
+/// was synthesized.
 fn print_image(
     record: &ImageRecord,
     size: u64,
     stats: tessera_ext4::Stats,
     objects: usize,
-    memory: Option<u64>,
+    memory: Option<(u64, u64)>,
 ) {
     println!("name:     {}", record.name);
     for (i, tree) in record.trees.iter().enumerate() {
@@ -165,10 +169,11 @@ fn print_image(
     );
     println!("objects:  {objects}");
     match memory {
-        Some(m) => println!(
-            "metadata: {} generated, layout holds {} in memory",
+        Some((all, map)) => println!(
+            "metadata: {} generated, layout holds {} in memory (block map {})",
             human(stats.metadata_bytes),
-            human(m)
+            human(all),
+            human(map)
         ),
         None => println!(
             "metadata: {}, generated when the image is first read",

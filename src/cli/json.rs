@@ -93,8 +93,11 @@ pub(super) struct LayoutView {
     pub groups: u64,
     /// Generated metadata (inode tables, directories, bitmaps…).
     pub metadata_bytes: u64,
-    /// Heap memory the layout holds while served.
+    /// Heap memory the layout holds while served, metadata included.
     pub memory_bytes: u64,
+    /// Of it, the block map: what a served image keeps when its metadata is dropped
+    /// (`serve --metadata-memory`).
+    pub block_map_bytes: u64,
 }
 
 impl<'a> ImageDetailView<'a> {
@@ -116,6 +119,7 @@ impl<'a> ImageDetailView<'a> {
                 groups: s.groups,
                 metadata_bytes: s.metadata_bytes,
                 memory_bytes: built.layout.memory_bytes() as u64,
+                block_map_bytes: built.layout.block_map_bytes() as u64,
             },
         }
     }

@@ -9,6 +9,7 @@ use crate::inode::{self, InodeFields};
 use crate::layout::{MetaStore, Region, RegionKind};
 use crate::placement::Placement;
 use crate::plan::{Geometry, BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
+use crate::regions::RegionTable;
 use crate::superblock::{self, GroupDesc, Totals, FIRST_INO};
 use crate::xattr;
 use crate::{
@@ -602,7 +603,7 @@ impl<'a> Prepared<'a> {
         regions.sort_unstable_by_key(|r| r.start());
         Layout {
             size: size / BLOCK_SIZE * BLOCK_SIZE,
-            regions,
+            regions: RegionTable::new(&regions),
             meta: out.meta,
             stats: Stats {
                 blocks: geo.blocks,

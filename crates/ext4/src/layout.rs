@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use crate::regions::{Cursor, RegionTable};
 use crate::{DataHandle, BLOCK_SIZE};
 
 const BS: usize = BLOCK_SIZE as usize;
@@ -224,7 +225,7 @@ impl MetadataBlocks {
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub(crate) size: u64,
-    pub(crate) regions: Vec<Region>,
+    pub(crate) regions: RegionTable,
     pub(crate) meta: MetaStore,
     pub(crate) stats: Stats,
 }
@@ -335,15 +336,11 @@ impl Layout {
 
     fn pieces_from<'a>(&'a self, meta: &'a MetaStore, offset: u64, len: u64) -> Pieces<'a> {
         let end = offset.saturating_add(len).min(self.size);
-        let block = offset / BLOCK_SIZE;
-        // First region that ends after `block`.
-        let idx = self.regions.partition_point(|r| r.end() <= block);
         Pieces {
-            regions: &self.regions,
+            regions: self.regions.at_block(offset / BLOCK_SIZE),
             meta,
             pos: offset.min(end),
             end,
-            idx,
         }
     }
 
@@ -358,29 +355,38 @@ impl Layout {
             .saturating_add(len)
             .min(self.size)
             .div_ceil(BLOCK_SIZE);
-        let first = self
-            .regions
-            .partition_point(|r| r.end() <= offset / BLOCK_SIZE);
-        self.regions[first..]
-            .iter()
-            .take_while(|r| r.start() < end)
-            .any(|r| matches!(r.kind(), RegionKind::Meta { .. }))
+        let mut regions = self.regions.at_block(offset / BLOCK_SIZE);
+        while let Some(r) = regions.peek() {
+            if r.start() >= end {
+                break;
+            }
+            if matches!(r.kind(), RegionKind::Meta { .. }) {
+                return true;
+            }
+            regions.advance();
+        }
+        false
+    }
+
+    /// Heap bytes of the block map alone: what the layout holds after
+    /// [`take_metadata`](Self::take_metadata).
+    pub fn block_map_bytes(&self) -> usize {
+        self.regions.heap_bytes()
     }
 
     /// Heap bytes held by this layout (compressed metadata, unless taken, plus the region
     /// table).
     pub fn memory_bytes(&self) -> usize {
-        self.meta.heap_bytes() + self.regions.capacity() * std::mem::size_of::<Region>()
+        self.meta.heap_bytes() + self.regions.heap_bytes()
     }
 }
 
 /// Iterator returned by [`Layout::pieces`].
 pub struct Pieces<'a> {
-    regions: &'a [Region],
+    regions: Cursor<'a>,
     meta: &'a MetaStore,
     pos: u64,
     end: u64,
-    idx: usize,
 }
 
 impl<'a> Iterator for Pieces<'a> {
@@ -390,7 +396,7 @@ impl<'a> Iterator for Pieces<'a> {
         if self.pos >= self.end {
             return None;
         }
-        let Some(region) = self.regions.get(self.idx) else {
+        let Some(region) = self.regions.peek() else {
             let len = self.end - self.pos;
             self.pos = self.end;
             return Some(Piece::Zero(len));
@@ -430,7 +436,7 @@ impl<'a> Iterator for Pieces<'a> {
         };
         self.pos += piece.len();
         if self.pos >= rend {
-            self.idx += 1;
+            self.regions.advance();
         }
         Some(piece)
     }
@@ -484,7 +490,7 @@ mod tests {
         assert_eq!(regions[2].end(), 50 + len);
         let layout = Layout {
             size: (60 + len) * BLOCK_SIZE,
-            regions,
+            regions: RegionTable::new(&regions),
             meta: MetaStore::default(),
             stats: Stats::default(),
         };

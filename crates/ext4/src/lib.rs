@@ -26,6 +26,7 @@ mod le;
 mod placement;
 mod plan;
 pub mod read;
+mod regions;
 mod summary;
 mod superblock;
 mod tree;
