@@ -40,24 +40,30 @@ pub struct ImageDevice {
     next_end: AtomicUsize,
 }
 
-/// What reads and walks that need no metadata bytes read them from.
+/// What reads walk the layout with: metadata bytes are fetched at a read's first
+/// metadata piece ([`ReadMeta`]), so most reads (file data) never touch the budget's lock.
 static NO_METADATA: LazyLock<MetadataBlocks> = LazyLock::new(Default::default);
 
-/// The metadata one read uses: none (most reads: no shared counter is touched), or the
-/// image's, kept alive by the read even if the budget drops it meanwhile.
-enum MetaRef {
-    NotNeeded,
-    Held(Arc<MetadataBlocks>),
+/// The metadata of one read, fetched at its first metadata piece and kept by the read
+/// even if the budget drops it meanwhile.
+struct ReadMeta<'a> {
+    slot: &'a Arc<MetaSlot>,
+    /// Whether it may generate dropped metadata again (on a thread that may block).
+    may_block: bool,
+    held: Option<Arc<MetadataBlocks>>,
 }
 
-impl std::ops::Deref for MetaRef {
-    type Target = MetadataBlocks;
-
-    fn deref(&self) -> &MetadataBlocks {
-        match self {
-            MetaRef::NotNeeded => &NO_METADATA,
-            MetaRef::Held(meta) => meta,
+impl ReadMeta<'_> {
+    /// `Ok(None)`: dropped, and this read may not block.
+    fn get(&mut self) -> io::Result<Option<&MetadataBlocks>> {
+        if self.held.is_none() {
+            self.held = if self.may_block {
+                Some(self.slot.get()?)
+            } else {
+                self.slot.if_held()
+            };
         }
+        Ok(self.held.as_deref())
     }
 }
 
@@ -132,22 +138,11 @@ impl ImageDevice {
         self.meta.get()
     }
 
-    /// The metadata a read of `offset..offset + len` needs, if it can have it without
-    /// blocking: `None` when the range has metadata that was dropped.
-    fn metadata_now(&self, offset: u64, len: u64) -> Option<MetaRef> {
-        if self.layout.has_metadata_in(offset, len) {
-            self.meta.if_held().map(MetaRef::Held)
-        } else {
-            Some(MetaRef::NotNeeded)
-        }
-    }
-
-    /// Like [`metadata_now`](Self::metadata_now), generating dropped metadata again.
-    fn metadata_for(&self, offset: u64, len: u64) -> io::Result<MetaRef> {
-        if self.layout.has_metadata_in(offset, len) {
-            self.meta.get().map(MetaRef::Held)
-        } else {
-            Ok(MetaRef::NotNeeded)
+    fn read_meta(&self, may_block: bool) -> ReadMeta<'_> {
+        ReadMeta {
+            slot: &self.meta,
+            may_block,
+            held: None,
         }
     }
 
@@ -155,8 +150,7 @@ impl ImageDevice {
     /// and zeros always qualify, file data only when its pages are resident. `None` means
     /// "might block" (the server then reads on an I/O thread); `buf` may be partly written.
     pub fn read_at_resident(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        let meta = self.metadata_now(offset, buf.len() as u64)?;
-        match self.fill(buf, offset, &meta, |object, out, at| {
+        match self.fill(buf, offset, false, |object, out, at| {
             object.read_resident(out, at, self.verify)?.ok()
         }) {
             Ok(done) => done.then_some(Ok(())),
@@ -178,15 +172,20 @@ impl ImageDevice {
         if let Err(e) = self.check_range(offset, len) {
             return Some(Err(e));
         }
-        let meta = self.metadata_now(offset, len)?;
+        let mut meta = self.read_meta(false);
         let mut owned: Vec<u8> = Vec::new();
-        for piece in self.layout.pieces_with(&meta, offset, len) {
+        for piece in self.layout.pieces_with(&NO_METADATA, offset, len) {
             let n = piece.len() as usize;
             match piece {
-                Piece::Meta(meta) => {
+                Piece::Meta(slice) => {
+                    let held = match meta.get() {
+                        Ok(Some(held)) => held,
+                        Ok(None) => return None,
+                        Err(e) => return Some(Err(e)),
+                    };
                     let at = owned.len();
                     owned.resize(at + n, 0);
-                    meta.copy_to(&mut owned[at..]);
+                    slice.with(held).copy_to(&mut owned[at..]);
                 }
                 Piece::Zero(_) => owned.resize(owned.len() + n, 0),
                 Piece::Data {
@@ -220,9 +219,8 @@ impl ImageDevice {
     /// Fill `buf` with the device bytes at `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.prefetch(offset, buf.len() as u64);
-        let meta = self.metadata_for(offset, buf.len() as u64)?;
         let mut failed = None;
-        self.fill(buf, offset, &meta, |object, out, at| {
+        self.fill(buf, offset, true, |object, out, at| {
             object
                 .read(out, at, self.verify)
                 .map_err(|e| failed = Some(e))
@@ -231,23 +229,31 @@ impl ImageDevice {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Walk the pieces of `buf`'s range: metadata (from `meta`) and zeros are filled here,
-    /// file data by `data(object, out, object_offset)`, whose `None` stops the walk
-    /// (`Ok(false)`).
+    /// Walk the pieces of `buf`'s range: metadata and zeros are filled here, file data by
+    /// `data(object, out, object_offset)`, whose `None` stops the walk (`Ok(false)`), as
+    /// does metadata that was dropped unless the caller `may_block` (then it is generated
+    /// again).
     fn fill(
         &self,
         buf: &mut [u8],
         offset: u64,
-        meta: &MetadataBlocks,
+        may_block: bool,
         mut data: impl FnMut(&Object, &mut [u8], u64) -> Option<()>,
     ) -> io::Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
+        let mut meta = self.read_meta(may_block);
         let mut at = 0usize;
-        for piece in self.layout.pieces_with(meta, offset, buf.len() as u64) {
+        for piece in self
+            .layout
+            .pieces_with(&NO_METADATA, offset, buf.len() as u64)
+        {
             let n = piece.len() as usize;
             let out = &mut buf[at..at + n];
             match piece {
-                Piece::Meta(meta) => meta.copy_to(out),
+                Piece::Meta(slice) => match meta.get()? {
+                    Some(held) => slice.with(held).copy_to(out),
+                    None => return Ok(false),
+                },
                 Piece::Zero(_) => out.fill(0),
                 Piece::Data {
                     handle,

@@ -14,11 +14,10 @@ impl ImageDevice {
     /// data, and returns the file reads that complete it. `None`: some piece needs the
     /// blocking path ([`ImageDevice::read_at`]); `buf` may then be partly written.
     pub fn plan_read(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<Vec<FileRead>>> {
-        let meta = self.metadata_now(offset, buf.len() as u64)?;
         let base = buf.as_ptr() as usize;
         let mut reads = Vec::new();
         let mut failed = None;
-        let walked = self.fill(buf, offset, &meta, |object, out, at| {
+        let walked = self.fill(buf, offset, false, |object, out, at| {
             match object.plan(out, at, self.verify) {
                 Ok(Direct::Done) => Some(()),
                 Ok(Direct::Read(file)) => {

@@ -27,6 +27,19 @@ pub(crate) enum RegionKind {
     },
 }
 
+/// A region's kind as a [`RegionTable`](crate::regions::RegionTable) stores it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StoredKind {
+    Meta {
+        first: u64,
+    },
+    Data {
+        handle: u32,
+        object_block: u64,
+        tail: u64,
+    },
+}
+
 /// Bits of [`Region::packed`] that hold the length in blocks.
 const LEN_BITS: u32 = 19;
 /// Longest region; longer runs are stored as several.
@@ -53,6 +66,32 @@ pub(crate) struct Region {
 }
 
 impl Region {
+    /// A region as stored by a [`RegionTable`](crate::regions::RegionTable): already
+    /// split and checked when it was stored. `tail`: the object's bytes in the last block
+    /// less one.
+    #[inline]
+    pub(crate) fn stored(start: u64, len: u64, kind: StoredKind) -> Region {
+        debug_assert!(len <= MAX_REGION_BLOCKS && start + len <= 1 << 32);
+        match kind {
+            StoredKind::Meta { first } => Region {
+                start: start as u32,
+                packed: len as u32,
+                target: first as u32,
+                object_block: 0,
+            },
+            StoredKind::Data {
+                handle,
+                object_block,
+                tail,
+            } => Region {
+                start: start as u32,
+                packed: len as u32 | (tail as u32) << TAIL_SHIFT | DATA,
+                target: handle,
+                object_block: object_block as u32,
+            },
+        }
+    }
+
     /// Regions for `len` blocks at `start` of `kind`, split at [`MAX_REGION_BLOCKS`].
     pub fn split(start: u64, len: u64, kind: RegionKind) -> impl Iterator<Item = Region> {
         let mut done = 0;
@@ -240,6 +279,17 @@ pub struct MetaSlice<'a> {
 }
 
 impl MetaSlice<'_> {
+    /// The same blocks of `meta`, for pieces walked without their metadata (see
+    /// [`Layout::take_metadata`]).
+    pub fn with<'b>(&self, meta: &'b MetadataBlocks) -> MetaSlice<'b> {
+        MetaSlice {
+            store: &meta.0,
+            first: self.first,
+            skip: self.skip,
+            len: self.len,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

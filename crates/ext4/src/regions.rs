@@ -5,14 +5,16 @@
 //! files' bytes, is what an image costs. Neighbouring regions are alike (the next starts
 //! where the previous ended, handles count up, almost every file is one extent from the
 //! start of its object), so each is stored as varints relative to the one before: about
-//! six bytes instead of [`Region`]'s sixteen. Every [`CHUNK`] regions start afresh, and a
-//! lookup is a binary search over the chunks followed by decoding at most a chunk.
+//! seven bytes with the chunk index, instead of [`Region`]'s sixteen. Every [`CHUNK`]
+//! regions start afresh, and a lookup is a binary search over the chunks followed by
+//! decoding at most a chunk.
 
-use crate::layout::{Region, RegionKind};
-use crate::DataHandle;
+use crate::layout::{Region, RegionKind, StoredKind};
 
-/// Regions per independently decodable chunk: a lookup decodes up to this many.
-const CHUNK: usize = 16;
+/// Regions per independently decodable chunk: a lookup decodes up to this many. Finding
+/// the pieces of a 4 KiB read took 116 ns in a plain array of 16-byte regions, 400 ns with
+/// chunks of 16 (5 bytes per region) and 190 ns with chunks of 4 (7 bytes per region).
+const CHUNK: usize = 4;
 
 /// Bits of a region's header varint (below its length).
 const IS_DATA: u64 = 1;
@@ -168,39 +170,29 @@ impl Cursor<'_> {
         let header = get(bytes, &mut self.pos);
         let len = header >> HEADER_BITS;
         let start = self.prev.end + get(bytes, &mut self.pos);
-        let target = unzigzag(
-            get(bytes, &mut self.pos),
-            if header & IS_DATA != 0 {
-                self.prev.handle
-            } else {
-                self.prev.meta
-            },
-        );
+        let delta = get(bytes, &mut self.pos);
         let kind = if header & IS_DATA == 0 {
-            self.prev.meta = target;
-            RegionKind::Meta {
-                first: target as usize,
+            self.prev.meta = unzigzag(delta, self.prev.meta);
+            StoredKind::Meta {
+                first: self.prev.meta,
             }
         } else {
-            self.prev.handle = target;
-            let tail = get(bytes, &mut self.pos) + 1;
+            self.prev.handle = unzigzag(delta, self.prev.handle);
+            let tail = get(bytes, &mut self.pos);
             let object_block = if header & HAS_OBJECT_BLOCK != 0 {
                 get(bytes, &mut self.pos)
             } else {
                 0
             };
-            RegionKind::Data {
-                handle: DataHandle(target as u32),
-                offset: object_block * crate::BLOCK_SIZE,
-                data_len: (len - 1) * crate::BLOCK_SIZE + tail,
+            StoredKind::Data {
+                handle: self.prev.handle as u32,
+                object_block,
+                tail,
             }
         };
         self.in_chunk += 1;
         self.prev.end = start + len;
-        let mut one = Region::split(start, len, kind);
-        let region = one.next().expect("a stored region is not empty");
-        debug_assert!(one.next().is_none(), "stored regions were split already");
-        Some(region)
+        Some(Region::stored(start, len, kind))
     }
 }
 
@@ -212,7 +204,14 @@ fn put(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+#[inline]
 fn get(bytes: &[u8], pos: &mut usize) -> u64 {
+    // Most values are one byte.
+    let b = bytes[*pos];
+    if b < 0x80 {
+        *pos += 1;
+        return b as u64;
+    }
     let mut v = 0u64;
     let mut shift = 0;
     loop {
@@ -240,6 +239,7 @@ fn unzigzag(z: u64, prev: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DataHandle;
 
     fn sample(n: usize, seed: u64) -> Vec<Region> {
         let mut state = seed;
