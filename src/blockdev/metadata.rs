@@ -1,6 +1,6 @@
 //! Generated metadata of served images, held under one memory budget per server.
 //!
-//! A read image keeps its block map (16 bytes per file extent) for as long as it is served,
+//! A read image keeps its block map (~7 bytes per file extent) for as long as it is served,
 //! but its metadata blocks (inode tables, directories, bitmaps: most of what it costs) only
 //! while the server's budget allows: when the metadata of all images exceeds it, the least
 //! recently read image's metadata is dropped, and generated again from the image's trees

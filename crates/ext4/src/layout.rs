@@ -48,10 +48,10 @@ const TAIL_SHIFT: u32 = LEN_BITS;
 /// Set in [`Region::packed`] for data regions.
 const DATA: u32 = 1 << 31;
 
-/// A run of blocks in 16 bytes: an export holds one per file extent for as long as it is
-/// served, so this table, not the files' count, sets what a read export costs. Images
-/// have at most 2^32 blocks (16 TiB, see `plan::MAX_BLOCKS`) and handles are 32 bits, so
-/// block numbers, handles and object offsets in blocks all fit in a `u32`.
+/// A run of blocks in 16 bytes, as the build collects them and reads walk them (a served
+/// image stores them delta-coded: `regions.rs`). Images have at most 2^32 blocks (16 TiB,
+/// see `plan::MAX_BLOCKS`) and handles are 32 bits, so block numbers, handles and object
+/// offsets in blocks all fit in a `u32`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Region {
     start: u32,
