@@ -128,14 +128,9 @@ impl ImageDevice {
         self.layout.size()
     }
 
-    /// The block map (its metadata blocks are read with [`metadata`](Self::metadata)).
+    /// The block map (its metadata blocks are fetched per read from the budget's slot).
     pub fn layout(&self) -> &Arc<Layout> {
         &self.layout
-    }
-
-    /// The image's metadata blocks, generated again if they were dropped.
-    pub fn metadata(&self) -> io::Result<Arc<MetadataBlocks>> {
-        self.meta.get()
     }
 
     fn read_meta(&self, may_block: bool) -> ReadMeta<'_> {

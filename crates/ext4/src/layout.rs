@@ -399,25 +399,6 @@ impl Layout {
         MetadataBlocks(std::mem::take(&mut self.meta))
     }
 
-    /// Whether bytes `offset..offset + len` include generated metadata.
-    pub fn has_metadata_in(&self, offset: u64, len: u64) -> bool {
-        let end = offset
-            .saturating_add(len)
-            .min(self.size)
-            .div_ceil(BLOCK_SIZE);
-        let mut regions = self.regions.at_block(offset / BLOCK_SIZE);
-        while let Some(r) = regions.peek() {
-            if r.start() >= end {
-                break;
-            }
-            if matches!(r.kind(), RegionKind::Meta { .. }) {
-                return true;
-            }
-            regions.advance();
-        }
-        false
-    }
-
     /// Heap bytes of the block map alone: what the layout holds after
     /// [`take_metadata`](Self::take_metadata).
     pub fn block_map_bytes(&self) -> usize {

@@ -11,9 +11,10 @@
 
 use crate::layout::{Region, RegionKind, StoredKind};
 
-/// Regions per independently decodable chunk: a lookup decodes up to this many. Finding
-/// the pieces of a 4 KiB read took 116 ns in a plain array of 16-byte regions, 400 ns with
-/// chunks of 16 (5 bytes per region) and 190 ns with chunks of 4 (7 bytes per region).
+/// Regions per independently decodable chunk: a lookup decodes up to this many. On a
+/// loaded machine, finding the pieces of a 4 KiB read took 116 ns in a plain array of
+/// 48-byte regions, 400 ns with chunks of 16 (5 bytes per region) and 190 ns with chunks of
+/// 4 (7 bytes per region); quiet, 89-96 ns and 110-123 ns (`examples/lookup.rs`).
 const CHUNK: usize = 4;
 
 /// Bits of a region's header varint (below its length).
