@@ -101,6 +101,12 @@ pub struct ServeArgs {
     /// Do not offer NBD extended headers (64-bit requests)
     #[arg(long)]
     pub no_extended_headers: bool,
+    /// After answering every request of a connection with one request at a time in
+    /// flight, poll its socket for up to this many microseconds before sleeping: a CPU
+    /// that idles must be woken for the next request, which roughly doubled a lone
+    /// 4 KiB read's latency on virtual machines. Costs CPU while polling; 0 never polls
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 50)]
+    pub busy_poll: u64,
     /// Check object bytes against their BLAKE3 names before serving them: a mismatch is
     /// EIO for that read and an error in the log, never wrong bytes
     #[arg(long)]
@@ -189,6 +195,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         tls,
         tls_allow,
         extended_headers: !args.no_extended_headers,
+        poll: std::time::Duration::from_micros(args.busy_poll),
         ..Config::default()
     };
 

@@ -137,6 +137,9 @@ pub struct Config {
     /// On shutdown, how long in-flight requests get before connections are
     /// dropped.
     pub shutdown_grace: Duration,
+    /// How long a connection's writer polls its socket for the next request after its
+    /// last reply, instead of sleeping (see `poll.rs`); zero never polls.
+    pub poll: Duration,
 }
 
 impl Default for Config {
@@ -155,6 +158,7 @@ impl Default for Config {
             extended_headers: true,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            poll: Duration::from_micros(50),
         }
     }
 }

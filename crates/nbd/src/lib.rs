@@ -51,6 +51,7 @@ mod io;
 mod mem;
 pub mod option;
 mod planned;
+mod poll;
 pub mod proto;
 pub mod reply;
 pub mod request;

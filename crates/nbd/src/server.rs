@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +46,6 @@ const UNIX_SNDBUF: libc::c_int = 1 << 20;
 /// 256 KiB read reply: the writer filled it, slept in `epoll_wait` until the client drained
 /// it, and was woken again several times per reply.
 fn larger_send_buffer(s: &tokio::net::UnixStream) {
-    use std::os::fd::AsRawFd;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local; the socket is
     // owned by `s` for the duration of the call. Failure only leaves the default size.
     unsafe {
@@ -60,13 +60,15 @@ fn larger_send_buffer(s: &tokio::net::UnixStream) {
 }
 
 impl Listener {
-    async fn accept(&self) -> io::Result<(BoxIo, String)> {
+    /// The stream, the peer's name and the socket's descriptor (for polling).
+    async fn accept(&self) -> io::Result<(BoxIo, String, RawFd)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 // Replies are written whole; Nagle would only delay them.
                 s.set_nodelay(true)?;
-                Ok((Box::new(s), peer.to_string()))
+                let fd = s.as_raw_fd();
+                Ok((Box::new(s), peer.to_string(), fd))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
@@ -75,7 +77,8 @@ impl Listener {
                     Ok(c) => format!("unix:pid={}", c.pid().unwrap_or(-1)),
                     Err(_) => "unix".to_string(),
                 };
-                Ok((Box::new(s), peer))
+                let fd = s.as_raw_fd();
+                Ok((Box::new(s), peer, fd))
             }
         }
     }
@@ -160,7 +163,7 @@ async fn accept_loop(
             .acquire_owned()
             .await
             .expect("connection semaphore is never closed");
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer, fd) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends are transient: back off instead of
@@ -177,7 +180,7 @@ async fn accept_loop(
         let workers = workers.clone();
         tokio::spawn(async move {
             workers.live.fetch_add(1, Ordering::Relaxed);
-            connection(stream, peer, &exports, &config, &workers, &mut shutdown).await;
+            connection(stream, peer, fd, &exports, &config, &workers, &mut shutdown).await;
             let live = workers.live.fetch_sub(1, Ordering::Relaxed) - 1;
             // Give back what this client's requests left behind: idle pooled
             // buffers beyond what the remaining clients may reuse, and the
@@ -197,6 +200,7 @@ async fn accept_loop(
 async fn connection(
     stream: BoxIo,
     peer: String,
+    fd: RawFd,
     exports: &Arc<dyn Exports>,
     config: &Config,
     workers: &Workers,
@@ -229,16 +233,21 @@ async fn connection(
         "connection open"
     );
     let counters = Arc::new(Counters::default());
-    let result = transmission::serve(*n, config, shutdown, counters.clone(), workers).await;
+    let result = transmission::serve(*n, fd, config, shutdown, counters.clone(), workers).await;
     let received = counters.received.load(Ordering::Relaxed);
     let sent = counters.sent.load(Ordering::Relaxed);
     let requests = counters.requests.load(Ordering::Relaxed);
+    let polls = format_args!(
+        "{}/{}",
+        counters.polls_hit.load(Ordering::Relaxed),
+        counters.polls_missed.load(Ordering::Relaxed)
+    );
     match result {
         Ok(reason) => {
-            info!(%peer, %export, %reason, requests, received, sent, "connection closed")
+            info!(%peer, %export, %reason, requests, received, sent, %polls, "connection closed")
         }
         Err(e) => {
-            warn!(%peer, %export, error = %e, requests, received, sent, "connection closed")
+            warn!(%peer, %export, error = %e, requests, received, sent, %polls, "connection closed")
         }
     }
 }

@@ -12,6 +12,7 @@
 //! permits were granted.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::device::{Device, Extent};
 use crate::error::SessionError;
 use crate::handshake::Negotiated;
 use crate::io::BoxIo;
+use crate::poll::Poller;
 use crate::proto::*;
 use crate::reply::{self, ReplyMode};
 use crate::request::{self, Command, RequestHeader, Session};
@@ -88,6 +90,9 @@ pub struct Counters {
     pub received: AtomicU64,
     pub sent: AtomicU64,
     pub requests: AtomicU64,
+    /// Busy polls after a reply that saw the next request, and that gave up.
+    pub polls_hit: AtomicU64,
+    pub polls_missed: AtomicU64,
 }
 
 /// Reply bytes: the first `len` bytes of `bytes`, which go back to the pool
@@ -154,6 +159,7 @@ struct Ctx {
 
 pub(crate) async fn serve(
     n: Negotiated,
+    fd: RawFd,
     config: &Config,
     shutdown: &mut watch::Receiver<bool>,
     counters: Arc<Counters>,
@@ -174,7 +180,15 @@ pub(crate) async fn serve(
     let mut rd = BufReader::with_capacity(32 << 10, rd);
     let (tx, rx) = mpsc::unbounded_channel();
     let pool = workers.pool.clone();
-    let writer = tokio::spawn(write_replies(wr, rx, counters.clone(), pool.clone()));
+    let poller = (!config.poll.is_zero()).then(|| Poller::new(fd, config.poll, counters.clone()));
+    let polled = poller.as_ref().map(Poller::reader);
+    let writer = tokio::spawn(write_replies(
+        wr,
+        rx,
+        counters.clone(),
+        pool.clone(),
+        poller,
+    ));
     let budget_size = config
         .max_in_flight_bytes
         .max(max_len as usize + REQUEST_COST)
@@ -192,6 +206,9 @@ pub(crate) async fn serve(
     let mut inline_bytes = 0usize;
     let reason = loop {
         let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+        if let Some(p) = &polled {
+            p.waiting(!rd.buffer().is_empty());
+        }
         tokio::select! {
             biased;
             r = rd.read_exact(&mut hdr[..hlen]) => match r {
@@ -201,6 +218,9 @@ pub(crate) async fn serve(
             },
             _ = ctx.tx.closed() => break EndReason::WriteFailed,
             _ = shutdown.wait_for(|s| *s) => break EndReason::Shutdown,
+        }
+        if let Some(p) = &polled {
+            p.arrived();
         }
         let Some(h) = request::decode_request(&hdr[..hlen], extended)? else {
             unreachable!("read a full header")
@@ -322,9 +342,10 @@ async fn write_replies(
     rx: mpsc::UnboundedReceiver<Outgoing>,
     counters: Arc<Counters>,
     pool: Arc<BufPool>,
+    poller: Option<Poller>,
 ) -> io::Result<()> {
     if wr.is_write_vectored() {
-        write_gathered(wr, rx, counters, pool).await
+        write_gathered(wr, rx, counters, pool, poller).await
     } else {
         write_buffered(wr, rx, counters, pool).await
     }
@@ -338,6 +359,7 @@ async fn write_gathered(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     counters: Arc<Counters>,
     pool: Arc<BufPool>,
+    mut poller: Option<Poller>,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
     while let Some(out) = rx.recv().await {
@@ -369,6 +391,7 @@ async fn write_gathered(
             io::IoSlice::advance_slices(&mut rest, n);
         }
         drop(slices);
+        let sent = batch.len();
         for Outgoing { reply, _permit } in batch.drain(..) {
             counters
                 .sent
@@ -382,6 +405,9 @@ async fn write_gathered(
         // (A plain socket's flush does nothing.)
         if rx.is_empty() {
             wr.flush().await?;
+        }
+        if let Some(p) = &mut poller {
+            p.sent(sent, || !rx.is_empty());
         }
     }
     wr.flush().await?;
