@@ -49,7 +49,7 @@ pub(crate) struct Placed<'a> {
 
 /// Number, prepare and place every inode of `tree`, and check that it fits.
 pub(crate) fn place<'a>(
-    tree: &FsTree,
+    tree: &'a FsTree,
     opts: &'a Options,
     blocks: Blocks,
 ) -> Result<Placed<'a>, Error> {
@@ -128,9 +128,22 @@ impl Content {
     }
 }
 
+/// The fields an inode gets from preparing it; owner and times are read from its tree
+/// node again when it is written (holding all of [`InodeFields`] per inode was half of the
+/// memory of planning a large tree).
+struct Fields {
+    mode: u16,
+    links: u16,
+    flags: u32,
+    size: u64,
+    inline_xattrs: Vec<u8>,
+}
+
 pub(crate) struct Ino {
     pub ino: u32,
-    fields: InodeFields,
+    /// The tree node the inode was made from; `None` for a lost+found made up here.
+    node: Option<NodeId>,
+    fields: Fields,
     pub content: Content,
     pub xattr_block: Option<Vec<u8>>,
     pub is_dir: bool,
@@ -138,6 +151,7 @@ pub(crate) struct Ino {
 
 pub(crate) struct Prepared<'a> {
     opts: &'a Options,
+    tree: &'a FsTree,
     /// Root first, then inodes `FIRST_INO..=max_ino` in order.
     pub inodes: Vec<Ino>,
     pub max_ino: u32,
@@ -173,7 +187,7 @@ fn path_of(tree: &FsTree, parent: &[NodeId], node: NodeId) -> String {
 }
 
 impl<'a> Prepared<'a> {
-    fn new(tree: &FsTree, opts: &'a Options, write: Blocks) -> Result<Prepared<'a>, Error> {
+    fn new(tree: &'a FsTree, opts: &'a Options, write: Blocks) -> Result<Prepared<'a>, Error> {
         let nodes = tree.nodes();
         if !matches!(nodes[0].kind, NodeKind::Dir(_)) {
             return Err(Error::RootNotDir);
@@ -279,16 +293,12 @@ impl<'a> Prepared<'a> {
             let n = &nodes[node as usize];
             let path = || path_of(tree, &parent, node);
             let m = &n.meta;
-            let mut fields = InodeFields {
+            let mut fields = Fields {
                 mode: m.mode & 0o7777,
-                uid: m.uid,
-                gid: m.gid,
-                atime: m.atime,
-                ctime: m.ctime,
-                mtime: m.mtime,
-                crtime: m.crtime,
                 links: links[node as usize].max(1) as u16,
-                ..Default::default()
+                flags: 0,
+                size: 0,
+                inline_xattrs: Vec::new(),
             };
             if links[node as usize] > LINK_MAX && !matches!(n.kind, NodeKind::Dir(_)) {
                 return Err(Error::TooManyLinks {
@@ -408,6 +418,7 @@ impl<'a> Prepared<'a> {
             fields.inline_xattrs = enc.inline;
             Ok(Ino {
                 ino,
+                node: Some(node),
                 fields,
                 content,
                 xattr_block: enc.block,
@@ -427,9 +438,42 @@ impl<'a> Prepared<'a> {
         }
         Ok(Prepared {
             opts,
+            tree,
             inodes,
             max_ino,
         })
+    }
+
+    /// All of `ino`'s fields but those its content decides at emit time.
+    fn inode_fields(&self, ino: &Ino) -> InodeFields {
+        let f = &ino.fields;
+        let mut out = InodeFields {
+            mode: f.mode,
+            links: f.links,
+            flags: f.flags,
+            size: f.size,
+            inline_xattrs: f.inline_xattrs.clone(),
+            ..Default::default()
+        };
+        match ino.node {
+            Some(node) => {
+                let m = &self.tree.node(node).meta;
+                out.uid = m.uid;
+                out.gid = m.gid;
+                out.atime = m.atime;
+                out.ctime = m.ctime;
+                out.mtime = m.mtime;
+                out.crtime = m.crtime;
+            }
+            None => {
+                let t = Timestamp {
+                    sec: self.opts.timestamp,
+                    nsec: 0,
+                };
+                (out.atime, out.ctime, out.mtime, out.crtime) = (t, t, t, t);
+            }
+        }
+        out
     }
 
     fn emit(&self, geo: &Geometry, place: &Placement, size: u64, min_size: u64) -> Layout {
@@ -442,7 +486,7 @@ impl<'a> Prepared<'a> {
             Vec::with_capacity(self.inodes.len() + 1);
         raw_inodes.push((1, bad_blocks_inode(self.opts.timestamp, fs_seed)));
         for (idx, ino) in self.inodes.iter().enumerate() {
-            let mut f = ino.fields.clone();
+            let mut f = self.inode_fields(ino);
             let runs = &place.runs[idx];
             let seed = checksum::inode_seed(fs_seed, ino.ino, 0);
             match &ino.content {
@@ -659,11 +703,9 @@ fn set_bits(bm: &mut [u8], from: u64, to: u64) {
     }
 }
 
+/// A lost+found for a tree without one; its times are the image's timestamp
+/// ([`Prepared::inode_fields`]).
 fn synthetic_lost_found(opts: &Options) -> Ino {
-    let t = Timestamp {
-        sec: opts.timestamp,
-        nsec: 0,
-    };
     let seed = checksum::inode_seed(opts.checksum_seed, LOST_FOUND_INO, 0);
     let (mut blocks, _) = dir::build(
         LOST_FOUND_INO,
@@ -673,19 +715,16 @@ fn synthetic_lost_found(opts: &Options) -> Ino {
         seed,
     );
     blocks.extend((1..LOST_FOUND_BLOCKS).map(|_| dir::empty_block(seed)));
-    let fields = InodeFields {
+    let fields = Fields {
         mode: inode::S_IFDIR | 0o700,
-        atime: t,
-        ctime: t,
-        mtime: t,
-        crtime: t,
         links: 2,
         size: (LOST_FOUND_BLOCKS * BS) as u64,
         flags: inode::EXT4_EXTENTS_FL,
-        ..Default::default()
+        inline_xattrs: Vec::new(),
     };
     Ino {
         ino: LOST_FOUND_INO,
+        node: None,
         fields,
         content: Content::Meta(blocks),
         xattr_block: None,
