@@ -249,3 +249,73 @@ fn export_filter_and_unknown_names() {
     assert_eq!(rtype, tessera_nbd::proto::REP_ERR_UNKNOWN);
     nbd_support::go(&mut s, "img");
 }
+
+/// A client with one request at a time in flight (nbdsh's synchronous `pread`) reads the
+/// right bytes while the server busy-polls for its next request, and the server does poll
+/// for it (the connection's log line counts polls as `polls=HIT/MISS`); with
+/// `--busy-poll 0` it never polls.
+#[test]
+fn one_request_at_a_time_is_polled_for() {
+    if !common::can_run("one_request_at_a_time_is_polled_for", false, &["nbdsh"]) {
+        return;
+    }
+    let env = Env::new();
+    let (_, raw) = image(&env);
+    let want = std::fs::read(&raw).unwrap();
+    let blocks = want.len() / 4096;
+    for poll in ["50", "0"] {
+        let log = env.path(&format!("poll-{poll}.log"));
+        let mut served = Served::start_logged_with(
+            &env,
+            &format!("poll-{poll}.sock"),
+            &log,
+            &["--busy-poll", poll],
+            &[("RUST_LOG", "tessera_nbd=info")],
+        );
+        let out = env.path(&format!("reads-{poll}.bin"));
+        let script = format!(
+            "with open({out:?}, 'wb') as f:\n    for i in range(300):\n        f.write(h.pread(4096, (i * 7919 % {blocks}) * 4096))\n",
+            out = out.display().to_string(),
+        );
+        // nbdsh runs the first `python3` on PATH, and its module is Debian's, for
+        // /usr/bin/python3 (a pyenv python first on PATH has no `nbd`).
+        let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+        tool(
+            Command::new("nbdsh")
+                .env("PATH", path)
+                .arg("-u")
+                .arg(served.uri("img"))
+                .arg("-c")
+                .arg(&script),
+        );
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got.len(), 300 * 4096);
+        for (i, chunk) in got.chunks(4096).enumerate() {
+            let at = (i * 7919 % blocks) * 4096;
+            assert!(chunk == &want[at..at + 4096], "read {i} at {at} differs");
+        }
+        assert!(served.stop(Duration::from_secs(10)).success());
+
+        let log = std::fs::read_to_string(&log).unwrap();
+        let field = |line: &str, name: &str| -> Option<String> {
+            let words = line.split_whitespace();
+            words
+                .filter_map(|w| w.strip_prefix(name))
+                .map(str::to_owned)
+                .next()
+        };
+        let line = log
+            .lines()
+            .filter(|l| l.contains("connection closed"))
+            .find(|l| field(l, "requests=").is_some_and(|n| n.parse::<u64>().unwrap() >= 300))
+            .unwrap_or_else(|| panic!("no log line of the 300-read connection:\n{log}"));
+        let polls = field(line, "polls=").unwrap_or_else(|| panic!("no polls= in {line}"));
+        let (hit, missed) = polls.split_once('/').unwrap();
+        let polled = hit.parse::<u64>().unwrap() + missed.parse::<u64>().unwrap();
+        if poll == "0" {
+            assert_eq!(polled, 0, "{line}");
+        } else {
+            assert!(polled > 0, "a one-at-a-time client is polled for: {line}");
+        }
+    }
+}

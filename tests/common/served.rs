@@ -16,24 +16,42 @@ pub struct Served {
 
 impl Served {
     pub fn start(env: &Env, extra: &[&str]) -> Served {
-        Served::spawn(env, "nbd.sock", extra, Stdio::inherit())
+        Served::spawn(env, "nbd.sock", extra, &[], Stdio::inherit())
     }
 
     /// Like `start`, on socket `sock` (a name in the test's directory), with the server's
     /// log (stderr) going to `log` for the test to read.
     pub fn start_logged(env: &Env, sock: &str, log: &Path, extra: &[&str]) -> Served {
+        Served::start_logged_with(env, sock, log, extra, &[])
+    }
+
+    /// Like `start_logged`, with `vars` set in the server's environment (`RUST_LOG`).
+    pub fn start_logged_with(
+        env: &Env,
+        sock: &str,
+        log: &Path,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Served {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("open the server log");
-        Served::spawn(env, sock, extra, Stdio::from(file))
+        Served::spawn(env, sock, extra, vars, Stdio::from(file))
     }
 
-    fn spawn(env: &Env, sock: &str, extra: &[&str], stderr: Stdio) -> Served {
+    fn spawn(
+        env: &Env,
+        sock: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Served {
         let sock = env.path(sock);
         let mut child = env
             .command()
+            .envs(vars.iter().copied())
             .arg("serve")
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
