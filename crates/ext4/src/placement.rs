@@ -103,8 +103,9 @@ impl Prepared<'_> {
             a.contiguous(geo.itable_blocks);
         }
         let mut tree_blocks = Vec::with_capacity(self.inodes.len());
+        let mut runs = Vec::new();
         for (idx, ino) in self.inodes.iter().enumerate() {
-            let runs = a.runs(ino.content.blocks());
+            a.runs_into(ino.content.blocks(), &mut runs);
             tree_blocks.push(match ino.content {
                 Content::Inline(_) => 0,
                 _ => {

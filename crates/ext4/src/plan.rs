@@ -161,13 +161,21 @@ impl Allocator {
     /// `n` blocks for file data: contiguous when that wastes little, else split in runs
     /// around superblock backups. Returns `(start, len)` runs in logical order.
     pub fn runs(&mut self, n: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        self.runs_into(n, &mut out);
+        out
+    }
+
+    /// [`Self::runs`] into `out` (cleared first), for callers that reuse one buffer.
+    pub fn runs_into(&mut self, n: u64, out: &mut Vec<(u64, u64)>) {
+        out.clear();
         if n == 0 {
-            return Vec::new();
+            return;
         }
         if self.room() < n && self.room() < MAX_SKIP_FOR_CONTIGUITY && n <= BLOCKS_PER_GROUP / 2 {
-            return vec![(self.contiguous(n), n)];
+            out.push((self.contiguous(n), n));
+            return;
         }
-        let mut out = Vec::new();
         let mut left = n;
         while left > 0 {
             let take = left.min(self.room());
@@ -178,7 +186,6 @@ impl Allocator {
             }
             self.settle();
         }
-        out
     }
 }
 
