@@ -26,7 +26,7 @@ pub(super) struct Open {
     pub advised: AtomicBool,
     /// The object mapped through this descriptor, once a read was answered from it
     /// (`object/shared.rs`); unmapped with the descriptor.
-    pub map: OnceLock<memmap2::Mmap>,
+    pub map: OnceLock<super::object::resident::Mapping>,
 }
 
 /// One small object's descriptor, if open.

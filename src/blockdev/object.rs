@@ -26,8 +26,10 @@ use super::check::Check;
 use super::fds::{Open, Slot};
 use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
+use resident::Mapping;
 
 pub(super) mod direct;
+pub(super) mod resident;
 mod shared;
 
 /// Every image that names an object shares one [`Object`] for it, so a thousand images of
@@ -80,7 +82,7 @@ pub(super) struct Object {
 
 #[derive(Debug)]
 enum Backing {
-    Mapped(Mmap),
+    Mapped(Mapping),
     Small { len: u64, fd: Arc<Slot> },
 }
 
@@ -236,10 +238,11 @@ impl Object {
     }
 
     /// Like [`Object::read`], but only when no disk I/O can be needed: the object is
-    /// already mapped and `mincore` reports every page of the range resident, or it is a
-    /// small object whose descriptor is open and `preadv2(RWF_NOWAIT)` finds the range in
-    /// the page cache (and, with `verify`, the range already checked). `None` means "might
-    /// block"; the caller then reads on an I/O thread. `out` may be partly written.
+    /// already mapped and its pages are resident (`mincore`, or a recent sighting of the
+    /// whole chunk: `resident.rs`), or it is a small object whose descriptor is open and
+    /// `preadv2(RWF_NOWAIT)` finds the range in the page cache (and, with `verify`, the
+    /// range already checked). `None` means "might block"; the caller then reads on an I/O
+    /// thread. `out` may be partly written.
     pub(super) fn read_resident(
         &self,
         out: &mut [u8],
@@ -268,7 +271,7 @@ impl Object {
         if out.is_empty() {
             return Some(Ok(()));
         }
-        if !shared::resident(map, offset as usize, end as usize) {
+        if !map.resident(offset as usize, end as usize) {
             return None;
         }
         out.copy_from_slice(&map[offset as usize..end as usize]);
@@ -297,7 +300,9 @@ impl Object {
             // into place read-only and never modified or truncated afterwards (gc only
             // unlinks, which keeps existing mappings valid). Reads are bounds-checked
             // against the mapping's length, fixed at map time.
-            Backing::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?)
+            Backing::Mapped(Mapping::new(
+                unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?,
+            ))
         };
         let mut ours = Some(backing);
         let won = self

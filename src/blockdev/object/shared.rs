@@ -14,7 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use memmap2::Mmap;
 
-use super::{Backing, Object, PAGE};
+use super::resident::Mapping;
+use super::{Backing, Object};
 use crate::blockdev::fds::Open;
 
 /// Keeps a large object (and so its mapping) alive while a slice of it is in a reply.
@@ -58,7 +59,7 @@ impl Object {
                 if verify && !self.check.get()?.is_verified(offset, len) {
                     return None;
                 }
-                if end > map.len() as u64 || !resident(map, offset as usize, end as usize) {
+                if end > map.len() as u64 || !map.resident(offset as usize, end as usize) {
                     return None;
                 }
                 Bytes::from_owner(LargeMap(self.clone()))
@@ -72,7 +73,7 @@ impl Object {
                     return None;
                 }
                 let map = mapping(&open)?;
-                if end > map.len() as u64 || !resident(map, offset as usize, end as usize) {
+                if end > map.len() as u64 || !map.resident(offset as usize, end as usize) {
                     return None;
                 }
                 Bytes::from_owner(SmallMap(open))
@@ -84,7 +85,7 @@ impl Object {
 
 /// The small object's mapping, made on first use; `None` if it cannot be mapped (then it
 /// is read with `pread` as before).
-fn mapping(open: &Open) -> Option<&Mmap> {
+fn mapping(open: &Open) -> Option<&Mapping> {
     if let Some(map) = open.map.get() {
         return Some(map);
     }
@@ -92,31 +93,5 @@ fn mapping(open: &Open) -> Option<&Mmap> {
     // and never modified or truncated afterwards (gc only unlinks, which keeps mappings
     // valid). Slices are bounds-checked against the mapping's length, fixed at map time.
     let map = unsafe { Mmap::map(&open.file) }.ok()?;
-    Some(open.map.get_or_init(|| map))
-}
-
-/// Whether every page of `map[start..end]` is in memory (`mincore`), so that reading it
-/// cannot wait on the disk. `start < end <= map.len()`.
-pub(super) fn resident(map: &[u8], start: usize, end: usize) -> bool {
-    let first = start / PAGE * PAGE;
-    let span = end - first;
-    let pages = span.div_ceil(PAGE);
-    let mut small = [0u8; 64];
-    let mut large = Vec::new();
-    let vec: &mut [u8] = if pages <= small.len() {
-        &mut small[..pages]
-    } else {
-        large.resize(pages, 0);
-        &mut large
-    };
-    // SAFETY: `first..end` lies inside the live mapping `map` (the caller checks `end`, and
-    // a mapping starts page-aligned), and `vec` has one byte per page of that range.
-    let r = unsafe {
-        libc::mincore(
-            map.as_ptr().add(first) as *mut libc::c_void,
-            span,
-            vec.as_mut_ptr(),
-        )
-    };
-    r == 0 && vec.iter().all(|&v| v & 1 == 1)
+    Some(open.map.get_or_init(|| Mapping::new(map)))
 }
