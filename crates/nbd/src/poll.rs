@@ -15,7 +15,8 @@
 //!   polling in its short lulls took CPU that the client needed;
 //! - a poll that saw no request before its budget ran out makes the connection skip the
 //!   next polls, twice as many each time (an idle or slow client costs a poll now and
-//!   then); one that did resets that.
+//!   then); one that did resets that;
+//! - at most half the CPUs poll at once, server-wide, however many clients qualify.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
