@@ -274,7 +274,7 @@ fn one_request_at_a_time_is_polled_for() {
         );
         let out = env.path(&format!("reads-{poll}.bin"));
         let script = format!(
-            "with open({out:?}, 'wb') as f:\n    for i in range(300):\n        f.write(h.pread(4096, (i * 7919 % {blocks}) * 4096))\n",
+            "with open({out:?}, 'wb') as f:\n    for i in range(1000):\n        f.write(h.pread(4096, (i * 7919 % {blocks}) * 4096))\n",
             out = out.display().to_string(),
         );
         // nbdsh runs the first `python3` on PATH, and its module is Debian's, for
@@ -289,7 +289,7 @@ fn one_request_at_a_time_is_polled_for() {
                 .arg(&script),
         );
         let got = std::fs::read(&out).unwrap();
-        assert_eq!(got.len(), 300 * 4096);
+        assert_eq!(got.len(), 1000 * 4096);
         for (i, chunk) in got.chunks(4096).enumerate() {
             let at = (i * 7919 % blocks) * 4096;
             assert!(chunk == &want[at..at + 4096], "read {i} at {at} differs");
@@ -307,8 +307,8 @@ fn one_request_at_a_time_is_polled_for() {
         let line = log
             .lines()
             .filter(|l| l.contains("connection closed"))
-            .find(|l| field(l, "requests=").is_some_and(|n| n.parse::<u64>().unwrap() >= 300))
-            .unwrap_or_else(|| panic!("no log line of the 300-read connection:\n{log}"));
+            .find(|l| field(l, "requests=").is_some_and(|n| n.parse::<u64>().unwrap() >= 1000))
+            .unwrap_or_else(|| panic!("no log line of the 1000-read connection:\n{log}"));
         let polls = field(line, "polls=").unwrap_or_else(|| panic!("no polls= in {line}"));
         let (hit, missed) = polls.split_once('/').unwrap();
         let polled = hit.parse::<u64>().unwrap() + missed.parse::<u64>().unwrap();

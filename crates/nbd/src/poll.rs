@@ -22,7 +22,7 @@
 //!   jobs at queue depth 1 on two CPUs: 30-35k IOPS polling, 34-43k without).
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,17 +35,19 @@ const SHALLOW_STREAK: u32 = 32;
 /// How long after requests on two connections interleaved nobody polls.
 const CONTENDED_MS: u32 = 10;
 
-/// The connection that read the last request, server-wide (its id in the high half) and
-/// when (the low half, [`now_ms`]).
-static LAST_ARRIVAL: AtomicU64 = AtomicU64::new(0);
-/// When a request last came on another connection than the one before it ([`now_ms`]).
+/// The connection that last reported a request, server-wide (each reports at most once
+/// per millisecond); 0 before the first.
+static LAST_ID: AtomicU32 = AtomicU32::new(0);
+/// When a connection reported a request after another one had ([`now_ms`]).
 static CONTENDED_AT: AtomicU32 = AtomicU32::new(0);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 /// What the reader tells the writer's [`Poller`].
 pub(crate) struct ReaderState {
-    /// Tells this connection's requests from others' in [`LAST_ARRIVAL`].
+    /// Tells this connection's requests from others' in [`LAST_ID`].
     id: u32,
+    /// When this connection last reported a request to [`LAST_ID`] ([`now_ms`]).
+    reported_ms: AtomicU32,
     /// The reader waits for a request with nothing buffered.
     waiting: AtomicBool,
     /// Requests read and not yet answered on the socket.
@@ -58,6 +60,7 @@ impl Default for ReaderState {
     fn default() -> Self {
         ReaderState {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            reported_ms: AtomicU32::new(0),
             waiting: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             shallow: AtomicU32::new(0),
@@ -75,13 +78,12 @@ impl ReaderState {
     /// The reader has a request header.
     pub fn arrived(&self) {
         self.waiting.store(false, Ordering::Release);
+        // Once per millisecond per connection: busy clients do not all write the shared
+        // words on every request.
         let now = now_ms();
-        let mine = (u64::from(self.id) << 32) | u64::from(now);
-        // A load first: a lone client's requests leave the shared line alone.
-        let last = LAST_ARRIVAL.load(Ordering::Relaxed);
-        if last != mine {
-            LAST_ARRIVAL.store(mine, Ordering::Relaxed);
-            if (last >> 32) as u32 != self.id {
+        if self.reported_ms.swap(now, Ordering::Relaxed) != now {
+            let last = LAST_ID.swap(self.id, Ordering::Relaxed);
+            if last != self.id && last != 0 {
                 CONTENDED_AT.store(now, Ordering::Relaxed);
             }
         }

@@ -15,6 +15,8 @@
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::LazyLock;
+use std::time::Instant;
 
 use memmap2::Mmap;
 
@@ -80,15 +82,10 @@ impl Mapping {
     }
 }
 
-/// Milliseconds of the coarse monotonic clock (the vDSO's: no syscall), wrapping.
+/// Milliseconds since the first call, wrapping.
 fn now_ms() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the live local we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as u32
 }
 
 /// `mincore(2)` over the pages of `map[start..end]`: all resident?
