@@ -347,7 +347,7 @@ async fn write_replies(
     if wr.is_write_vectored() {
         write_gathered(wr, rx, counters, pool, poller).await
     } else {
-        write_buffered(wr, rx, counters, pool).await
+        write_buffered(wr, rx, counters, pool, poller).await
     }
 }
 
@@ -421,6 +421,7 @@ async fn write_buffered(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     counters: Arc<Counters>,
     pool: Arc<BufPool>,
+    mut poller: Option<Poller>,
 ) -> io::Result<()> {
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     while let Some(out) = rx.recv().await {
@@ -437,6 +438,9 @@ async fn write_buffered(
         drop(_permit);
         if rx.is_empty() {
             wr.flush().await?;
+        }
+        if let Some(p) = &mut poller {
+            p.sent(1, || !rx.is_empty());
         }
     }
     wr.flush().await?;
