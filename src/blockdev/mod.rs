@@ -11,6 +11,7 @@ pub mod metadata;
 mod object;
 pub mod overlay;
 mod planned;
+mod readahead;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ pub use device::ImageExport;
 pub use export::export;
 use metadata::{MetaSlot, MetadataBudget, Regenerate};
 use object::Object;
+use readahead::Readahead;
 
 use crate::image::{self, ImageError};
 use crate::store::{ObjectId, Store};
@@ -32,17 +34,23 @@ pub struct ImageDevice {
     /// The block map; its metadata blocks are in `meta`.
     layout: Arc<Layout>,
     meta: Arc<MetaSlot>,
-    objects: Vec<Arc<Object>>,
+    objects: Arc<[Arc<Object>]>,
     /// Check object bytes against their names before returning them.
     verify: bool,
     /// Where recent blocking reads ended, to recognize sequential readers (see `prefetch`).
     recent_ends: [AtomicU64; RECENT],
     next_end: AtomicUsize,
+    /// The objects read ahead of a sequential reader (see `readahead.rs`).
+    readahead: Readahead,
 }
 
 /// What reads walk the layout with: metadata bytes are fetched at a read's first
 /// metadata piece ([`ReadMeta`]), so most reads (file data) never touch the budget's lock.
 static NO_METADATA: LazyLock<MetadataBlocks> = LazyLock::new(Default::default);
+
+/// `TESSERA_NO_PREFETCH` set: no readahead across objects (to measure what it does).
+static NO_PREFETCH: LazyLock<bool> =
+    LazyLock::new(|| std::env::var_os("TESSERA_NO_PREFETCH").is_some());
 
 /// The metadata of one read, fetched at its first metadata piece and kept by the read
 /// even if the budget drops it meanwhile.
@@ -70,8 +78,6 @@ impl ReadMeta<'_> {
 /// Blocking reads remembered to recognize a sequential reader: enough for a few clients'
 /// worth of interleaved streams (nbdcopy reads with 4 connections).
 const RECENT: usize = 16;
-/// How far past a sequential read the objects it is about to reach are read ahead.
-const READ_AHEAD: u64 = 2 << 20;
 
 /// A range of the device that is either backed by data (metadata or file contents) or zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +120,7 @@ impl ImageDevice {
             verify: store.verifies_reads(),
             recent_ends: Default::default(),
             next_end: AtomicUsize::new(0),
+            readahead: Readahead::default(),
         }
     }
 
@@ -148,7 +155,11 @@ impl ImageDevice {
         match self.fill(buf, offset, false, |object, out, at| {
             object.read_resident(out, at, self.verify)?.ok()
         }) {
-            Ok(done) => done.then_some(Ok(())),
+            Ok(true) => {
+                self.reached(offset, buf.len() as u64);
+                Some(Ok(()))
+            }
+            Ok(false) => None,
             Err(e) => Some(Err(e)),
         }
     }
@@ -208,6 +219,7 @@ impl ImageDevice {
         if !owned.is_empty() {
             out.push(owned.into());
         }
+        self.reached(offset, len);
         Some(Ok(()))
     }
 
@@ -271,29 +283,26 @@ impl ImageDevice {
     /// Before a blocking read of `offset..offset + len`: ask the kernel to read the objects
     /// it touches all at once (a 256 KiB read of a root filesystem spans several small files,
     /// otherwise read from disk one after another) and, when the read continues where an
-    /// earlier one ended, the objects of the next [`READ_AHEAD`] bytes too. Small objects
-    /// are many files where a raw image is one: without this the kernel's per-file
-    /// readahead stops at each file's end, and a cold sequential read waited on the disk
-    /// once per file.
+    /// earlier one ended, start reading ahead of it (`readahead.rs`).
     fn prefetch(&self, offset: u64, len: u64) {
-        if std::env::var_os("TESSERA_NO_PREFETCH").is_some() {
+        if *NO_PREFETCH {
             return;
         }
-        let end = offset.saturating_add(len);
+        let end = offset.saturating_add(len).min(self.size());
         let sequential = self
             .recent_ends
             .iter()
             .any(|e| e.load(Ordering::Relaxed) == offset && offset != 0);
         let slot = self.next_end.fetch_add(1, Ordering::Relaxed) % RECENT;
         self.recent_ends[slot].store(end, Ordering::Relaxed);
-        let ahead = if sequential { READ_AHEAD } else { 0 };
-        let until = end.saturating_add(ahead).min(self.size());
-        if until <= offset {
-            return;
+        if sequential {
+            self.readahead.start(end, &self.layout, &self.objects);
+        } else {
+            self.readahead.reached(end, &self.layout, &self.objects);
         }
-        let mut data = self
+        let data = self
             .layout
-            .pieces_with(&NO_METADATA, offset, until - offset)
+            .pieces_with(&NO_METADATA, offset, end.saturating_sub(offset))
             .filter_map(|piece| match piece {
                 Piece::Data {
                     handle,
@@ -302,19 +311,25 @@ impl ImageDevice {
                 } => Some((handle, offset, len)),
                 _ => None,
             });
+        let mut data = data.peekable();
         let Some(first) = data.next() else {
             return;
         };
-        let mut rest = data.peekable();
-        // One object and nothing ahead: the read itself is all the kernel needs to know.
-        if !sequential && rest.peek().is_none() {
+        // One object: the read itself is all the kernel needs to know.
+        if data.peek().is_none() {
             return;
         }
-        for (handle, obj_offset, piece_len) in std::iter::once(first).chain(rest) {
+        for (handle, obj_offset, piece_len) in std::iter::once(first).chain(data) {
             if let Some(object) = self.objects.get(handle.0 as usize) {
                 object.prefetch(obj_offset, piece_len);
             }
         }
+    }
+
+    /// Every read that was answered without blocking: moves a running readahead window on.
+    fn reached(&self, offset: u64, len: u64) {
+        self.readahead
+            .reached(offset.saturating_add(len), &self.layout, &self.objects);
     }
 
     /// The data and zero ranges of `offset..offset + len`, adjacent ranges of one sort merged.

@@ -40,7 +40,9 @@ impl ImageDevice {
             Err(e) => Some(Err(e)),
             Ok(false) => failed.map(Err),
             Ok(true) => {
-                if !reads.is_empty() {
+                if reads.is_empty() {
+                    self.reached(offset, buf.len() as u64);
+                } else {
                     // As a blocking read would: start the kernel on the other objects of
                     // this range and, for a sequential reader, of the next ones.
                     self.prefetch(offset, buf.len() as u64);
@@ -52,7 +54,7 @@ impl ImageDevice {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::os::fd::AsRawFd;
     use std::path::Path;
 
@@ -61,7 +63,7 @@ mod tests {
     use crate::store::Store;
 
     /// Drops every file under `dir` from the page cache, so reads of it would wait on disk.
-    fn evict(dir: &Path) {
+    pub(in crate::blockdev) fn evict(dir: &Path) {
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
             let path = entry.path();
             if path.is_dir() {
