@@ -19,6 +19,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::store::error_chain as chain;
 use crate::store::outboard::{groups_covering, OUTBOARD_MIN};
 use crate::store::{ObjectId, Outboard, Store};
 
@@ -227,15 +228,4 @@ fn hash(bytes: &[u8]) -> ObjectId {
 fn store_of(object_path: &std::path::Path) -> Option<Store> {
     let root = object_path.parent()?.parent()?.parent()?;
     Store::open(root).ok()
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }

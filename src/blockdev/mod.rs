@@ -109,9 +109,13 @@ impl ImageDevice {
     }
 
     fn with_meta(store: &Store, layout: Layout, meta: Arc<MetaSlot>, objects: &[ObjectId]) -> Self {
+        let packs = store.packs();
         let objects = objects
             .iter()
-            .map(|id| object::shared(*id, store.object_path(id), store.remote_cache()))
+            .map(|id| {
+                let packed = packs.iter().find_map(|p| p.find(id));
+                object::shared(*id, store.object_path(id), packed, store.remote_cache())
+            })
             .collect();
         ImageDevice {
             layout: Arc::new(layout),
@@ -300,30 +304,19 @@ impl ImageDevice {
         } else {
             self.readahead.reached(end, &self.layout, &self.objects);
         }
-        let data = self
-            .layout
-            .pieces_with(&NO_METADATA, offset, end.saturating_sub(offset))
-            .filter_map(|piece| match piece {
-                Piece::Data {
-                    handle,
-                    offset,
-                    len,
-                } => Some((handle, offset, len)),
-                _ => None,
-            });
-        let mut data = data.peekable();
-        let Some(first) = data.next() else {
-            return;
+        let pieces = || {
+            self.layout
+                .pieces_with(&NO_METADATA, offset, end.saturating_sub(offset))
         };
-        // One object: the read itself is all the kernel needs to know.
-        if data.peek().is_none() {
+        // One data piece: the read itself is all the kernel needs to know.
+        if pieces()
+            .filter(|p| matches!(p, Piece::Data { .. }))
+            .nth(1)
+            .is_none()
+        {
             return;
         }
-        for (handle, obj_offset, piece_len) in std::iter::once(first).chain(data) {
-            if let Some(object) = self.objects.get(handle.0 as usize) {
-                object.prefetch(obj_offset, piece_len);
-            }
-        }
+        readahead::prefetch_pieces(&self.objects, pieces());
     }
 
     /// Every read that was answered without blocking: moves a running readahead window on.

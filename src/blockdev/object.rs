@@ -24,11 +24,14 @@ use tessera_nbd::pread_nowait;
 
 use super::check::Check;
 use super::fds::{Open, Slot};
+use crate::store::pack::Packed;
 use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
-use resident::Mapping;
+pub(super) use packed::Pack;
+use resident::{Mapping, Window};
 
 pub(super) mod direct;
+mod packed;
 pub(super) mod resident;
 mod shared;
 
@@ -38,6 +41,7 @@ mod shared;
 pub(super) fn shared(
     id: ObjectId,
     path: PathBuf,
+    packed: Option<Packed>,
     remote: Option<&Arc<RemoteCache>>,
 ) -> Arc<Object> {
     static LIVE: OnceLock<Mutex<HashMap<PathBuf, Weak<Object>>>> = OnceLock::new();
@@ -53,7 +57,15 @@ pub(super) fn shared(
         live.retain(|_, w| w.strong_count() > 0);
     }
     let mut obj = Object::new(id, path.clone());
-    obj.remote = remote.cloned();
+    // A packed object is read from its pack, which is local: no remote is asked for it.
+    match packed.map(|p| packed::open(&p).map(|pack| (pack, p.offset, p.len))) {
+        Some(Ok(pack)) => obj.packed = Some(pack),
+        Some(Err(e)) => {
+            tracing::warn!(object = %id, error = %e, "cannot open its pack; reading the loose object");
+            obj.remote = remote.cloned();
+        }
+        None => obj.remote = remote.cloned(),
+    }
     let obj = Arc::new(obj);
     live.insert(path, Arc::downgrade(&obj));
     obj
@@ -71,6 +83,9 @@ pub(super) struct Object {
     check: OnceLock<Check>,
     /// Where the object is fetched from while the local store lacks it (`serve --remote`).
     remote: Option<Arc<RemoteCache>>,
+    /// The pack holding the object, and where in it (offset, length): read there, not from
+    /// the loose file (`store::pack`).
+    packed: Option<(Arc<Pack>, u64, u64)>,
     /// The object being fetched, once a read found it missing here.
     partial: OnceLock<Arc<Partial>>,
     /// Held while the backing is set up, so that one thread opens (and maps) the object
@@ -82,8 +97,12 @@ pub(super) struct Object {
 
 #[derive(Debug)]
 enum Backing {
-    Mapped(Mapping),
-    Small { len: u64, fd: Arc<Slot> },
+    /// A large object's own mapping, or a packed object's range of its pack's.
+    Mapped(Window),
+    Small {
+        len: u64,
+        fd: Arc<Slot>,
+    },
 }
 
 impl Drop for Object {
@@ -103,6 +122,7 @@ impl Object {
             backing: OnceLock::new(),
             check: OnceLock::new(),
             remote: None,
+            packed: None,
             partial: OnceLock::new(),
             opening: Mutex::new(()),
         }
@@ -150,6 +170,13 @@ impl Object {
                     .filter(|&end| end <= map.len() as u64)
                     .map(|end| &map[offset as usize..end as usize])
                     .ok_or_else(|| self.too_short(map.len() as u64, offset, len))?;
+                // A pack is read like a file, not through page faults: the kernel's
+                // readahead then follows a sequential reader across its objects.
+                if let Some((pack, base)) = map.pack_file().filter(|_| !verify) {
+                    return pack
+                        .read_exact_at(out, base + offset)
+                        .map_err(|e| self.context("read pack of", e));
+                }
                 out.copy_from_slice(src);
                 Ok(())
             }
@@ -166,6 +193,14 @@ impl Object {
                     .map_err(|e| self.context("read", e))
             }
         }
+    }
+
+    /// For a packed object: its pack and where `offset..offset + len` of it lies there, so
+    /// that readahead of neighbours in a pack is asked for once (`prefetch_pieces`).
+    pub(super) fn pack_span(&self, offset: u64, len: u64) -> Option<(&Arc<Pack>, u64, u64)> {
+        let (pack, base, have) = self.packed.as_ref()?;
+        let end = offset.checked_add(len).filter(|&e| e <= *have)?;
+        Some((pack, base + offset, base + end))
     }
 
     /// Asks the kernel to start reading the object's bytes at `offset..offset + len` into
@@ -286,6 +321,12 @@ impl Object {
         if let Some(b) = self.backing.get() {
             return Ok(b);
         }
+        if let Some((pack, offset, len)) = &self.packed {
+            if let Some(window) = pack.window(*offset, *len) {
+                return Ok(self.backing.get_or_init(|| Backing::Mapped(window)));
+            }
+            tracing::warn!(object = %self.id, "its pack entry lies outside the pack; reading the loose object");
+        }
         let file = self.open()?;
         let len = file.metadata().map_err(|e| self.context("stat", e))?.len();
         let backing = if len < MAP_MIN {
@@ -300,9 +341,9 @@ impl Object {
             // into place read-only and never modified or truncated afterwards (gc only
             // unlinks, which keeps existing mappings valid). Reads are bounds-checked
             // against the mapping's length, fixed at map time.
-            Backing::Mapped(Mapping::new(
+            Backing::Mapped(Window::whole(Mapping::new(
                 unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?,
-            ))
+            )))
         };
         let mut ours = Some(backing);
         let won = self

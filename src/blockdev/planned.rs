@@ -20,11 +20,11 @@ impl ImageDevice {
         let walked = self.fill(buf, offset, false, |object, out, at| {
             match object.plan(out, at, self.verify) {
                 Ok(Direct::Done) => Some(()),
-                Ok(Direct::Read(file)) => {
+                Ok(Direct::Read { file, base: start }) => {
                     reads.push(FileRead {
                         at: out.as_ptr() as usize - base,
                         len: out.len(),
-                        offset: at,
+                        offset: start + at,
                         file,
                     });
                     Some(())
@@ -77,7 +77,11 @@ pub(super) mod tests {
     }
 
     /// Runs the planned reads the way the ublk queue would, with `pread` for io_uring.
-    fn plan_and_read(dev: &ImageDevice, buf: &mut [u8], offset: u64) -> usize {
+    pub(in crate::blockdev) fn plan_and_read(
+        dev: &ImageDevice,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> usize {
         let reads = dev.plan_read(buf, offset).expect("plannable").unwrap();
         for r in &reads {
             let file = std::fs::File::from(r.file.as_fd().try_clone_to_owned().unwrap());

@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use tessera_ext4::{Layout, Piece};
 
-use super::object::Object;
+use super::object::{Object, Pack};
 use super::NO_METADATA;
 
 /// How far ahead of a sequential reader objects are read ahead.
@@ -114,18 +114,49 @@ fn walk_all(rx: Receiver<Walk>) {
         let pieces = walk
             .layout
             .pieces_with(&NO_METADATA, walk.from, walk.to - walk.from);
-        for piece in pieces {
-            if let Piece::Data {
-                handle,
-                offset,
-                len,
-            } = piece
-            {
-                if let Some(object) = walk.objects.get(handle.0 as usize) {
-                    object.prefetch(offset, len);
+        prefetch_pieces(&walk.objects, pieces);
+    }
+}
+
+/// Asks the kernel to read the data pieces among `pieces` (see `Object::prefetch`). Pieces
+/// that follow each other in one pack (an image's small objects, once packed) are asked
+/// for as one range: one call for a run of objects rather than one per object.
+pub(super) fn prefetch_pieces<'a>(
+    objects: &[Arc<Object>],
+    pieces: impl Iterator<Item = Piece<'a>>,
+) {
+    /// Bytes of a pack between two pieces that still make one run (padding, a few
+    /// objects of another image).
+    const GAP: u64 = 64 << 10;
+    let mut run: Option<(&Arc<Pack>, u64, u64)> = None;
+    for piece in pieces {
+        let Piece::Data {
+            handle,
+            offset,
+            len,
+        } = piece
+        else {
+            continue;
+        };
+        let Some(object) = objects.get(handle.0 as usize) else {
+            continue;
+        };
+        match object.pack_span(offset, len) {
+            Some((pack, start, end)) => match &mut run {
+                Some((p, s, e)) if Arc::ptr_eq(p, pack) && start >= *s && start <= *e + GAP => {
+                    *e = (*e).max(end);
                 }
-            }
+                _ => {
+                    if let Some((p, s, e)) = run.replace((pack, start, end)) {
+                        p.advise(s, e);
+                    }
+                }
+            },
+            None => object.prefetch(offset, len),
         }
+    }
+    if let Some((p, s, e)) = run {
+        p.advise(s, e);
     }
 }
 

@@ -25,6 +25,10 @@ pub(super) enum StoreCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the small objects of images (every image if none is named) into a pack, in the
+    /// order the images read them, so that a cold image reads one file in order; objects
+    /// already packed are skipped, loose objects stay
+    Pack { images: Vec<String> },
     /// Upload images (every image if none is named) with their trees and objects to a
     /// remote store; skips what it has, so an interrupted push is finished by running it again
     Push {
@@ -99,6 +103,24 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 r.partial_objects,
                 human(r.partial_bytes)
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCmd::Pack { images } => {
+            let r = crate::upkeep::pack(store, &images)
+                .with_context(|| format!("cannot pack images in {root}"))?;
+            match &r.pack {
+                Some(p) => println!(
+                    "packed {} of {} objects ({}) into {}",
+                    p.len(),
+                    r.objects,
+                    human(p.pack_len()),
+                    p.pack_path().display()
+                ),
+                None => println!(
+                    "nothing to pack: {} objects, all large or packed",
+                    r.objects
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         StoreCmd::Push {

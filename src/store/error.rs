@@ -30,6 +30,8 @@ pub enum StoreError {
         #[source]
         source: super::OutboardError,
     },
+    #[error("pack index {path} is damaged: {why}")]
+    BadPack { path: PathBuf, why: String },
     #[error("no image named {name:?}")]
     MissingImage { name: String },
     #[error("content changed while being stored: expected {expected}, got {actual}")]
@@ -55,4 +57,16 @@ impl StoreError {
             source,
         }
     }
+}
+
+/// An error and its causes, `: `-separated (for log lines and reports).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }

@@ -17,6 +17,9 @@
 //! │                         written with the tree, or derived from its manifest when first
 //! │                         loaded; disposable, never the name of anything, removed by gc
 //! │                         with its tree
+//! ├── packs/NAME.pack|idx   small objects copied in the order an image reads them, so a
+//! │                         cold image is read from one file in order (see [`pack`]);
+//! │                         derived, the loose objects stay
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
 //! ├── partial/ab/cdef…      objects being fetched from a remote store, sparse, with a
@@ -44,6 +47,7 @@ mod lease;
 pub mod location;
 mod lock;
 pub mod outboard;
+pub mod pack;
 pub mod remote;
 mod treecache;
 
@@ -53,7 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use atomic::Staged;
-pub use error::StoreError;
+pub use error::{error_chain, StoreError};
 pub use id::{ObjectId, ParseIdError};
 pub use lease::{LeaseGuard, Leases};
 pub use lock::StoreLock;
@@ -67,6 +71,8 @@ pub struct Store {
     verify_reads: bool,
     /// Where objects missing here are fetched from (`serve --remote`).
     remote: Option<Arc<remote::cache::RemoteCache>>,
+    /// The packs found under `packs/` (see [`pack`]).
+    packs: pack::SharedPackList,
 }
 
 /// The directory (`objects` or `trees`) holding one sort of content-addressed file.
@@ -100,6 +106,7 @@ impl Store {
             root: root.to_path_buf(),
             verify_reads: false,
             remote: None,
+            packs: Default::default(),
         })
     }
 

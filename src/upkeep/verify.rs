@@ -7,6 +7,7 @@ use std::fmt;
 use rayon::prelude::*;
 
 use crate::image;
+use crate::store::error_chain as chain;
 use crate::store::{Area, ObjectId, Store, StoreError};
 use crate::tree::{self, Bytes, Manifest};
 
@@ -268,16 +269,4 @@ fn verify_tree(store: &Store, id: &ObjectId, sizes: &HashMap<ObjectId, u64>) -> 
         }
     }
     problems
-}
-
-/// An error and its causes, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }

@@ -14,8 +14,12 @@ use crate::blockdev::fds::Open;
 pub(in crate::blockdev) enum Direct {
     /// Already copied into the buffer: its pages were resident.
     Done,
-    /// To be read from this descriptor, at the piece's own object offset.
-    Read(Arc<dyn AsFd + Send + Sync>),
+    /// To be read from this descriptor, at the piece's own object offset plus `base` (where
+    /// the object starts in its file: non-zero in a pack).
+    Read {
+        file: Arc<dyn AsFd + Send + Sync>,
+        base: u64,
+    },
     /// Only the blocking path serves it: bytes fetched from a remote store, or checked
     /// against the object's name first (`serve --verify`) and not checked yet.
     Blocking,
@@ -56,9 +60,18 @@ impl Object {
                 if let Some(r) = self.read_resident(out, offset, false) {
                     return r.map(|()| Direct::Done);
                 }
+                if let Some((pack, base)) = map.pack_file() {
+                    return Ok(Direct::Read {
+                        file: pack.clone(),
+                        base,
+                    });
+                }
                 // The mapping keeps no descriptor: a cold range of a large object costs an
                 // open, small beside the disk read it saves the queue from waiting on.
-                Ok(Direct::Read(Arc::new(self.open()?)))
+                Ok(Direct::Read {
+                    file: Arc::new(self.open()?),
+                    base: 0,
+                })
             }
             Backing::Small { len: have, fd } => {
                 if offset.checked_add(len).is_none_or(|end| end > *have) {
@@ -69,7 +82,10 @@ impl Object {
                 // report) leaves the range to the caller's read.
                 match pread_nowait(&open.file, out, offset) {
                     Some(Ok(())) => Ok(Direct::Done),
-                    _ => Ok(Direct::Read(open)),
+                    _ => Ok(Direct::Read {
+                        file: open,
+                        base: 0,
+                    }),
                 }
             }
         }

@@ -13,9 +13,10 @@
 //! waits on the disk. Pages read within the last quarter second are the last the kernel
 //! evicts.
 
+use std::fs::File;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use memmap2::Mmap;
@@ -79,6 +80,59 @@ impl Mapping {
     fn fresh(&self, chunk: usize, now: u32) -> bool {
         let seen = self.seen[chunk].load(Ordering::Relaxed);
         seen != 0 && now.wrapping_sub(seen.wrapping_sub(1)) <= TRUST_MS
+    }
+}
+
+/// An object's bytes in a mapping: a large object's own, or its range of a pack's
+/// (`store::pack`), which starts page-aligned.
+#[derive(Debug)]
+pub(in crate::blockdev) struct Window {
+    map: Arc<Mapping>,
+    base: usize,
+    len: usize,
+    /// The pack's descriptor, for reads the caller makes itself (`direct.rs`); a large
+    /// object's own mapping keeps none.
+    pack: Option<Arc<File>>,
+}
+
+impl Window {
+    /// The whole of `map`.
+    pub fn whole(map: Mapping) -> Window {
+        Window {
+            len: map.len(),
+            map: Arc::new(map),
+            base: 0,
+            pack: None,
+        }
+    }
+
+    /// `len` bytes at `base` of the pack mapped as `map` from `file`; `None` unless they lie
+    /// inside it and `base` is page-aligned.
+    pub fn packed(map: Arc<Mapping>, file: Arc<File>, base: u64, len: u64) -> Option<Window> {
+        let end = base.checked_add(len).filter(|&e| e <= map.len() as u64)?;
+        (base as usize % PAGE == 0 && end > base || len == 0).then(|| Window {
+            map,
+            base: base as usize,
+            len: len as usize,
+            pack: Some(file),
+        })
+    }
+
+    /// Like [`Mapping::resident`], for `self[start..end]`.
+    pub fn resident(&self, start: usize, end: usize) -> bool {
+        self.map.resident(self.base + start, self.base + end)
+    }
+
+    /// The pack file and where the object starts in it, for a packed object.
+    pub fn pack_file(&self) -> Option<(&Arc<File>, u64)> {
+        self.pack.as_ref().map(|f| (f, self.base as u64))
+    }
+}
+
+impl Deref for Window {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.base..self.base + self.len]
     }
 }
 

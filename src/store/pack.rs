@@ -1,0 +1,434 @@
+//! Packs: small objects copied back to back, in the order an image reads them.
+//!
+//! Every object is its own file, and a root filesystem is mostly small files: a cold
+//! sequential read of an image opened thousands of files scattered over the disk by their
+//! hash-named directories, where a raw image is one file read in order. A pack holds the
+//! small objects of an image (those under [`PACK_MAX`]) in image order, each at a 4 KiB
+//! boundary, so that reading the image reads the pack from start to end and the kernel's
+//! own readahead works across objects; one mapping serves them all.
+//!
+//! A packed object keeps its loose file: imports, gc, `store verify`, push and pull go on
+//! working with loose objects, and a pack is derived data that can be deleted at any time.
+//! Readers that find an object in a pack read it there, and only there, so that every image
+//! naming it shares the same page-cache pages. An object is packed once: a later pack skips
+//! objects already in one.
+//!
+//! ```text
+//! packs/NAME.pack   the objects' bytes, each starting at a multiple of 4096, zero-padded
+//! packs/NAME.idx    "TSRPACK1", then the entry count (u64 LE), then per object in
+//!                   increasing id order: id (32 bytes), offset in the pack (u64 LE),
+//!                   length (u64 LE)
+//! ```
+//!
+//! NAME is the BLAKE3 of the index file. The pack is named before its index, so an index
+//! always has its pack; a pack without an index (a crash in between) is unused, and
+//! removed by `tessera store gc`. Both are written like every store file (under `tmp/`,
+//! fsynced, renamed).
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use memmap2::Mmap;
+
+use super::{atomic, ObjectId, Store, StoreError};
+
+/// Objects smaller than this are packed: the size below which the read path keeps a
+/// descriptor per object rather than a mapping.
+pub const PACK_MAX: u64 = 256 << 10;
+/// Objects start at multiples of this in a pack: a page, so that a packed object's pages
+/// are its own (and shared by every image naming it) and a mapping of it is aligned.
+pub const PACK_ALIGN: u64 = 4096;
+
+const MAGIC: &[u8; 8] = b"TSRPACK1";
+const HEADER: usize = 16;
+const ENTRY: usize = 48;
+
+/// Where a packed object's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed {
+    pub pack: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One pack's index, mapped; lookups read it in place.
+#[derive(Debug)]
+pub struct PackIndex {
+    name: String,
+    pack: PathBuf,
+    pack_len: u64,
+    idx: Mmap,
+    count: usize,
+}
+
+impl PackIndex {
+    /// Opens and checks the index `NAME.idx` in `dir` (and the length of its pack).
+    pub fn open(dir: &Path, name: &str) -> Result<PackIndex, StoreError> {
+        let path = dir.join(format!("{name}.idx"));
+        let pack = dir.join(format!("{name}.pack"));
+        let file = File::open(&path).map_err(|e| StoreError::io("open pack index", &path, e))?;
+        // SAFETY: store files are immutable once named (written under tmp/, renamed into
+        // place, never modified; gc only unlinks). Every read of the mapping is
+        // bounds-checked against its length, fixed here.
+        let idx = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io("map", &path, e))?;
+        let bad = |why: &str| StoreError::BadPack {
+            path: path.clone(),
+            why: why.to_owned(),
+        };
+        if idx.len() < HEADER || &idx[..8] != MAGIC {
+            return Err(bad("not a pack index (no TSRPACK1 header)"));
+        }
+        let count = u64::from_le_bytes(idx[8..16].try_into().expect("8 bytes")) as usize;
+        if Some(idx.len()) != count.checked_mul(ENTRY).and_then(|n| n.checked_add(HEADER)) {
+            return Err(bad("its length does not match its entry count"));
+        }
+        let pack_len = fs::metadata(&pack)
+            .map_err(|e| StoreError::io("stat pack", &pack, e))?
+            .len();
+        let index = PackIndex {
+            name: name.to_owned(),
+            pack,
+            pack_len,
+            idx,
+            count,
+        };
+        for i in 0..count {
+            let (id, offset, len) = index.entry(i);
+            if i > 0 && index.entry(i - 1).0 .0 >= id.0 {
+                return Err(bad("its entries are not in increasing id order"));
+            }
+            if offset % PACK_ALIGN != 0 || offset.checked_add(len).is_none_or(|e| e > pack_len) {
+                return Err(bad("an entry lies outside its pack"));
+            }
+        }
+        Ok(index)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pack_path(&self) -> &Path {
+        &self.pack
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of the pack file.
+    pub fn pack_len(&self) -> u64 {
+        self.pack_len
+    }
+
+    /// Entry `i`: (id, offset, length).
+    pub fn entry(&self, i: usize) -> (ObjectId, u64, u64) {
+        let e = &self.idx[HEADER + i * ENTRY..HEADER + (i + 1) * ENTRY];
+        let id = ObjectId(e[..32].try_into().expect("32 bytes"));
+        let offset = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(e[40..48].try_into().expect("8 bytes"));
+        (id, offset, len)
+    }
+
+    /// Every entry, in id order.
+    pub fn entries(&self) -> impl Iterator<Item = (ObjectId, u64, u64)> + '_ {
+        (0..self.count).map(|i| self.entry(i))
+    }
+
+    /// Where `id` is in this pack, if it is.
+    pub fn find(&self, id: &ObjectId) -> Option<Packed> {
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let (at, offset, len) = self.entry(mid);
+            match at.0.cmp(&id.0) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    return Some(Packed {
+                        pack: self.pack.clone(),
+                        offset,
+                        len,
+                    })
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The packs of a store, as last listed.
+#[derive(Debug, Default)]
+pub(super) struct PackList {
+    /// The `packs/` directory's modification time when listed: a new pack renamed into it
+    /// changes it, and the list is read again.
+    listed: Option<SystemTime>,
+    packs: Arc<Vec<Arc<PackIndex>>>,
+}
+
+/// The store's packs, shared by its clones.
+pub(super) type SharedPackList = Arc<Mutex<PackList>>;
+
+impl Store {
+    fn pack_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
+
+    /// The store's packs (read again if `packs/` changed since last asked). A pack whose
+    /// index is damaged is left out, with a warning.
+    pub fn packs(&self) -> Arc<Vec<Arc<PackIndex>>> {
+        let dir = self.pack_dir();
+        let mtime = fs::metadata(&dir).and_then(|m| m.modified()).ok();
+        let mut list = self.packs.lock().unwrap_or_else(|e| e.into_inner());
+        if list.listed.is_some() && list.listed == mtime {
+            return list.packs.clone();
+        }
+        let mut packs = Vec::new();
+        for name in self.pack_names().unwrap_or_default() {
+            // Keep what is already mapped.
+            if let Some(p) = list.packs.iter().find(|p| p.name == name) {
+                packs.push(p.clone());
+                continue;
+            }
+            match PackIndex::open(&dir, &name) {
+                Ok(p) => packs.push(Arc::new(p)),
+                Err(e) => {
+                    tracing::warn!(pack = %name, error = %super::error_chain(&e), "ignoring a pack")
+                }
+            }
+        }
+        list.listed = mtime;
+        list.packs = Arc::new(packs);
+        list.packs.clone()
+    }
+
+    /// Where object `id` is packed, if it is.
+    pub fn packed(&self, id: &ObjectId) -> Option<Packed> {
+        self.packs().iter().find_map(|p| p.find(id))
+    }
+
+    /// Names of the packs that have an index, sorted.
+    pub fn pack_names(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.pack_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("list", &dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let name = entry.file_name();
+            if let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".idx")) {
+                names.push(stem.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Files under `packs/` that no index names: packs whose index was never written.
+    pub fn orphan_pack_files(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let dir = self.pack_dir();
+        let names: HashSet<String> = self.pack_names()?.into_iter().collect();
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let named = name
+                .strip_suffix(".pack")
+                .is_some_and(|stem| names.contains(stem));
+            if !named && !name.ends_with(".idx") {
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the pack `name` (index first, so no reader finds a pack without data).
+    pub fn remove_pack(&self, name: &str) -> Result<(), StoreError> {
+        let dir = self.pack_dir();
+        for ext in ["idx", "pack"] {
+            let path = dir.join(format!("{name}.{ext}"));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &path, e)),
+            }
+        }
+        atomic::sync_dir(&dir)
+    }
+
+    /// Packs `objects` (in this order; duplicates, large objects and objects already in a
+    /// pack are skipped) into a new pack. Each object is read from its loose file and
+    /// checked against its name first. Returns the new pack's index, or `None` if nothing
+    /// was left to pack. Call holding the store lock (shared).
+    pub fn write_pack(&self, objects: &[ObjectId]) -> Result<Option<PackIndex>, StoreError> {
+        let packs = self.packs();
+        let mut seen = HashSet::new();
+        let mut entries: Vec<(ObjectId, u64, u64)> = Vec::new();
+        let dir = self.pack_dir();
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        let mut offset = 0u64;
+        let mut pending = Vec::new();
+        for id in objects {
+            if !seen.insert(*id) || packs.iter().any(|p| p.find(id).is_some()) {
+                continue;
+            }
+            let path = self.object_path(id);
+            let len = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StoreError::MissingObject { id: *id, path })
+                }
+                Err(e) => return Err(StoreError::io("stat", &path, e)),
+            };
+            if len >= PACK_MAX {
+                continue;
+            }
+            entries.push((*id, offset, len));
+            pending.push(path);
+            offset = (offset + len).next_multiple_of(PACK_ALIGN);
+        }
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let mut idx = Vec::with_capacity(HEADER + entries.len() * ENTRY);
+        idx.extend_from_slice(MAGIC);
+        idx.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        let mut sorted = entries.clone();
+        sorted.sort_by_key(|e| e.0 .0);
+        for (id, offset, len) in &sorted {
+            idx.extend_from_slice(&id.0);
+            idx.extend_from_slice(&offset.to_le_bytes());
+            idx.extend_from_slice(&len.to_le_bytes());
+        }
+        let name = ObjectId::of(&idx).to_hex();
+        atomic::write(self, &dir.join(format!("{name}.pack")), 0o444, |f| {
+            let mut out = io::BufWriter::with_capacity(1 << 20, f);
+            let mut buf = Vec::with_capacity(PACK_MAX as usize);
+            for ((id, offset, len), path) in entries.iter().zip(&pending) {
+                buf.clear();
+                File::open(path)?.read_to_end(&mut buf)?;
+                let actual = ObjectId::of(&buf);
+                if actual != *id || buf.len() as u64 != *len {
+                    return Err(atomic::Abort::Store(StoreError::HashMismatch {
+                        expected: *id,
+                        actual,
+                    }));
+                }
+                out.write_all(&buf)?;
+                let pad = (offset + len).next_multiple_of(PACK_ALIGN) - (offset + len);
+                out.write_all(&[0u8; PACK_ALIGN as usize][..pad as usize])?;
+            }
+            out.flush()?;
+            Ok(())
+        })?;
+        atomic::write(self, &dir.join(format!("{name}.idx")), 0o444, |f| {
+            Ok(f.write_all(&idx)?)
+        })?;
+        PackIndex::open(&dir, &name).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn packed_objects_are_found_at_aligned_offsets_with_their_bytes() {
+        let (_dir, store) = store();
+        let small: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| vec![i; 1000 + i as usize * 997])
+            .collect();
+        let large = vec![7u8; PACK_MAX as usize];
+        let mut ids: Vec<ObjectId> = small
+            .iter()
+            .map(|b| store.put_object_bytes(b).unwrap())
+            .collect();
+        let large_id = store.put_object_bytes(&large).unwrap();
+        ids.insert(5, large_id);
+        ids.push(ids[0]);
+        let index = store.write_pack(&ids).unwrap().expect("a pack");
+        assert_eq!(
+            index.len(),
+            20,
+            "large objects and duplicates are not packed"
+        );
+        let pack = fs::read(index.pack_path()).unwrap();
+        let mut last = None;
+        for (i, bytes) in small.iter().enumerate() {
+            let at = store.packed(&ObjectId::of(bytes)).expect("packed");
+            assert_eq!(at.offset % PACK_ALIGN, 0);
+            assert!(last.is_none_or(|l| at.offset > l), "image order kept");
+            last = Some(at.offset);
+            assert_eq!(
+                &pack[at.offset as usize..(at.offset + at.len) as usize],
+                &bytes[..],
+                "object {i}"
+            );
+        }
+        assert_eq!(store.packed(&large_id), None);
+        // Packed once: a second pack of the same objects is not written.
+        assert!(store.write_pack(&ids).unwrap().is_none());
+        let extra = store.put_object_bytes(b"one more").unwrap();
+        let second = store.write_pack(&[ids[1], extra]).unwrap().unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(store.packs().len(), 2);
+        assert_eq!(store.packed(&extra).unwrap().pack, second.pack_path());
+    }
+
+    #[test]
+    fn a_damaged_index_is_ignored_not_trusted() {
+        let (dir, store) = store();
+        let id = store.put_object_bytes(b"packed bytes").unwrap();
+        let index = store.write_pack(&[id]).unwrap().unwrap();
+        let idx_path = dir
+            .path()
+            .join("packs")
+            .join(format!("{}.idx", index.name()));
+        let mut bytes = fs::read(&idx_path).unwrap();
+        // Point the entry past the end of its pack.
+        bytes[HEADER + 32..HEADER + 40].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        fs::remove_file(&idx_path).unwrap();
+        fs::write(&idx_path, &bytes).unwrap();
+        let err = PackIndex::open(&dir.path().join("packs"), index.name()).unwrap_err();
+        assert!(err.to_string().contains("outside its pack"), "{err}");
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.packed(&id), None);
+    }
+
+    #[test]
+    fn a_changed_loose_object_is_not_packed() {
+        let (_dir, store) = store();
+        let id = store.put_object_bytes(b"original").unwrap();
+        let path = store.object_path(&id);
+        let mut perms = fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        fs::set_permissions(&path, perms).unwrap();
+        fs::write(&path, b"damaged!").unwrap();
+        let err = store.write_pack(&[id]).unwrap_err();
+        assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
+        assert!(store.pack_names().unwrap().is_empty());
+        assert!(store.orphan_pack_files().unwrap().is_empty());
+    }
+}

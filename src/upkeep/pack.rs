@@ -1,0 +1,49 @@
+//! `tessera store pack`: copy the small objects of images into a pack, in the order the
+//! image reads them (`store::pack` says why). Above the store: it must lay images out to
+//! know that order.
+
+use tessera_ext4::Piece;
+
+use crate::image::{self, ImageError};
+use crate::store::pack::PackIndex;
+use crate::store::{ObjectId, Store};
+
+#[derive(Debug, Default)]
+pub struct PackReport {
+    /// The new pack, if any object was left to pack.
+    pub pack: Option<PackIndex>,
+    /// Distinct objects the images name.
+    pub objects: usize,
+}
+
+/// Packs the small objects of `images` (every image if empty) not yet in a pack into one
+/// new pack: the first image's in the order its blocks lie, then the next image's new
+/// ones. Holds the store lock shared (gc waits).
+pub fn pack(store: &Store, images: &[String]) -> Result<PackReport, ImageError> {
+    let _lock = store.lock(false)?;
+    let names = if images.is_empty() {
+        store.list_images()?
+    } else {
+        images.to_vec()
+    };
+    let mut order: Vec<ObjectId> = Vec::new();
+    let mut report = PackReport::default();
+    for name in &names {
+        let record = image::load(store, name)?;
+        let built = image::build(store, &record)?;
+        let layout = &built.layout;
+        let mut seen = vec![false; built.objects.len()];
+        for piece in layout.pieces(0, layout.size()) {
+            if let Piece::Data { handle, .. } = piece {
+                let i = handle.0 as usize;
+                if !seen[i] {
+                    seen[i] = true;
+                    order.push(built.objects[i]);
+                }
+            }
+        }
+        report.objects += built.objects.len();
+    }
+    report.pack = store.write_pack(&order)?;
+    Ok(report)
+}
