@@ -137,7 +137,7 @@ fn store_stats_and_gc_count_what_is_on_disk() {
         dry,
         serde_json::json!({"dry_run": true, "objects": 1, "object_bytes": 2222,
                            "trees": 1, "tmp_files": 0, "partial_objects": 0,
-                           "partial_bytes": 0})
+                           "partial_bytes": 0, "packs": 0, "pack_bytes": 0})
     );
     assert_eq!(env.files("objects"), before, "a dry run removes nothing");
     let gc = json(&env, &["store", "gc", "--json"]);

@@ -217,6 +217,8 @@ pub(super) struct VerifyView {
     /// What was checked.
     pub objects: usize,
     pub object_bytes: u64,
+    /// Copies of objects checked in packs (`store pack`).
+    pub packed_objects: usize,
     pub trees: usize,
     pub images: usize,
     pub problems: Vec<ProblemView>,
@@ -226,8 +228,8 @@ pub(super) struct VerifyView {
 #[derive(Debug, Serialize)]
 pub(super) struct ProblemView {
     /// `corrupt_object`, `unreadable_object`, `corrupt_tree`, `bad_tree`, `bad_image`,
-    /// `missing_tree`, `missing_object`, `wrong_object_size`, `stray_file`, `bad_outboard`
-    /// or `orphan_outboard`.
+    /// `missing_tree`, `missing_object`, `wrong_object_size`, `stray_file`, `bad_outboard`,
+    /// `orphan_outboard`, `bad_pack` or `corrupt_packed_object`.
     pub kind: &'static str,
     /// The same sentence the text output prints.
     pub message: String,
@@ -238,6 +240,7 @@ impl From<&VerifyReport> for VerifyView {
         VerifyView {
             objects: r.objects,
             object_bytes: r.object_bytes,
+            packed_objects: r.packed_objects,
             trees: r.trees,
             images: r.images,
             problems: r
@@ -265,6 +268,8 @@ fn problem_kind(p: &Problem) -> &'static str {
         Problem::StrayFile { .. } => "stray_file",
         Problem::BadOutboard { .. } => "bad_outboard",
         Problem::OrphanOutboard { .. } => "orphan_outboard",
+        Problem::BadPack { .. } => "bad_pack",
+        Problem::CorruptPackedObject { .. } => "corrupt_packed_object",
     }
 }
 
@@ -279,6 +284,9 @@ pub(super) struct GcView {
     /// Partial objects (being fetched from a remote) removed, and the disk they took.
     pub partial_objects: usize,
     pub partial_bytes: u64,
+    /// Packs removed (see `store pack`), and the disk they took.
+    pub packs: usize,
+    pub pack_bytes: u64,
 }
 
 impl GcView {
@@ -291,6 +299,8 @@ impl GcView {
             tmp_files: r.tmp_files,
             partial_objects: r.partial_objects,
             partial_bytes: r.partial_bytes,
+            packs: r.packs,
+            pack_bytes: r.pack_bytes,
         }
     }
 }

@@ -73,9 +73,10 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             eprintln!(
-                "checked {} objects ({}), {} trees, {} images: {} problems",
+                "checked {} objects ({}), {} packed copies, {} trees, {} images: {} problems",
                 report.objects,
                 human(report.object_bytes),
+                report.packed_objects,
                 report.trees,
                 report.images,
                 report.problems.len()
@@ -95,13 +96,15 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             }
             let verb = if dry_run { "would remove" } else { "removed" };
             println!(
-                "{verb} {} objects ({}), {} trees, {} temporary files, {} partial objects ({})",
+                "{verb} {} objects ({}), {} trees, {} temporary files, {} partial objects ({}), {} packs ({})",
                 r.objects,
                 human(r.object_bytes),
                 r.trees,
                 r.tmp_files,
                 r.partial_objects,
-                human(r.partial_bytes)
+                human(r.partial_bytes),
+                r.packs,
+                human(r.pack_bytes)
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::fs;
 
 use crate::image::{self, ImageError};
+use crate::store::pack::PackIndex;
 use crate::store::{Area, ObjectId, Store, StoreError};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -18,6 +19,10 @@ pub struct GcReport {
     /// are complete in `objects/` by now, and the disk their chunks took.
     pub partial_objects: usize,
     pub partial_bytes: u64,
+    /// Packs removed (one of their objects is garbage, or their index is unusable), and
+    /// the disk they took.
+    pub packs: usize,
+    pub pack_bytes: u64,
 }
 
 /// Remove every tree no image or running server's lease names, every object no remaining
@@ -64,6 +69,7 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
         report.objects += 1;
     }
     partial(store, &live_objects, dry_run, &mut report)?;
+    packs(store, &live_objects, dry_run, &mut report)?;
     // A live object being fetched keeps its outboard: its kept chunks are checked
     // against it after a restart.
     let fetching = |id: &ObjectId| {
@@ -90,6 +96,40 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
         report.tmp_files += 1;
     }
     Ok(report)
+}
+
+/// Packs are copies: one that holds an object no image needs any more goes whole (the live
+/// objects in it stay loose; `store pack` packs them again), as do packs whose index is
+/// unusable and pack files no index names. A running server keeps its mapping of a removed
+/// pack, so it goes on reading it.
+fn packs(
+    store: &Store,
+    live: &HashSet<ObjectId>,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<(), StoreError> {
+    let dir = store.root().join("packs");
+    for name in store.pack_names()? {
+        let keep = PackIndex::open(&dir, &name)
+            .is_ok_and(|index| index.entries().all(|(id, _, _)| live.contains(&id)));
+        if keep {
+            continue;
+        }
+        for ext in ["pack", "idx"] {
+            let path = dir.join(format!("{name}.{ext}"));
+            report.pack_bytes += fs::symlink_metadata(&path).map_or(0, |m| m.len());
+        }
+        report.packs += 1;
+        if !dry_run {
+            store.remove_pack(&name)?;
+        }
+    }
+    for path in store.orphan_pack_files()? {
+        report.pack_bytes += fs::symlink_metadata(&path).map_or(0, |m| m.len());
+        remove(&path, dry_run)?;
+        report.packs += 1;
+    }
+    Ok(())
 }
 
 /// Partial objects: a server fetching one holds a lease on a tree naming it (it serves an

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::image;
 use crate::store::error_chain as chain;
+use crate::store::pack::PackIndex;
 use crate::store::{Area, ObjectId, Store, StoreError};
 use crate::tree::{self, Bytes, Manifest};
 
@@ -63,6 +64,18 @@ pub enum Problem {
     OrphanOutboard {
         id: ObjectId,
     },
+    /// A pack whose index cannot be used (servers ignore it; `store gc` removes it).
+    BadPack {
+        name: String,
+        error: String,
+    },
+    /// A packed copy of an object that does not hash to its id (servers would serve it
+    /// unless `--verify`; `store gc` does not remove it, `rm packs/NAME.*` does).
+    CorruptPackedObject {
+        pack: String,
+        id: ObjectId,
+        actual: ObjectId,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -105,8 +118,68 @@ impl fmt::Display for Problem {
             Problem::OrphanOutboard { id } => {
                 write!(f, "outboard of missing object {id} (`store gc` removes it)")
             }
+            Problem::BadPack { name, error } => {
+                write!(
+                    f,
+                    "pack {name} is unusable (`store gc` removes it): {error}"
+                )
+            }
+            Problem::CorruptPackedObject { pack, id, actual } => write!(
+                f,
+                "pack {pack} holds a corrupt copy of object {id}: it hashes to {actual} \
+                 (remove the pack: it is derived from the loose objects)"
+            ),
         }
     }
+}
+
+/// Every pack's index, and every packed object's bytes against its id.
+fn verify_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreError> {
+    let dir = store.root().join("packs");
+    for name in store.pack_names()? {
+        let index = match PackIndex::open(&dir, &name) {
+            Ok(index) => index,
+            Err(e) => {
+                report.problems.push(Problem::BadPack {
+                    name,
+                    error: chain(&e),
+                });
+                continue;
+            }
+        };
+        let pack = match std::fs::File::open(index.pack_path()) {
+            // SAFETY: store files are immutable once named; the index was checked against
+            // the pack's length, and every slice below is bounds-checked anyway.
+            Ok(f) => unsafe { memmap2::Mmap::map(&f) },
+            Err(e) => Err(e),
+        };
+        let pack = match pack {
+            Ok(map) => map,
+            Err(e) => {
+                report.problems.push(Problem::BadPack {
+                    name,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let entries: Vec<(ObjectId, u64, u64)> = index.entries().collect();
+        let corrupt: Vec<Problem> = entries
+            .par_iter()
+            .filter_map(|&(id, offset, len)| {
+                let bytes = pack.get(offset as usize..(offset + len) as usize)?;
+                let actual = ObjectId::of(bytes);
+                (actual != id).then(|| Problem::CorruptPackedObject {
+                    pack: name.clone(),
+                    id,
+                    actual,
+                })
+            })
+            .collect();
+        report.packed_objects += entries.len();
+        report.problems.extend(corrupt);
+    }
+    Ok(())
 }
 
 /// An object's actual hash and length, or why it could not be read.
@@ -116,6 +189,8 @@ type HashResult = Result<(ObjectId, u64), String>;
 pub struct VerifyReport {
     pub objects: usize,
     pub object_bytes: u64,
+    /// Objects checked in packs (copies of loose objects).
+    pub packed_objects: usize,
     pub outboards: usize,
     pub trees: usize,
     pub images: usize,
@@ -179,6 +254,8 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     report
         .problems
         .extend(outboard_problems.into_iter().flatten());
+
+    verify_packs(store, &mut report)?;
 
     let (trees, strays) = store.list(Area::Tree)?;
     report
