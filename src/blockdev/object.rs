@@ -7,6 +7,9 @@
 //! kernel's default `vm.max_map_count` is 65530) nor as many open descriptors, and a hot
 //! small object costs one `pread` per read (inline, with `RWF_NOWAIT`, when resident).
 //!
+//! A packed small object (`store::pack`) is read from its pack instead: one mapping and one
+//! descriptor per pack for the whole process (`packed.rs`), the object a window of it.
+//!
 //! With verification on (`serve --verify`), bytes are checked against the object's name
 //! before they are copied out; the state lives in `check.rs`.
 

@@ -55,6 +55,15 @@ pub struct Packed {
     pub len: u64,
 }
 
+/// What [`Store::write_pack`] did.
+#[derive(Debug)]
+pub struct PackWritten {
+    /// The new pack, or `None` if nothing was left to pack.
+    pub index: Option<PackIndex>,
+    /// Objects skipped because the store does not have them.
+    pub missing: usize,
+}
+
 /// One pack's index, mapped; lookups read it in place.
 #[derive(Debug)]
 pub struct PackIndex {
@@ -271,11 +280,11 @@ impl Store {
         atomic::sync_dir(&dir)
     }
 
-    /// Packs `objects` (in this order; duplicates, large objects and objects already in a
-    /// pack are skipped) into a new pack. Each object is read from its loose file and
-    /// checked against its name first. Returns the new pack's index, or `None` if nothing
-    /// was left to pack. Call holding the store lock (shared).
-    pub fn write_pack(&self, objects: &[ObjectId]) -> Result<Option<PackIndex>, StoreError> {
+    /// Packs `objects` (in this order; duplicates, large objects, objects already in a pack
+    /// and objects not here, such as those a remote cache has not fetched, are skipped) into
+    /// a new pack. Each object is read from its loose file and checked against its name
+    /// first. Call holding the store lock (shared).
+    pub fn write_pack(&self, objects: &[ObjectId]) -> Result<PackWritten, StoreError> {
         let packs = self.packs();
         let mut seen = HashSet::new();
         let mut entries: Vec<(ObjectId, u64, u64)> = Vec::new();
@@ -283,6 +292,7 @@ impl Store {
         fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         let mut offset = 0u64;
         let mut pending = Vec::new();
+        let mut missing = 0;
         for id in objects {
             if !seen.insert(*id) || packs.iter().any(|p| p.find(id).is_some()) {
                 continue;
@@ -291,7 +301,8 @@ impl Store {
             let len = match fs::metadata(&path) {
                 Ok(m) => m.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(StoreError::MissingObject { id: *id, path })
+                    missing += 1;
+                    continue;
                 }
                 Err(e) => return Err(StoreError::io("stat", &path, e)),
             };
@@ -303,7 +314,10 @@ impl Store {
             offset = (offset + len).next_multiple_of(PACK_ALIGN);
         }
         if entries.is_empty() {
-            return Ok(None);
+            return Ok(PackWritten {
+                index: None,
+                missing,
+            });
         }
         let mut idx = Vec::with_capacity(HEADER + entries.len() * ENTRY);
         idx.extend_from_slice(MAGIC);
@@ -339,7 +353,10 @@ impl Store {
         atomic::write(self, &dir.join(format!("{name}.idx")), 0o444, |f| {
             Ok(f.write_all(&idx)?)
         })?;
-        PackIndex::open(&dir, &name).map(Some)
+        Ok(PackWritten {
+            index: Some(PackIndex::open(&dir, &name)?),
+            missing,
+        })
     }
 }
 
@@ -367,7 +384,7 @@ mod tests {
         let large_id = store.put_object_bytes(&large).unwrap();
         ids.insert(5, large_id);
         ids.push(ids[0]);
-        let index = store.write_pack(&ids).unwrap().expect("a pack");
+        let index = store.write_pack(&ids).unwrap().index.expect("a pack");
         assert_eq!(
             index.len(),
             20,
@@ -388,9 +405,12 @@ mod tests {
         }
         assert_eq!(store.packed(&large_id), None);
         // Packed once: a second pack of the same objects is not written.
-        assert!(store.write_pack(&ids).unwrap().is_none());
+        assert!(store.write_pack(&ids).unwrap().index.is_none());
         let extra = store.put_object_bytes(b"one more").unwrap();
-        let second = store.write_pack(&[ids[1], extra]).unwrap().unwrap();
+        let absent = ObjectId::of(b"never stored");
+        let second = store.write_pack(&[ids[1], extra, absent]).unwrap();
+        assert_eq!(second.missing, 1, "an object not here is skipped");
+        let second = second.index.unwrap();
         assert_eq!(second.len(), 1);
         assert_eq!(store.packs().len(), 2);
         assert_eq!(store.packed(&extra).unwrap().pack, second.pack_path());
@@ -400,7 +420,7 @@ mod tests {
     fn a_damaged_index_is_ignored_not_trusted() {
         let (dir, store) = store();
         let id = store.put_object_bytes(b"packed bytes").unwrap();
-        let index = store.write_pack(&[id]).unwrap().unwrap();
+        let index = store.write_pack(&[id]).unwrap().index.unwrap();
         let idx_path = dir
             .path()
             .join("packs")

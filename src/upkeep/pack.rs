@@ -2,6 +2,8 @@
 //! image reads them (`store::pack` says why). Above the store: it must lay images out to
 //! know that order.
 
+use std::collections::HashSet;
+
 use tessera_ext4::Piece;
 
 use crate::image::{self, ImageError};
@@ -14,6 +16,8 @@ pub struct PackReport {
     pub pack: Option<PackIndex>,
     /// Distinct objects the images name.
     pub objects: usize,
+    /// Objects not packed because the store does not have them (a remote cache's).
+    pub missing: usize,
 }
 
 /// Packs the small objects of `images` (every image if empty) not yet in a pack into one
@@ -27,23 +31,24 @@ pub fn pack(store: &Store, images: &[String]) -> Result<PackReport, ImageError> 
         images.to_vec()
     };
     let mut order: Vec<ObjectId> = Vec::new();
+    let mut named: HashSet<ObjectId> = HashSet::new();
     let mut report = PackReport::default();
     for name in &names {
         let record = image::load(store, name)?;
         let built = image::build(store, &record)?;
         let layout = &built.layout;
-        let mut seen = vec![false; built.objects.len()];
         for piece in layout.pieces(0, layout.size()) {
             if let Piece::Data { handle, .. } = piece {
-                let i = handle.0 as usize;
-                if !seen[i] {
-                    seen[i] = true;
-                    order.push(built.objects[i]);
+                let id = built.objects[handle.0 as usize];
+                if named.insert(id) {
+                    order.push(id);
                 }
             }
         }
-        report.objects += built.objects.len();
     }
-    report.pack = store.write_pack(&order)?;
+    report.objects = order.len();
+    let written = store.write_pack(&order)?;
+    report.pack = written.index;
+    report.missing = written.missing;
     Ok(report)
 }
