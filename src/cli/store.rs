@@ -124,6 +124,12 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                     r.objects
                 ),
             }
+            if r.missing > 0 {
+                eprintln!(
+                    "{} objects are not in this store (not fetched from its remote yet) and were not packed",
+                    r.missing
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         StoreCmd::Push {
