@@ -79,6 +79,11 @@ fn a_packed_image_is_served_verified_and_collected() {
     );
     common::e2fsck_clean(&got);
 
+    let stats = env.ok(&["store", "stats"]);
+    assert!(
+        stats.contains("packs:        2 holding copies of "),
+        "{stats}"
+    );
     let verify = env.ok(&["store", "verify"]);
     assert!(verify.is_empty(), "{verify}");
 

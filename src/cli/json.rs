@@ -185,6 +185,10 @@ pub(super) struct StatsView<'a> {
     /// Objects being fetched from a remote (`partial/`), and the disk their chunks take.
     pub partial_objects: u64,
     pub partial_bytes: u64,
+    /// Packs (`store pack`), the object copies they hold, and their bytes.
+    pub packs: usize,
+    pub packed_objects: usize,
+    pub pack_bytes: u64,
     /// What `serve --remote` caches did on this store, all servers summed; `null` if none
     /// ran. Fields: `hits`, `misses` (reads that fetched), `bytes_fetched`, `mismatches`,
     /// `evictions`, `bytes_evicted`.
@@ -206,6 +210,9 @@ impl<'a> StatsView<'a> {
             fetched_bytes: s.fetched_bytes,
             partial_objects: s.partial_objects,
             partial_bytes: s.partial_bytes,
+            packs: s.packs,
+            packed_objects: s.packed_objects,
+            pack_bytes: s.pack_bytes,
             remote_cache: s.cache,
         }
     }

@@ -210,6 +210,12 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 s.partial_objects,
                 human(s.partial_bytes)
             );
+            println!(
+                "packs:        {} holding copies of {} objects ({})",
+                s.packs,
+                s.packed_objects,
+                human(s.pack_bytes)
+            );
             if let Some(c) = s.cache {
                 println!(
                     "remote cache: {} reads hit, {} fetched ({}), {} mismatches, {} evictions ({})",

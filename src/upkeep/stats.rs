@@ -27,6 +27,11 @@ pub struct StoreStats {
     /// Objects being fetched (`partial/`), and the disk their fetched chunks take.
     pub partial_objects: u64,
     pub partial_bytes: u64,
+    /// Packs (`store pack`): how many, the copies of objects they hold, and their bytes
+    /// (disk taken on top of the loose objects).
+    pub packs: usize,
+    pub packed_objects: usize,
+    pub pack_bytes: u64,
     /// What the caches of remote stores did, summed over every server on this store.
     pub cache: Option<Counts>,
 }
@@ -54,6 +59,11 @@ pub fn stats(store: &Store) -> Result<StoreStats, ImageError> {
         }
     }
     (stats.partial_objects, stats.partial_bytes) = cache::partial_objects(store.root());
+    for pack in store.packs().iter() {
+        stats.packs += 1;
+        stats.packed_objects += pack.len();
+        stats.pack_bytes += pack.pack_len();
+    }
     let root = store.root();
     stats.cache = counters::load(root).map_err(|e| StoreError::io("read", root, e))?;
     stats.trees = store.list(Area::Tree)?.0.len();
