@@ -113,7 +113,7 @@ impl ImageDevice {
         let objects = objects
             .iter()
             .map(|id| {
-                let packed = packs.iter().find_map(|p| p.find(id));
+                let packed = packs.find(id);
                 object::shared(*id, store.object_path(id), packed, store.remote_cache())
             })
             .collect();

@@ -20,6 +20,10 @@
 //!                   length (u64 LE)
 //! ```
 //!
+//! A process reads the indexes in place and keeps one sorted table over all of them (16
+//! bytes per packed object, [`PackSet`]), so a lookup is one binary search however many
+//! packs there are.
+//!
 //! NAME is the BLAKE3 of the index file. The pack is named before its index, so an index
 //! always has its pack; a pack without an index (a crash in between) is unused, and
 //! removed by `tessera store gc`. Both are written like every store file (under `tmp/`,
@@ -174,13 +178,65 @@ impl PackIndex {
     }
 }
 
+/// A store's packs, with one sorted table over all their entries: finding an object costs
+/// one binary search however many packs there are (a store where every image was packed on
+/// its own has as many packs as images).
+#[derive(Debug, Default)]
+pub struct PackSet {
+    packs: Vec<Arc<PackIndex>>,
+    /// Per packed object: the first 8 bytes of its id, its pack (index into `packs`) and
+    /// its entry there; sorted by id prefix, then pack, so the first pack (by name) that
+    /// holds an object is the one every reader uses.
+    table: Vec<(u64, u32, u32)>,
+}
+
+impl PackSet {
+    fn new(packs: Vec<Arc<PackIndex>>) -> PackSet {
+        let mut table = Vec::with_capacity(packs.iter().map(|p| p.len()).sum());
+        for (p, pack) in packs.iter().enumerate() {
+            for i in 0..pack.len() {
+                table.push((prefix(&pack.entry(i).0), p as u32, i as u32));
+            }
+        }
+        table.sort_unstable();
+        PackSet { packs, table }
+    }
+
+    /// The packs, sorted by name.
+    pub fn packs(&self) -> &[Arc<PackIndex>] {
+        &self.packs
+    }
+
+    /// Where `id` is packed, if it is.
+    pub fn find(&self, id: &ObjectId) -> Option<Packed> {
+        let key = prefix(id);
+        let first = self.table.partition_point(|e| e.0 < key);
+        self.table[first..]
+            .iter()
+            .take_while(|e| e.0 == key)
+            .find_map(|&(_, p, i)| {
+                let pack = &self.packs[p as usize];
+                let (at, offset, len) = pack.entry(i as usize);
+                (at == *id).then(|| Packed {
+                    pack: pack.pack.clone(),
+                    offset,
+                    len,
+                })
+            })
+    }
+}
+
+fn prefix(id: &ObjectId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
 /// The packs of a store, as last listed.
 #[derive(Debug, Default)]
 pub(super) struct PackList {
     /// The `packs/` directory's modification time when listed: a new pack renamed into it
     /// changes it, and the list is read again.
     listed: Option<SystemTime>,
-    packs: Arc<Vec<Arc<PackIndex>>>,
+    set: Arc<PackSet>,
 }
 
 /// The store's packs, shared by its clones.
@@ -193,17 +249,17 @@ impl Store {
 
     /// The store's packs (read again if `packs/` changed since last asked). A pack whose
     /// index is damaged is left out, with a warning.
-    pub fn packs(&self) -> Arc<Vec<Arc<PackIndex>>> {
+    pub fn packs(&self) -> Arc<PackSet> {
         let dir = self.pack_dir();
         let mtime = fs::metadata(&dir).and_then(|m| m.modified()).ok();
         let mut list = self.packs.lock().unwrap_or_else(|e| e.into_inner());
         if list.listed.is_some() && list.listed == mtime {
-            return list.packs.clone();
+            return list.set.clone();
         }
         let mut packs = Vec::new();
         for name in self.pack_names().unwrap_or_default() {
             // Keep what is already mapped.
-            if let Some(p) = list.packs.iter().find(|p| p.name == name) {
+            if let Some(p) = list.set.packs.iter().find(|p| p.name == name) {
                 packs.push(p.clone());
                 continue;
             }
@@ -215,13 +271,13 @@ impl Store {
             }
         }
         list.listed = mtime;
-        list.packs = Arc::new(packs);
-        list.packs.clone()
+        list.set = Arc::new(PackSet::new(packs));
+        list.set.clone()
     }
 
     /// Where object `id` is packed, if it is.
     pub fn packed(&self, id: &ObjectId) -> Option<Packed> {
-        self.packs().iter().find_map(|p| p.find(id))
+        self.packs().find(id)
     }
 
     /// Names of the packs that have an index, sorted.
@@ -294,7 +350,7 @@ impl Store {
         let mut pending = Vec::new();
         let mut missing = 0;
         for id in objects {
-            if !seen.insert(*id) || packs.iter().any(|p| p.find(id).is_some()) {
+            if !seen.insert(*id) || packs.find(id).is_some() {
                 continue;
             }
             let path = self.object_path(id);
@@ -412,8 +468,51 @@ mod tests {
         assert_eq!(second.missing, 1, "an object not here is skipped");
         let second = second.index.unwrap();
         assert_eq!(second.len(), 1);
-        assert_eq!(store.packs().len(), 2);
+        assert_eq!(store.packs().packs().len(), 2);
         assert_eq!(store.packed(&extra).unwrap().pack, second.pack_path());
+    }
+
+    #[test]
+    fn objects_are_found_among_many_packs_by_their_whole_id() {
+        let (dir, store) = store();
+        let mut all = Vec::new();
+        for p in 0..30u32 {
+            let ids: Vec<ObjectId> = (0..3u32)
+                .map(|i| store.put_object_bytes(&(p * 10 + i).to_le_bytes()).unwrap())
+                .collect();
+            let index = store.write_pack(&ids).unwrap().index.unwrap();
+            all.extend(
+                ids.into_iter()
+                    .map(|id| (id, index.pack_path().to_path_buf())),
+            );
+        }
+        let set = store.packs();
+        assert_eq!(set.packs().len(), 30);
+        for (id, pack) in &all {
+            assert_eq!(&set.find(id).expect("packed").pack, pack);
+        }
+        assert_eq!(set.find(&ObjectId::of(b"not packed")), None);
+
+        // Two ids that share their first 8 bytes, in a hand-written index: each is found
+        // at its own entry, and an id with the same prefix but in neither is not.
+        let (a, mut b, mut c) = (ObjectId([7; 32]), ObjectId([7; 32]), ObjectId([7; 32]));
+        b.0[31] = 8;
+        c.0[20] = 9;
+        let mut idx = MAGIC.to_vec();
+        idx.extend_from_slice(&2u64.to_le_bytes());
+        for (id, offset) in [(a, 0u64), (b, 4096)] {
+            idx.extend_from_slice(&id.0);
+            idx.extend_from_slice(&offset.to_le_bytes());
+            idx.extend_from_slice(&10u64.to_le_bytes());
+        }
+        let packs = dir.path().join("packs");
+        fs::write(packs.join("zz.pack"), vec![0u8; 8192]).unwrap();
+        fs::write(packs.join("zz.idx"), &idx).unwrap();
+        let set = store.packs();
+        assert_eq!(set.packs().len(), 31, "the new pack was listed");
+        assert_eq!(set.find(&a).unwrap().offset, 0);
+        assert_eq!(set.find(&b).unwrap().offset, 4096);
+        assert_eq!(set.find(&c), None);
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub fn stats(store: &Store) -> Result<StoreStats, ImageError> {
         }
     }
     (stats.partial_objects, stats.partial_bytes) = cache::partial_objects(store.root());
-    for pack in store.packs().iter() {
+    for pack in store.packs().packs() {
         stats.packs += 1;
         stats.packed_objects += pack.len();
         stats.pack_bytes += pack.pack_len();
