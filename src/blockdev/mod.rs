@@ -110,10 +110,11 @@ impl ImageDevice {
 
     fn with_meta(store: &Store, layout: Layout, meta: Arc<MetaSlot>, objects: &[ObjectId]) -> Self {
         let packs = store.packs();
+        let mut opener = object::packed::Opener::new();
         let objects = objects
             .iter()
             .map(|id| {
-                let packed = packs.find(id);
+                let packed = opener.open(packs.find(id));
                 object::shared(*id, store.object_path(id), packed, store.remote_cache())
             })
             .collect();
@@ -304,19 +305,19 @@ impl ImageDevice {
         } else {
             self.readahead.reached(end, &self.layout, &self.objects);
         }
-        let pieces = || {
-            self.layout
-                .pieces_with(&NO_METADATA, offset, end.saturating_sub(offset))
+        let mut data = self
+            .layout
+            .pieces_with(&NO_METADATA, offset, end.saturating_sub(offset))
+            .filter(|p| matches!(p, Piece::Data { .. }))
+            .peekable();
+        let Some(first) = data.next() else {
+            return;
         };
         // One data piece: the read itself is all the kernel needs to know.
-        if pieces()
-            .filter(|p| matches!(p, Piece::Data { .. }))
-            .nth(1)
-            .is_none()
-        {
+        if data.peek().is_none() {
             return;
         }
-        readahead::prefetch_pieces(&self.objects, pieces());
+        readahead::prefetch_pieces(&self.objects, std::iter::once(first).chain(data));
     }
 
     /// Every read that was answered without blocking: moves a running readahead window on.

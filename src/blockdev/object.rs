@@ -27,14 +27,13 @@ use tessera_nbd::pread_nowait;
 
 use super::check::Check;
 use super::fds::{Open, Slot};
-use crate::store::pack::Packed;
 use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
 use crate::store::ObjectId;
 pub(super) use packed::Pack;
 use resident::{Mapping, Window};
 
 pub(super) mod direct;
-mod packed;
+pub(super) mod packed;
 pub(super) mod resident;
 mod shared;
 
@@ -44,7 +43,7 @@ mod shared;
 pub(super) fn shared(
     id: ObjectId,
     path: PathBuf,
-    packed: Option<Packed>,
+    packed: Option<(Arc<Pack>, u64, u64)>,
     remote: Option<&Arc<RemoteCache>>,
 ) -> Arc<Object> {
     static LIVE: OnceLock<Mutex<HashMap<PathBuf, Weak<Object>>>> = OnceLock::new();
@@ -61,14 +60,10 @@ pub(super) fn shared(
     }
     let mut obj = Object::new(id, path.clone());
     // A packed object is read from its pack, which is local: no remote is asked for it.
-    match packed.map(|p| packed::open(&p).map(|pack| (pack, p.offset, p.len))) {
-        Some(Ok(pack)) => obj.packed = Some(pack),
-        Some(Err(e)) => {
-            tracing::warn!(object = %id, error = %e, "cannot open its pack; reading the loose object");
-            obj.remote = remote.cloned();
-        }
-        None => obj.remote = remote.cloned(),
+    if packed.is_none() {
+        obj.remote = remote.cloned();
     }
+    obj.packed = packed;
     let obj = Arc::new(obj);
     live.insert(path, Arc::downgrade(&obj));
     obj

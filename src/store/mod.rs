@@ -340,17 +340,7 @@ impl Store {
 
     /// Names of all images, sorted.
     pub fn list_images(&self) -> Result<Vec<String>, StoreError> {
-        let dir = self.image_dir();
-        let mut names = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))? {
-            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
-            let file_name = entry.file_name();
-            if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) {
-                names.push(name.to_owned());
-            }
-        }
-        names.sort();
-        Ok(names)
+        names_with_suffix(&self.image_dir(), ".json")
     }
 
     /// Every content-addressed file in `area`: the ids, and the paths of stray files whose
@@ -380,4 +370,24 @@ impl Store {
         ids.sort();
         Ok((ids, strays))
     }
+}
+
+/// The names of the files in `dir` that end in `suffix`, without it, sorted; none if `dir`
+/// does not exist.
+fn names_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io("list", dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
+        let file_name = entry.file_name();
+        if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(suffix)) {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
 }

@@ -51,10 +51,11 @@ const MAGIC: &[u8; 8] = b"TSRPACK1";
 const HEADER: usize = 16;
 const ENTRY: usize = 48;
 
-/// Where a packed object's bytes are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a packed object's bytes are: its pack (shared, not copied per object) and its
+/// range there.
+#[derive(Debug, Clone)]
 pub struct Packed {
-    pub pack: PathBuf,
+    pub index: Arc<PackIndex>,
     pub offset: u64,
     pub len: u64,
 }
@@ -155,27 +156,6 @@ impl PackIndex {
     pub fn entries(&self) -> impl Iterator<Item = (ObjectId, u64, u64)> + '_ {
         (0..self.count).map(|i| self.entry(i))
     }
-
-    /// Where `id` is in this pack, if it is.
-    pub fn find(&self, id: &ObjectId) -> Option<Packed> {
-        let (mut lo, mut hi) = (0, self.count);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let (at, offset, len) = self.entry(mid);
-            match at.0.cmp(&id.0) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => {
-                    return Some(Packed {
-                        pack: self.pack.clone(),
-                        offset,
-                        len,
-                    })
-                }
-            }
-        }
-        None
-    }
 }
 
 /// A store's packs, with one sorted table over all their entries: finding an object costs
@@ -218,7 +198,7 @@ impl PackSet {
                 let pack = &self.packs[p as usize];
                 let (at, offset, len) = pack.entry(i as usize);
                 (at == *id).then(|| Packed {
-                    pack: pack.pack.clone(),
+                    index: pack.clone(),
                     offset,
                     len,
                 })
@@ -243,7 +223,7 @@ pub(super) struct PackList {
 pub(super) type SharedPackList = Arc<Mutex<PackList>>;
 
 impl Store {
-    fn pack_dir(&self) -> PathBuf {
+    pub(crate) fn pack_dir(&self) -> PathBuf {
         self.root.join("packs")
     }
 
@@ -275,29 +255,9 @@ impl Store {
         list.set.clone()
     }
 
-    /// Where object `id` is packed, if it is.
-    pub fn packed(&self, id: &ObjectId) -> Option<Packed> {
-        self.packs().find(id)
-    }
-
     /// Names of the packs that have an index, sorted.
     pub fn pack_names(&self) -> Result<Vec<String>, StoreError> {
-        let dir = self.pack_dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::io("list", &dir, e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
-            let name = entry.file_name();
-            if let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".idx")) {
-                names.push(stem.to_owned());
-            }
-        }
-        names.sort();
-        Ok(names)
+        super::names_with_suffix(&self.pack_dir(), ".idx")
     }
 
     /// Files under `packs/` that no index names: packs whose index was never written.
@@ -449,7 +409,7 @@ mod tests {
         let pack = fs::read(index.pack_path()).unwrap();
         let mut last = None;
         for (i, bytes) in small.iter().enumerate() {
-            let at = store.packed(&ObjectId::of(bytes)).expect("packed");
+            let at = store.packs().find(&ObjectId::of(bytes)).expect("packed");
             assert_eq!(at.offset % PACK_ALIGN, 0);
             assert!(last.is_none_or(|l| at.offset > l), "image order kept");
             last = Some(at.offset);
@@ -459,7 +419,7 @@ mod tests {
                 "object {i}"
             );
         }
-        assert_eq!(store.packed(&large_id), None);
+        assert!(store.packs().find(&large_id).is_none());
         // Packed once: a second pack of the same objects is not written.
         assert!(store.write_pack(&ids).unwrap().index.is_none());
         let extra = store.put_object_bytes(b"one more").unwrap();
@@ -469,7 +429,10 @@ mod tests {
         let second = second.index.unwrap();
         assert_eq!(second.len(), 1);
         assert_eq!(store.packs().packs().len(), 2);
-        assert_eq!(store.packed(&extra).unwrap().pack, second.pack_path());
+        assert_eq!(
+            store.packs().find(&extra).unwrap().index.name(),
+            second.name()
+        );
     }
 
     #[test]
@@ -489,9 +452,9 @@ mod tests {
         let set = store.packs();
         assert_eq!(set.packs().len(), 30);
         for (id, pack) in &all {
-            assert_eq!(&set.find(id).expect("packed").pack, pack);
+            assert_eq!(set.find(id).expect("packed").index.pack_path(), pack);
         }
-        assert_eq!(set.find(&ObjectId::of(b"not packed")), None);
+        assert!(set.find(&ObjectId::of(b"not packed")).is_none());
 
         // Two ids that share their first 8 bytes, in a hand-written index: each is found
         // at its own entry, and an id with the same prefix but in neither is not.
@@ -512,7 +475,7 @@ mod tests {
         assert_eq!(set.packs().len(), 31, "the new pack was listed");
         assert_eq!(set.find(&a).unwrap().offset, 0);
         assert_eq!(set.find(&b).unwrap().offset, 4096);
-        assert_eq!(set.find(&c), None);
+        assert!(set.find(&c).is_none());
     }
 
     #[test]
@@ -532,7 +495,7 @@ mod tests {
         let err = PackIndex::open(&dir.path().join("packs"), index.name()).unwrap_err();
         assert!(err.to_string().contains("outside its pack"), "{err}");
         let reopened = Store::open(dir.path()).unwrap();
-        assert_eq!(reopened.packed(&id), None);
+        assert!(reopened.packs().find(&id).is_none());
     }
 
     #[test]

@@ -108,7 +108,7 @@ fn packs(
     dry_run: bool,
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
-    let dir = store.root().join("packs");
+    let dir = store.pack_dir();
     for name in store.pack_names()? {
         let keep = PackIndex::open(&dir, &name)
             .is_ok_and(|index| index.entries().all(|(id, _, _)| live.contains(&id)));

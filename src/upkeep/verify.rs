@@ -135,7 +135,7 @@ impl fmt::Display for Problem {
 
 /// Every pack's index, and every packed object's bytes against its id.
 fn verify_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreError> {
-    let dir = store.root().join("packs");
+    let dir = store.pack_dir();
     for name in store.pack_names()? {
         let index = match PackIndex::open(&dir, &name) {
             Ok(index) => index,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use memmap2::Mmap;
 
 use super::resident::{Mapping, Window};
-use crate::store::pack::Packed;
+use crate::store::pack::{PackIndex, Packed};
 
 /// An open, mapped pack.
 #[derive(Debug)]
@@ -44,19 +44,55 @@ impl Pack {
     }
 }
 
+/// Each object's pack (opened and mapped once for the process while any object uses it)
+/// and range there, for the objects of one image: consecutive objects mostly share a pack,
+/// so the process-wide table is asked once per pack, not once per object. A pack that
+/// cannot be opened leaves its objects loose, with a warning.
+pub(in crate::blockdev) struct Opener {
+    opened: Vec<(Arc<PackIndex>, Option<Arc<Pack>>)>,
+}
+
+impl Opener {
+    pub fn new() -> Opener {
+        Opener { opened: Vec::new() }
+    }
+
+    pub fn open(&mut self, packed: Option<Packed>) -> Option<(Arc<Pack>, u64, u64)> {
+        let packed = packed?;
+        let pack = match self
+            .opened
+            .iter()
+            .find(|(index, _)| Arc::ptr_eq(index, &packed.index))
+        {
+            Some((_, pack)) => pack.clone(),
+            None => {
+                let path = packed.index.pack_path();
+                let pack = open(path)
+                    .inspect_err(|e| {
+                        tracing::warn!(pack = %path.display(), error = %e, "cannot open a pack; reading its objects loose")
+                    })
+                    .ok();
+                self.opened.push((packed.index.clone(), pack.clone()));
+                pack
+            }
+        }?;
+        Some((pack, packed.offset, packed.len))
+    }
+}
+
 /// The pack at `path`, opened and mapped once for the process while any object uses it.
-pub(in crate::blockdev) fn open(packed: &Packed) -> io::Result<Arc<Pack>> {
+fn open(path: &Path) -> io::Result<Arc<Pack>> {
     static LIVE: OnceLock<Mutex<HashMap<PathBuf, Weak<Pack>>>> = OnceLock::new();
     let mut live = LIVE
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(pack) = live.get(&packed.pack).and_then(Weak::upgrade) {
+    if let Some(pack) = live.get(path).and_then(Weak::upgrade) {
         return Ok(pack);
     }
     live.retain(|_, w| w.strong_count() > 0);
-    let pack = Arc::new(map(&packed.pack)?);
-    live.insert(packed.pack.clone(), Arc::downgrade(&pack));
+    let pack = Arc::new(map(path)?);
+    live.insert(path.to_path_buf(), Arc::downgrade(&pack));
     Ok(pack)
 }
 

@@ -107,10 +107,10 @@ impl Window {
     }
 
     /// `len` bytes at `base` of the pack mapped as `map` from `file`; `None` unless they lie
-    /// inside it and `base` is page-aligned.
+    /// inside it and `base` is page-aligned (as the pack's index promises: `store::pack`).
     pub fn packed(map: Arc<Mapping>, file: Arc<File>, base: u64, len: u64) -> Option<Window> {
-        let end = base.checked_add(len).filter(|&e| e <= map.len() as u64)?;
-        (base as usize % PAGE == 0 && end > base || len == 0).then(|| Window {
+        base.checked_add(len).filter(|&e| e <= map.len() as u64)?;
+        (base as usize % PAGE == 0).then(|| Window {
             map,
             base: base as usize,
             len: len as usize,
