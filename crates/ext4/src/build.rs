@@ -26,7 +26,7 @@ const LOST_FOUND_BLOCKS: usize = 4;
 
 /// Lay out `tree` as an ext4 filesystem.
 pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
-    let p = place(tree, opts, Blocks::Write)?;
+    let p = place(tree, opts)?;
     Ok(p.prep.emit(&p.geo, &p.place, p.size, p.min_size))
 }
 
@@ -36,6 +36,14 @@ pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
 pub(crate) enum Blocks {
     Write,
     Count,
+}
+
+/// A tree prepared, with the geometry it gets: everything but where blocks go.
+pub(crate) struct Sized<'a> {
+    pub prep: Prepared<'a>,
+    pub geo: Geometry,
+    pub size: u64,
+    pub min_size: u64,
 }
 
 /// A tree prepared and placed: everything but the bytes.
@@ -48,11 +56,44 @@ pub(crate) struct Placed<'a> {
 }
 
 /// Number, prepare and place every inode of `tree`, and check that it fits.
-pub(crate) fn place<'a>(
+pub(crate) fn place<'a>(tree: &'a FsTree, opts: &'a Options) -> Result<Placed<'a>, Error> {
+    let Sized {
+        prep,
+        geo,
+        size,
+        min_size,
+    } = size_up(tree, opts, Blocks::Write)?;
+    let place = prep.allocate(&geo);
+    debug_assert_eq!(prep.allocated_end(&geo), place.end);
+    check_fits(place.end, &geo, size, min_size)?;
+    Ok(Placed {
+        prep,
+        geo,
+        place,
+        size,
+        min_size,
+    })
+}
+
+/// Whether blocks allocated up to `end` fit in `geo`.
+pub(crate) fn check_fits(end: u64, geo: &Geometry, size: u64, min_size: u64) -> Result<(), Error> {
+    if end > geo.blocks {
+        return Err(Error::TooSmall {
+            size,
+            needed: min_size,
+        });
+    }
+    Ok(())
+}
+
+/// Number and prepare every inode of `tree` and choose the geometry: the minimum size the
+/// tree needs, and the size and inode count it gets. Does not check that it fits a size
+/// given in `opts` ([`check_fits`] does, after allocation).
+pub(crate) fn size_up<'a>(
     tree: &'a FsTree,
     opts: &'a Options,
     blocks: Blocks,
-) -> Result<Placed<'a>, Error> {
+) -> Result<Sized<'a>, Error> {
     if opts.label.len() > 16 {
         return Err(Error::LabelTooLong);
     }
@@ -83,18 +124,9 @@ pub(crate) fn place<'a>(
             available: geo.inodes(),
         });
     }
-    let place = prep.allocate(&geo);
-    debug_assert_eq!(prep.allocated_end(&geo), place.end);
-    if place.end > geo.blocks {
-        return Err(Error::TooSmall {
-            size,
-            needed: min_size,
-        });
-    }
-    Ok(Placed {
+    Ok(Sized {
         prep,
         geo,
-        place,
         size,
         min_size,
     })

@@ -21,6 +21,14 @@ pub(crate) struct Placement {
     pub end: u64,
 }
 
+/// What [`Prepared::tally`] counts.
+pub(crate) struct Tally {
+    /// First block past everything allocated.
+    pub end: u64,
+    /// Extent-tree blocks of all inodes.
+    pub tree_blocks: u64,
+}
+
 impl Prepared<'_> {
     /// Smallest device size that holds the tree, with inode counts from `geometry_for`.
     pub(crate) fn min_size(
@@ -93,19 +101,29 @@ impl Prepared<'_> {
     }
 
     /// `allocate(geo).end` without keeping where anything went: the minimum-size search
-    /// tries geometries with it. The same steps in the same order as [`Self::allocate`].
+    /// tries geometries with it.
     pub(crate) fn allocated_end(&self, geo: &Geometry) -> u64 {
+        self.tally(geo, |_, _| {}).end
+    }
+
+    /// The steps of [`Self::allocate`] in the same order, handing each allocated range
+    /// `(start, len)` to `used` instead of keeping it.
+    pub(crate) fn tally(&self, geo: &Geometry, mut used: impl FnMut(u64, u64)) -> Tally {
         let mut a = Allocator::new(geo);
+        let mut take = |a: &mut Allocator, n: u64| used(a.contiguous(n), n);
         for _ in 0..2 * geo.groups {
-            a.contiguous(1);
+            take(&mut a, 1);
         }
         for _ in 0..geo.groups {
-            a.contiguous(geo.itable_blocks);
+            take(&mut a, geo.itable_blocks);
         }
         let mut tree_blocks = Vec::with_capacity(self.inodes.len());
         let mut runs = Vec::new();
         for (idx, ino) in self.inodes.iter().enumerate() {
             a.runs_into(ino.content.blocks(), &mut runs);
+            for &(start, len) in &runs {
+                used(start, len);
+            }
             tree_blocks.push(match ino.content {
                 Content::Inline(_) => 0,
                 _ => {
@@ -115,13 +133,17 @@ impl Prepared<'_> {
                 }
             });
         }
-        for n in tree_blocks.into_iter().filter(|&n| n > 0) {
-            a.contiguous(n as u64);
+        let mut take = |a: &mut Allocator, n: u64| used(a.contiguous(n), n);
+        for &n in tree_blocks.iter().filter(|&&n| n > 0) {
+            take(&mut a, n as u64);
         }
         for _ in self.inodes.iter().filter(|i| i.xattr_block.is_some()) {
-            a.contiguous(1);
+            take(&mut a, 1);
         }
-        a.end()
+        Tally {
+            end: a.end(),
+            tree_blocks: tree_blocks.iter().map(|&n| n as u64).sum(),
+        }
     }
 
     pub(crate) fn allocate(&self, geo: &Geometry) -> Placement {
