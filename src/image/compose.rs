@@ -120,7 +120,11 @@ fn options(record: &ImageRecord) -> Options {
 /// handle.
 pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Composed, ImageError> {
     let root = picks.first().expect("a merged tree has a root");
-    let mut tree = FsTree::new(metadata(&layers[root.layer as usize].entry(root.index)));
+    // Sized for every pick up front: growing the tables copied them and rehashed the map.
+    let mut tree = FsTree::with_capacity(
+        metadata(&layers[root.layer as usize].entry(root.index)),
+        picks.len(),
+    );
     // The node of each directory entry that made it into the tree, per layer; a directory
     // replaced by an upper layer's is found by path instead.
     let mut dir_nodes: Vec<Vec<NodeId>> = layers.iter().map(|_| Vec::new()).collect();
@@ -129,8 +133,9 @@ pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Compo
     let mut dirs_by_path: FxHashMap<&[u8], NodeId> = FxHashMap::default();
     dirs_by_path.insert(&b""[..], FsTree::ROOT);
     let mut links: FxHashMap<(u32, u64), NodeId> = FxHashMap::default();
-    let mut handles: FxHashMap<ObjectId, u32> = FxHashMap::default();
-    let mut objects = Vec::new();
+    let mut handles: FxHashMap<ObjectId, u32> =
+        FxHashMap::with_capacity_and_hasher(picks.len(), Default::default());
+    let mut objects = Vec::with_capacity(picks.len());
     for &Pick { layer, index } in &picks[1..] {
         let view = &layers[layer as usize];
         let entry = view.entry(index);

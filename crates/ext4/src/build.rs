@@ -134,8 +134,9 @@ pub(crate) fn size_up<'a>(
 
 /// What an inode holds besides its fields.
 pub(crate) enum Content {
-    /// Nothing outside `i_block` (fast symlinks, devices, fifos, sockets).
-    Inline([u8; 60]),
+    /// Nothing outside `i_block` (fast symlinks, devices, fifos, sockets). Boxed: few
+    /// inodes have one, and it would make every inode's content 60 bytes.
+    Inline(Box<[u8; 60]>),
     /// Generated blocks: directory blocks or a slow symlink's target.
     Meta(Vec<Vec<u8>>),
     /// As many generated blocks as `Meta` would hold, not written ([`Blocks::Count`]).
@@ -145,8 +146,28 @@ pub(crate) enum Content {
     Data {
         handle: DataHandle,
         object_len: u64,
-        segs: Vec<(u64, u64)>,
+        segs: Segs,
     },
+}
+
+/// A file's data ranges as (first logical block, block count).
+pub(crate) enum Segs {
+    /// One range from block 0 of this many blocks (none if 0): a dense file, most files,
+    /// held without an allocation.
+    Dense(u64),
+    /// A sparse file's ranges.
+    Sparse(Box<[(u64, u64)]>),
+}
+
+impl Segs {
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let (dense, sparse): (Option<(u64, u64)>, &[(u64, u64)]) = match self {
+            Segs::Dense(0) => (None, &[]),
+            Segs::Dense(n) => (Some((0, *n)), &[]),
+            Segs::Sparse(s) => (None, s),
+        };
+        dense.into_iter().chain(sparse.iter().copied())
+    }
 }
 
 impl Content {
@@ -168,7 +189,6 @@ struct Fields {
     links: u16,
     flags: u32,
     size: u64,
-    inline_xattrs: Vec<u8>,
 }
 
 pub(crate) struct Ino {
@@ -177,8 +197,20 @@ pub(crate) struct Ino {
     node: Option<NodeId>,
     fields: Fields,
     pub content: Content,
-    pub xattr_block: Option<Vec<u8>>,
+    /// Encoded extended attributes; boxed and `None` without any, as most inodes are.
+    xattrs: Option<Box<xattr::Encoded>>,
     pub is_dir: bool,
+}
+
+impl Ino {
+    /// The external xattr block, still unsealed, if the xattrs did not fit in the inode.
+    pub fn xattr_block(&self) -> Option<&Vec<u8>> {
+        self.xattrs.as_ref()?.block.as_ref()
+    }
+
+    fn inline_xattrs(&self) -> &[u8] {
+        self.xattrs.as_ref().map_or(&[], |x| &x.inline)
+    }
 }
 
 pub(crate) struct Prepared<'a> {
@@ -330,7 +362,6 @@ impl<'a> Prepared<'a> {
                 links: links[node as usize].max(1) as u16,
                 flags: 0,
                 size: 0,
-                inline_xattrs: Vec::new(),
             };
             if links[node as usize] > LINK_MAX && !matches!(n.kind, NodeKind::Dir(_)) {
                 return Err(Error::TooManyLinks {
@@ -396,7 +427,7 @@ impl<'a> Prepared<'a> {
                     if target.len() < 60 {
                         let mut blk = [0u8; 60];
                         blk[..target.len()].copy_from_slice(target);
-                        Content::Inline(blk)
+                        Content::Inline(Box::new(blk))
                     } else if write == Blocks::Count {
                         fields.flags = inode::EXT4_EXTENTS_FL;
                         Content::Sized(1)
@@ -409,19 +440,19 @@ impl<'a> Prepared<'a> {
                 }
                 NodeKind::CharDev { major, minor } => {
                     fields.mode |= inode::S_IFCHR;
-                    Content::Inline(inode::device_block(*major, *minor))
+                    Content::Inline(Box::new(inode::device_block(*major, *minor)))
                 }
                 NodeKind::BlockDev { major, minor } => {
                     fields.mode |= inode::S_IFBLK;
-                    Content::Inline(inode::device_block(*major, *minor))
+                    Content::Inline(Box::new(inode::device_block(*major, *minor)))
                 }
                 NodeKind::Fifo => {
                     fields.mode |= inode::S_IFIFO;
-                    Content::Inline([0; 60])
+                    Content::Inline(Box::new([0; 60]))
                 }
                 NodeKind::Socket => {
                     fields.mode |= inode::S_IFSOCK;
-                    Content::Inline([0; 60])
+                    Content::Inline(Box::new([0; 60]))
                 }
                 NodeKind::File(f) => {
                     fields.mode |= inode::S_IFREG;
@@ -447,13 +478,12 @@ impl<'a> Prepared<'a> {
                 }
             };
             let enc = xattr::encode(&m.xattrs, &path)?;
-            fields.inline_xattrs = enc.inline;
             Ok(Ino {
                 ino,
                 node: Some(node),
                 fields,
                 content,
-                xattr_block: enc.block,
+                xattrs: (!enc.inline.is_empty() || enc.block.is_some()).then(|| Box::new(enc)),
                 is_dir: matches!(n.kind, NodeKind::Dir(_)),
             })
         };
@@ -484,7 +514,7 @@ impl<'a> Prepared<'a> {
             links: f.links,
             flags: f.flags,
             size: f.size,
-            inline_xattrs: f.inline_xattrs.clone(),
+            inline_xattrs: ino.inline_xattrs().to_vec(),
             ..Default::default()
         };
         match ino.node {
@@ -522,7 +552,7 @@ impl<'a> Prepared<'a> {
             let runs = &place.runs[idx];
             let seed = checksum::inode_seed(fs_seed, ino.ino, 0);
             match &ino.content {
-                Content::Inline(blk) => f.i_block = *blk,
+                Content::Inline(blk) => f.i_block = **blk,
                 content => {
                     let extents = self.extents(idx, runs);
                     let (root, nodes) = extent::build(&extents, &place.tree_blocks[idx], seed);
@@ -567,7 +597,7 @@ impl<'a> Prepared<'a> {
                 }
             }
             let mut blocks = ino.content.blocks() + place.tree_blocks[idx].len() as u64;
-            if let (Some(block), Some(at)) = (&ino.xattr_block, place.xattr_blocks[idx]) {
+            if let (Some(block), Some(at)) = (ino.xattr_block(), place.xattr_blocks[idx]) {
                 let mut b = block.clone();
                 xattr::seal_block(&mut b, at, fs_seed);
                 out.meta(at, b);
@@ -696,13 +726,9 @@ impl<'a> Prepared<'a> {
 }
 
 /// Data segments of a file as (first logical block, block count), validated.
-fn file_segments(f: &crate::FileData) -> Result<Vec<(u64, u64)>, &'static str> {
+fn file_segments(f: &crate::FileData) -> Result<Segs, &'static str> {
     let Some(segs) = &f.segments else {
-        return Ok(if f.size == 0 {
-            Vec::new()
-        } else {
-            vec![(0, f.size.div_ceil(BLOCK_SIZE))]
-        });
+        return Ok(Segs::Dense(f.size.div_ceil(BLOCK_SIZE)));
     };
     let mut out = Vec::with_capacity(segs.len());
     let mut prev_end = 0;
@@ -726,7 +752,7 @@ fn file_segments(f: &crate::FileData) -> Result<Vec<(u64, u64)>, &'static str> {
         out.push((s.offset / BLOCK_SIZE, s.len.div_ceil(BLOCK_SIZE)));
         prev_end = end;
     }
-    Ok(out)
+    Ok(Segs::Sparse(out.into_boxed_slice()))
 }
 
 fn set_bits(bm: &mut [u8], from: u64, to: u64) {
@@ -752,14 +778,13 @@ fn synthetic_lost_found(opts: &Options) -> Ino {
         links: 2,
         size: (LOST_FOUND_BLOCKS * BS) as u64,
         flags: inode::EXT4_EXTENTS_FL,
-        inline_xattrs: Vec::new(),
     };
     Ino {
         ino: LOST_FOUND_INO,
         node: None,
         fields,
         content: Content::Meta(blocks),
-        xattr_block: None,
+        xattrs: None,
         is_dir: true,
     }
 }

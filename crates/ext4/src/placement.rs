@@ -2,7 +2,7 @@
 //! inode tables, content, extent-tree and xattr blocks ([`crate::plan`] steps over the
 //! superblock copies), and each inode's extents over its runs.
 
-use crate::build::{Content, Prepared};
+use crate::build::{Content, Prepared, Segs};
 use crate::extent::{self, Extent};
 use crate::plan::{Allocator, Geometry, BLOCKS_PER_GROUP, INODE_SIZE};
 use crate::{Error, BLOCK_SIZE};
@@ -38,7 +38,7 @@ impl Prepared<'_> {
         let content: u64 = self
             .inodes
             .iter()
-            .map(|i| i.content.blocks() + i.xattr_block.is_some() as u64)
+            .map(|i| i.content.blocks() + i.xattr_block().is_some() as u64)
             .sum();
         let mut blocks = 2 + content + (self.max_ino as u64 * INODE_SIZE).div_ceil(BLOCK_SIZE) + 2;
         loop {
@@ -71,17 +71,17 @@ impl Prepared<'_> {
     /// The inode's extents, in logical order, mapping its content onto `runs`.
     pub(crate) fn each_extent(&self, idx: usize, runs: &[(u64, u64)], mut f: impl FnMut(Extent)) {
         let generated;
-        let segs: &[(u64, u64)] = match &self.inodes[idx].content {
+        let segs = match &self.inodes[idx].content {
             Content::Inline(_) => return,
             c @ (Content::Meta(_) | Content::Sized(_)) => {
-                generated = [(0, c.blocks())];
+                generated = Segs::Dense(c.blocks());
                 &generated
             }
             Content::Data { segs, .. } => segs,
         };
         let mut runs = runs.iter().copied();
         let (mut phys, mut left_in_run) = (0, 0);
-        for &(mut logical, mut n) in segs {
+        for (mut logical, mut n) in segs.iter() {
             while n > 0 {
                 if left_in_run == 0 {
                     (phys, left_in_run) = runs.next().expect("runs cover the content");
@@ -137,7 +137,7 @@ impl Prepared<'_> {
         for &n in tree_blocks.iter().filter(|&&n| n > 0) {
             take(&mut a, n as u64);
         }
-        for _ in self.inodes.iter().filter(|i| i.xattr_block.is_some()) {
+        for _ in self.inodes.iter().filter(|i| i.xattr_block().is_some()) {
             take(&mut a, 1);
         }
         Tally {
@@ -189,7 +189,7 @@ impl Prepared<'_> {
         let xattr_blocks = self
             .inodes
             .iter()
-            .map(|i| i.xattr_block.as_ref().map(|_| take(&mut a, &mut used, 1)))
+            .map(|i| i.xattr_block().map(|_| take(&mut a, &mut used, 1)))
             .collect();
         // The allocator only moves forward: `used` is in block order as pushed.
         debug_assert!(used.is_sorted());

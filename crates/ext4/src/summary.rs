@@ -61,7 +61,7 @@ pub fn plan(tree: &FsTree, opts: &Options) -> Result<Summary, Error> {
             Content::Data { .. } => data_blocks += ino.content.blocks(),
             _ => meta_blocks += ino.content.blocks(),
         }
-        meta_blocks += ino.xattr_block.is_some() as u64;
+        meta_blocks += ino.xattr_block().is_some() as u64;
     }
     meta_blocks += supers.iter().map(|&(_, len)| len).sum::<u64>();
     for g in 0..geo.groups {

@@ -109,6 +109,19 @@ impl FsTree {
         }
     }
 
+    /// Like [`FsTree::new`], with room for `nodes` nodes (the root included) allocated up
+    /// front: a caller that knows the count saves the copies of a growing table.
+    pub fn with_capacity(root: Metadata, nodes: usize) -> Self {
+        let mut tree = FsTree {
+            nodes: Vec::with_capacity(nodes.max(1)),
+        };
+        tree.nodes.push(Node {
+            kind: NodeKind::Dir(Vec::new()),
+            meta: root,
+        });
+        tree
+    }
+
     pub const ROOT: NodeId = 0;
 
     pub fn nodes(&self) -> &[Node] {
