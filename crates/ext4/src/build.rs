@@ -261,7 +261,7 @@ impl<'a> Prepared<'a> {
         let mut ino_of = vec![0u32; nodes.len()];
         let mut parent = vec![NodeId::MAX; nodes.len()];
         let mut links = vec![0u64; nodes.len()];
-        let mut order: Vec<NodeId> = Vec::new();
+        let mut order: Vec<NodeId> = Vec::with_capacity(nodes.len());
         ino_of[0] = ROOT_INO;
         let lost_found = tree.lookup(FsTree::ROOT, b"lost+found");
         if let Some(lf) = lost_found {
@@ -272,16 +272,24 @@ impl<'a> Prepared<'a> {
         }
         let mut next = LOST_FOUND_INO + 1;
         let mut stack = vec![FsTree::ROOT];
-        let mut sorted_children: Vec<Vec<(usize, NodeId)>> = vec![Vec::new(); nodes.len()];
+        // Each directory's entry indices in name order, all directories in one table:
+        // directory `d`'s are `sorted[sorted_at[d]..][..its entry count]`.
+        let mut sorted: Vec<u32> = Vec::with_capacity(nodes.len());
+        let mut sorted_at = vec![0u32; nodes.len()];
+        let mut subdirs = Vec::new();
         while let Some(d) = stack.pop() {
             let NodeKind::Dir(entries) = &nodes[d as usize].kind else {
                 unreachable!()
             };
-            let mut kids: Vec<usize> = (0..entries.len()).collect();
-            kids.sort_by(|&a, &b| entries[a].name.cmp(&entries[b].name));
-            let mut subdirs = Vec::new();
+            let at = sorted.len();
+            sorted_at[d as usize] = at as u32;
+            sorted.extend(0..entries.len() as u32);
+            let kids = &mut sorted[at..];
+            kids.sort_by(|&a, &b| entries[a as usize].name.cmp(&entries[b as usize].name));
+            let kids = &sorted[at..];
+            subdirs.clear();
             for (k, &i) in kids.iter().enumerate() {
-                let e = &entries[i];
+                let e = &entries[i as usize];
                 let child = e.node;
                 let bad_path = || {
                     format!(
@@ -301,7 +309,7 @@ impl<'a> Prepared<'a> {
                 {
                     return Err(Error::InvalidName { name: bad_path() });
                 }
-                if k > 0 && entries[kids[k - 1]].name == e.name {
+                if k > 0 && entries[kids[k - 1] as usize].name == e.name {
                     return Err(Error::DuplicateName { path: bad_path() });
                 }
                 if child as usize >= nodes.len() || child == FsTree::ROOT {
@@ -327,8 +335,7 @@ impl<'a> Prepared<'a> {
                     subdirs.push(child);
                 }
             }
-            sorted_children[d as usize] = kids.iter().map(|&i| (i, entries[i].node)).collect();
-            stack.extend(subdirs.into_iter().rev());
+            stack.extend(subdirs.iter().rev());
         }
         let max_ino = next - 1;
 
@@ -343,12 +350,16 @@ impl<'a> Prepared<'a> {
             let NodeKind::Dir(entries) = &nodes[d as usize].kind else {
                 unreachable!()
             };
-            sorted_children[d as usize]
+            let at = sorted_at[d as usize] as usize;
+            sorted[at..at + entries.len()]
                 .iter()
-                .map(|&(i, child)| Dirent {
-                    name: &entries[i].name,
-                    ino: ino_of[child as usize],
-                    ftype: file_type(&nodes[child as usize].kind),
+                .map(|&i| {
+                    let e = &entries[i as usize];
+                    Dirent {
+                        name: &e.name,
+                        ino: ino_of[e.node as usize],
+                        ftype: file_type(&nodes[e.node as usize].kind),
+                    }
                 })
                 .collect()
         };
