@@ -4,6 +4,7 @@
 //! [`blockdev`] → frontends (NBD, [`ublk`], raw export). [`upkeep`] (gc, stats, verify) sits
 //! above the store and the images it walks.
 
+pub mod alloc;
 pub mod blockdev;
 pub mod cli;
 pub mod commit;

@@ -1,3 +1,6 @@
+#[global_allocator]
+static ALLOC: tessera::alloc::Allocator = tessera::alloc::Allocator;
+
 fn main() -> std::process::ExitCode {
     tessera::cli::main()
 }

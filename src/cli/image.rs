@@ -66,6 +66,8 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 inodes,
                 label,
             };
+            // Sizing a large tree builds big short-lived tables (`crate::alloc`).
+            crate::alloc::huge_pages_for_large(true);
             let (record, planned) = image::create(store, &name, &trees, &opts)
                 .with_context(|| format!("cannot create image {name:?}"))?;
             // Created by sizing only: nothing is synthesized, so no memory figure.

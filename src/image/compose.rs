@@ -181,7 +181,10 @@ pub fn compose(image: &str, layers: &[TreeView], picks: &[Pick]) -> Result<Compo
             .map_err(err)?;
         if entry.kind() == Kind::Dir {
             dir_nodes[layer as usize][index as usize] = node;
-            dirs_by_path.insert(entry.path(), node);
+            // Only a directory of a lower layer replaced by an upper one is found by path.
+            if layers.len() > 1 {
+                dirs_by_path.insert(entry.path(), node);
+            }
         }
         if let Some(link) = entry.link() {
             links.insert((layer, link), node);

@@ -210,10 +210,11 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let served = runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let listeners = listening.open().await?;
         banner::print(&listen, &listed, &exports, &policy, tls_on);
         tls::reload_on_sighup(&config.tls);
-        tessera_nbd::run_all(listeners, exports, config, shutdown_signal()).await;
+        tessera_nbd::run_all(listeners, exports, config, shutdown).await;
         listening.cleanup();
         anyhow::Ok(())
     });
@@ -244,20 +245,34 @@ fn seed_demo(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that resolves on SIGINT or SIGTERM. The handlers are installed by this call,
+/// not when the future is first polled: the caller makes it before the sockets exist, so a
+/// client that has seen the socket can always stop the server with a signal (a test that
+/// did, under load, killed a server whose handler was not yet installed).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+    let watch = |kind: SignalKind, name: &str| {
+        signal(kind)
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch {name}"))
+            .ok()
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut term = watch(SignalKind::terminate(), "SIGTERM");
+    let mut int = watch(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            _ = delivered(&mut int) => {}
+            _ = delivered(&mut term) => {}
+        }
+        eprintln!("shutting down");
     }
-    eprintln!("shutting down");
+}
+
+/// Resolves when `signal` is delivered; never if it is not watched.
+async fn delivered(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }

@@ -161,10 +161,10 @@ pub(crate) enum Segs {
 
 impl Segs {
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let (dense, sparse): (Option<(u64, u64)>, &[(u64, u64)]) = match self {
-            Segs::Dense(0) => (None, &[]),
-            Segs::Dense(n) => (Some((0, *n)), &[]),
-            Segs::Sparse(s) => (None, s),
+        let (dense, sparse) = match self {
+            Segs::Dense(0) => (None, &[][..]),
+            Segs::Dense(n) => (Some((0, *n)), &[][..]),
+            Segs::Sparse(s) => (None, &s[..]),
         };
         dense.into_iter().chain(sparse.iter().copied())
     }

@@ -1,0 +1,74 @@
+//! The binary's allocator: the system's, asking for transparent huge pages for large
+//! blocks when a command turns that on ([`huge_pages_for_large`]).
+//!
+//! `image create` of a large tree builds tens of megabytes of short-lived tables (the
+//! composed tree, the prepared inodes), and a fresh process pays a page fault per 4 KiB of
+//! them: on /usr/share (53 000 entries) about 6 000 faults, a fifth of the command's time.
+//! Blocks of 2 MiB and more are then advised `MADV_HUGEPAGE`, so that the kernel backs them
+//! with 2 MiB pages where it has some (THP "madvise" mode, Debian's default), one fault
+//! each. Off by default: a server keeps its heap in 4 KiB pages, whose memory it counts per
+//! export.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static HUGE: AtomicBool = AtomicBool::new(false);
+
+/// Blocks at least this large are advised when huge pages are on.
+const LARGE: usize = 2 << 20;
+const PAGE: usize = 4096;
+
+/// Turns huge-page advice for large blocks on or off for the rest of the process.
+pub fn huge_pages_for_large(on: bool) {
+    HUGE.store(on, Ordering::Relaxed);
+}
+
+/// The system allocator plus huge-page advice (see the module's documentation).
+pub struct Allocator;
+
+fn advise(p: *mut u8, size: usize) {
+    if p.is_null() || size < LARGE || !HUGE.load(Ordering::Relaxed) {
+        return;
+    }
+    let start = (p as usize).next_multiple_of(PAGE);
+    let end = (p as usize + size) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: `start..end` lies inside the block just allocated (rounded inwards to
+        // whole pages). MADV_HUGEPAGE only sets how future faults of the range are backed;
+        // it changes no memory contents. Failure (no THP) is harmless and ignored.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
+// SAFETY: every call is forwarded to `System` with the caller's arguments, which upholds
+// the `GlobalAlloc` contract; `advise` only adds a hint on memory the block owns.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as received (see the impl).
+        let p = unsafe { System.alloc(layout) };
+        advise(p, layout.size());
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as received (see the impl).
+        let p = unsafe { System.alloc_zeroed(layout) };
+        advise(p, layout.size());
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as received (see the impl).
+        unsafe { System.dealloc(p, layout) }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded as received (see the impl).
+        let q = unsafe { System.realloc(p, layout, new_size) };
+        // A block that was large already keeps its advice when it moves (mremap).
+        if layout.size() < LARGE {
+            advise(q, new_size);
+        }
+        q
+    }
+}
