@@ -72,3 +72,63 @@ unsafe impl GlobalAlloc for Allocator {
         q
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `VmFlags` line of the mapping holding `addr`, from /proc/self/smaps.
+    fn vm_flags_at(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.to_owned();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn large_blocks_are_advised_only_once_turned_on() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            let msg = "alloc: needs a kernel with transparent huge pages";
+            assert!(
+                std::env::var_os("TESSERA_REQUIRE_PEERS").is_none_or(|v| v != "1"),
+                "{msg} (TESSERA_REQUIRE_PEERS=1)"
+            );
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
+            return;
+        }
+        let flags_of = |size: usize| {
+            let layout = Layout::from_size_align(size, 8).unwrap();
+            // SAFETY: a non-zero size; the block is freed with the same layout below.
+            let p = unsafe { Allocator.alloc(layout) };
+            assert!(!p.is_null());
+            let flags = vm_flags_at(p as usize + size / 2);
+            // SAFETY: allocated above with `layout`, not used after this.
+            unsafe { Allocator.dealloc(p, layout) };
+            flags
+        };
+        // Other tests in this process allocate through `System`, not `Allocator`: the
+        // switch only affects the blocks made here.
+        assert!(!flags_of(8 << 20).contains(" hg"), "advised while off");
+        huge_pages_for_large(true);
+        let large = flags_of(8 << 20);
+        huge_pages_for_large(false);
+        assert!(large.contains(" hg"), "8 MiB block not advised: {large}");
+    }
+}
