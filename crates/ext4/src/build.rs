@@ -554,19 +554,31 @@ impl<'a> Prepared<'a> {
         let mut out = Emitter::default();
         let ipg = geo.inodes_per_group;
 
+        // Inode tables: only the blocks holding used inodes; the rest reads as zeros. Each
+        // inode is encoded straight into its slot.
+        let used_in = |g: u64| (self.max_ino as u64).saturating_sub(g * ipg).min(ipg);
+        let mut tables: Vec<Vec<u8>> = (0..geo.groups)
+            .map(|g| vec![0u8; (used_in(g) * INODE_SIZE).div_ceil(BLOCK_SIZE) as usize * BS])
+            .collect();
+        let mut put_inode = |ino: u32, bytes: &[u8; INODE_SIZE as usize]| {
+            let (g, at) = (
+                (ino as u64 - 1) / ipg,
+                ((ino as u64 - 1) % ipg * INODE_SIZE) as usize,
+            );
+            tables[g as usize][at..at + INODE_SIZE as usize].copy_from_slice(bytes);
+        };
+        put_inode(1, &bad_blocks_inode(self.opts.timestamp, fs_seed));
+
         // Inodes: final fields, content blocks, extent trees, xattr blocks.
-        let mut raw_inodes: Vec<(u32, [u8; INODE_SIZE as usize])> =
-            Vec::with_capacity(self.inodes.len() + 1);
-        raw_inodes.push((1, bad_blocks_inode(self.opts.timestamp, fs_seed)));
         for (idx, ino) in self.inodes.iter().enumerate() {
             let mut f = self.inode_fields(ino);
-            let runs = &place.runs[idx];
+            let runs = place.runs(idx);
             let seed = checksum::inode_seed(fs_seed, ino.ino, 0);
             match &ino.content {
                 Content::Inline(blk) => f.i_block = **blk,
                 content => {
                     let extents = self.extents(idx, runs);
-                    let (root, nodes) = extent::build(&extents, &place.tree_blocks[idx], seed);
+                    let (root, nodes) = extent::build(&extents, &place.tree_blocks(idx), seed);
                     f.i_block = root;
                     for (at, b) in nodes {
                         out.meta(at, b);
@@ -575,11 +587,10 @@ impl<'a> Prepared<'a> {
                         Content::Meta(blocks) => {
                             let mut it = blocks.iter();
                             for &(start, len) in runs {
-                                let mut bytes = Vec::with_capacity(len as usize * BS);
-                                for b in it.by_ref().take(len as usize) {
-                                    bytes.extend_from_slice(b);
-                                }
-                                out.meta(start, bytes);
+                                out.meta_blocks(
+                                    start,
+                                    it.by_ref().take(len as usize).map(|b| &b[..]),
+                                );
                             }
                         }
                         Content::Data {
@@ -607,7 +618,7 @@ impl<'a> Prepared<'a> {
                     }
                 }
             }
-            let mut blocks = ino.content.blocks() + place.tree_blocks[idx].len() as u64;
+            let mut blocks = ino.content.blocks() + place.tree_blocks[idx].1 as u64;
             if let (Some(block), Some(at)) = (ino.xattr_block(), place.xattr_blocks[idx]) {
                 let mut b = block.clone();
                 xattr::seal_block(&mut b, at, fs_seed);
@@ -616,24 +627,12 @@ impl<'a> Prepared<'a> {
                 blocks += 1;
             }
             f.sectors = blocks * (BLOCK_SIZE / 512);
-            raw_inodes.push((ino.ino, f.encode(ino.ino, fs_seed)));
+            put_inode(ino.ino, &f.encode(ino.ino, fs_seed));
         }
-        raw_inodes.sort_unstable_by_key(|r| r.0);
-
-        // Inode tables: only the blocks holding used inodes; the rest reads as zeros.
-        let used_in = |g: u64| (self.max_ino as u64).saturating_sub(g * ipg).min(ipg);
-        let mut raw = raw_inodes.iter().peekable();
-        for g in 0..geo.groups {
-            let used = used_in(g);
-            if used == 0 {
-                continue;
+        for (g, table) in tables.into_iter().enumerate() {
+            if !table.is_empty() {
+                out.meta(place.inode_tables[g], table);
             }
-            let mut table = vec![0u8; (used * INODE_SIZE).div_ceil(BLOCK_SIZE) as usize * BS];
-            while let Some((ino, bytes)) = raw.next_if(|r| (r.0 as u64 - 1) / ipg == g) {
-                let at = ((*ino as u64 - 1) % ipg * INODE_SIZE) as usize;
-                table[at..at + INODE_SIZE as usize].copy_from_slice(bytes);
-            }
-            out.meta(place.inode_tables[g as usize], table);
         }
 
         // Bitmaps and group descriptors.
@@ -827,18 +826,21 @@ struct Emitter {
 impl Emitter {
     fn meta(&mut self, start: u64, bytes: Vec<u8>) {
         debug_assert_eq!(bytes.len() % BS, 0);
-        let mut first = None;
-        for block in bytes.chunks(BS) {
+        self.meta_blocks(start, bytes.chunks(BS));
+    }
+
+    /// Like `meta`, for consecutive blocks held apart (no copy into one buffer first).
+    fn meta_blocks<'b>(&mut self, start: u64, blocks: impl IntoIterator<Item = &'b [u8]>) {
+        let (mut first, mut count) = (None, 0u64);
+        for block in blocks {
             let i = self.meta.push(block);
             first.get_or_insert(i);
+            count += 1;
         }
-        self.generated += bytes.len() as u64;
+        self.generated += count * BS as u64;
         let first = first.expect("at least one block");
-        self.regions.extend(Region::split(
-            start,
-            (bytes.len() / BS) as u64,
-            RegionKind::Meta { first },
-        ));
+        self.regions
+            .extend(Region::split(start, count, RegionKind::Meta { first }));
     }
 
     /// Like `meta` for one block, but an all-zero block needs no region at all.

@@ -193,28 +193,39 @@ pub(crate) struct MetaBlock {
 pub(crate) struct MetaStore {
     pub blocks: Vec<MetaBlock>,
     blob: Vec<u8>,
-    seen: HashMap<Vec<u8>, MetaBlock>,
+    /// Stored blocks by the CRC32C and length of their stored bytes (a match is compared
+    /// byte for byte before it is shared). Keyed by the bytes themselves, the index held a
+    /// second copy of every block and hashed each one with SipHash.
+    seen: HashMap<u64, MetaBlock>,
+    /// Room for one compressed block, reused.
+    scratch: Vec<u8>,
 }
 
 impl MetaStore {
     /// Store one 4 KiB block; returns its index in `blocks`.
     pub(crate) fn push(&mut self, block: &[u8]) -> usize {
         debug_assert_eq!(block.len(), BS);
-        let packed = lz4_flex::block::compress(block);
-        let (bytes, raw) = if packed.len() < BS {
-            (packed, 0)
-        } else {
-            (block.to_vec(), RAW)
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; lz4_flex::block::get_maximum_output_size(BS)];
+        }
+        let (bytes, raw) = match lz4_flex::block::compress_into(block, &mut self.scratch) {
+            Ok(n) if n < BS => (&self.scratch[..n], 0),
+            _ => (block, RAW),
         };
-        let entry = match self.seen.get(&bytes) {
-            Some(&e) => e,
-            None => {
+        let key = crc32c::crc32c(bytes) as u64 | (bytes.len() as u64 | raw as u64) << 32;
+        let entry = match self.seen.get(&key) {
+            Some(&e) if self.stored(e) == bytes => e,
+            known => {
                 let e = MetaBlock {
                     at: self.blob.len() as u32,
                     len: bytes.len() as u32 | raw,
                 };
-                self.blob.extend_from_slice(&bytes);
-                self.seen.insert(bytes, e);
+                self.blob.extend_from_slice(bytes);
+                // On a (rare) CRC collision the first block keeps the key; this one is
+                // stored, unshared.
+                if known.is_none() {
+                    self.seen.insert(key, e);
+                }
                 e
             }
         };
@@ -222,9 +233,16 @@ impl MetaStore {
         self.blocks.len() - 1
     }
 
+    /// The stored (compressed or raw) bytes of `b`.
+    fn stored(&self, b: MetaBlock) -> &[u8] {
+        let len = (b.len & !RAW) as usize;
+        &self.blob[b.at as usize..b.at as usize + len]
+    }
+
     /// Drop the build-time index and spare capacity.
     pub(crate) fn finish(&mut self) {
         self.seen = HashMap::new();
+        self.scratch = Vec::new();
         self.blob.shrink_to_fit();
         self.blocks.shrink_to_fit();
     }

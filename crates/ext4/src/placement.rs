@@ -12,9 +12,13 @@ pub(crate) struct Placement {
     pub block_bitmaps: Vec<u64>,
     pub inode_bitmaps: Vec<u64>,
     pub inode_tables: Vec<u64>,
-    /// Per entry of `Prepared::inodes`: content runs, extent-tree blocks, xattr block.
-    pub runs: Vec<Vec<(u64, u64)>>,
-    pub tree_blocks: Vec<Vec<u64>>,
+    /// Every inode's content runs, back to back: entry `idx` of `Prepared::inodes` has
+    /// `runs[run_at[idx]..run_at[idx + 1]]` (one table, not a `Vec` per inode).
+    runs: Vec<(u64, u64)>,
+    run_at: Vec<u32>,
+    /// Per entry of `Prepared::inodes`: its extent-tree blocks, which are consecutive, as
+    /// (first, count), and its xattr block.
+    pub tree_blocks: Vec<(u64, u32)>,
     pub xattr_blocks: Vec<Option<u64>>,
     /// Every allocated range, in increasing order (superblock backups excluded).
     pub used: Vec<(u64, u64)>,
@@ -27,6 +31,19 @@ pub(crate) struct Tally {
     pub end: u64,
     /// Extent-tree blocks of all inodes.
     pub tree_blocks: u64,
+}
+
+impl Placement {
+    /// The content runs of entry `idx` of `Prepared::inodes`.
+    pub fn runs(&self, idx: usize) -> &[(u64, u64)] {
+        &self.runs[self.run_at[idx] as usize..self.run_at[idx + 1] as usize]
+    }
+
+    /// The extent-tree blocks of entry `idx` of `Prepared::inodes`.
+    pub fn tree_blocks(&self, idx: usize) -> Vec<u64> {
+        let (first, n) = self.tree_blocks[idx];
+        (first..first + n as u64).collect()
+    }
 }
 
 impl Prepared<'_> {
@@ -164,17 +181,22 @@ impl Prepared<'_> {
             .map(|_| take(&mut a, &mut used, geo.itable_blocks))
             .collect();
         let mut runs = Vec::with_capacity(self.inodes.len());
+        let mut run_at = Vec::with_capacity(self.inodes.len() + 1);
+        let mut r = Vec::new();
         for ino in &self.inodes {
-            let r = a.runs(ino.content.blocks());
+            run_at.push(runs.len() as u32);
+            a.runs_into(ino.content.blocks(), &mut r);
             used.extend_from_slice(&r);
-            runs.push(r);
+            runs.extend_from_slice(&r);
         }
+        run_at.push(runs.len() as u32);
         let mut tree_blocks = Vec::with_capacity(self.inodes.len());
-        for (idx, r) in runs.iter().enumerate() {
+        for idx in 0..self.inodes.len() {
             let n = match self.inodes[idx].content {
                 Content::Inline(_) => 0,
                 _ => {
                     let mut count = 0;
+                    let r = &runs[run_at[idx] as usize..run_at[idx + 1] as usize];
                     self.each_extent(idx, r, |_| count += 1);
                     extent::tree_blocks(count)
                 }
@@ -184,7 +206,7 @@ impl Prepared<'_> {
             } else {
                 0
             };
-            tree_blocks.push((0..n as u64).map(|i| at + i).collect());
+            tree_blocks.push((at, n as u32));
         }
         let xattr_blocks = self
             .inodes
@@ -198,6 +220,7 @@ impl Prepared<'_> {
             inode_bitmaps,
             inode_tables,
             runs,
+            run_at,
             tree_blocks,
             xattr_blocks,
             used,

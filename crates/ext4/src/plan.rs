@@ -160,6 +160,7 @@ impl Allocator {
 
     /// `n` blocks for file data: contiguous when that wastes little, else split in runs
     /// around superblock backups. Returns `(start, len)` runs in logical order.
+    #[cfg(test)]
     pub fn runs(&mut self, n: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         self.runs_into(n, &mut out);
