@@ -26,8 +26,10 @@ const LOST_FOUND_BLOCKS: usize = 4;
 
 /// Lay out `tree` as an ext4 filesystem.
 pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
-    let p = place(tree, opts)?;
-    Ok(p.prep.emit(&p.geo, &p.place, p.size, p.min_size))
+    let s = size_up(tree, opts, Blocks::Write)?;
+    let place = s.prep.allocate(&s.geo);
+    check_fits(place.end, &s.geo, s.size, s.min_size)?;
+    Ok(s.prep.emit(&s.geo, &place, s.size, s.min_size))
 }
 
 /// Whether [`Prepared`] writes the generated blocks of directories and slow symlinks or
@@ -44,35 +46,6 @@ pub(crate) struct Sized<'a> {
     pub geo: Geometry,
     pub size: u64,
     pub min_size: u64,
-}
-
-/// A tree prepared and placed: everything but the bytes.
-pub(crate) struct Placed<'a> {
-    pub prep: Prepared<'a>,
-    pub geo: Geometry,
-    pub place: Placement,
-    pub size: u64,
-    pub min_size: u64,
-}
-
-/// Number, prepare and place every inode of `tree`, and check that it fits.
-pub(crate) fn place<'a>(tree: &'a FsTree, opts: &'a Options) -> Result<Placed<'a>, Error> {
-    let Sized {
-        prep,
-        geo,
-        size,
-        min_size,
-    } = size_up(tree, opts, Blocks::Write)?;
-    let place = prep.allocate(&geo);
-    debug_assert_eq!(prep.allocated_end(&geo), place.end);
-    check_fits(place.end, &geo, size, min_size)?;
-    Ok(Placed {
-        prep,
-        geo,
-        place,
-        size,
-        min_size,
-    })
 }
 
 /// Whether blocks allocated up to `end` fit in `geo`.

@@ -25,6 +25,17 @@ pub(crate) struct Placement {
     pub end: u64,
 }
 
+/// What an allocated range is for; `usize`s are entries of `Prepared::inodes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    BlockBitmap,
+    InodeBitmap,
+    InodeTable,
+    Content(usize),
+    ExtentTree(usize),
+    Xattr(usize),
+}
+
 /// What [`Prepared::tally`] counts.
 pub(crate) struct Tally {
     /// First block past everything allocated.
@@ -120,111 +131,92 @@ impl Prepared<'_> {
     /// `allocate(geo).end` without keeping where anything went: the minimum-size search
     /// tries geometries with it.
     pub(crate) fn allocated_end(&self, geo: &Geometry) -> u64 {
-        self.tally(geo, |_, _| {}).end
+        self.tally(geo, |_, _, _| {}).end
     }
 
-    /// The steps of [`Self::allocate`] in the same order, handing each allocated range
-    /// `(start, len)` to `used` instead of keeping it.
-    pub(crate) fn tally(&self, geo: &Geometry, mut used: impl FnMut(u64, u64)) -> Tally {
+    /// Allocates every block in `geo`, in the one order [`Self::allocate`], sizing and
+    /// [`crate::plan`] share, handing each range `(start, len)` and what it is for to `used`.
+    pub(crate) fn tally(&self, geo: &Geometry, mut used: impl FnMut(Use, u64, u64)) -> Tally {
         let mut a = Allocator::new(geo);
-        let mut take = |a: &mut Allocator, n: u64| used(a.contiguous(n), n);
-        for _ in 0..2 * geo.groups {
-            take(&mut a, 1);
+        let mut take = |a: &mut Allocator, what: Use, n: u64| used(what, a.contiguous(n), n);
+        for what in [Use::BlockBitmap, Use::InodeBitmap] {
+            for _ in 0..geo.groups {
+                take(&mut a, what, 1);
+            }
         }
         for _ in 0..geo.groups {
-            take(&mut a, geo.itable_blocks);
+            take(&mut a, Use::InodeTable, geo.itable_blocks);
         }
-        let mut tree_blocks = Vec::with_capacity(self.inodes.len());
+        let mut tree_blocks = Vec::new();
         let mut runs = Vec::new();
         for (idx, ino) in self.inodes.iter().enumerate() {
             a.runs_into(ino.content.blocks(), &mut runs);
             for &(start, len) in &runs {
-                used(start, len);
+                used(Use::Content(idx), start, len);
             }
-            tree_blocks.push(match ino.content {
-                Content::Inline(_) => 0,
-                _ => {
-                    let mut count = 0;
-                    self.each_extent(idx, &runs, |_| count += 1);
-                    extent::tree_blocks(count)
+            if !matches!(ino.content, Content::Inline(_)) {
+                let mut count = 0;
+                self.each_extent(idx, &runs, |_| count += 1);
+                let n = extent::tree_blocks(count) as u64;
+                if n > 0 {
+                    tree_blocks.push((idx, n));
                 }
-            });
+            }
         }
-        let mut take = |a: &mut Allocator, n: u64| used(a.contiguous(n), n);
-        for &n in tree_blocks.iter().filter(|&&n| n > 0) {
-            take(&mut a, n as u64);
+        let mut take = |a: &mut Allocator, what: Use, n: u64| used(what, a.contiguous(n), n);
+        for &(idx, n) in &tree_blocks {
+            take(&mut a, Use::ExtentTree(idx), n);
         }
-        for _ in self.inodes.iter().filter(|i| i.xattr_block().is_some()) {
-            take(&mut a, 1);
+        for (idx, _) in self
+            .inodes
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.xattr_block().is_some())
+        {
+            take(&mut a, Use::Xattr(idx), 1);
         }
         Tally {
             end: a.end(),
-            tree_blocks: tree_blocks.iter().map(|&n| n as u64).sum(),
+            tree_blocks: tree_blocks.iter().map(|&(_, n)| n).sum(),
         }
     }
 
     pub(crate) fn allocate(&self, geo: &Geometry) -> Placement {
-        let mut a = Allocator::new(geo);
-        let mut used = Vec::new();
-        fn take(a: &mut Allocator, used: &mut Vec<(u64, u64)>, n: u64) -> u64 {
-            let at = a.contiguous(n);
-            used.push((at, n));
-            at
-        }
-        let block_bitmaps: Vec<u64> = (0..geo.groups)
-            .map(|_| take(&mut a, &mut used, 1))
-            .collect();
-        let inode_bitmaps: Vec<u64> = (0..geo.groups)
-            .map(|_| take(&mut a, &mut used, 1))
-            .collect();
-        let inode_tables: Vec<u64> = (0..geo.groups)
-            .map(|_| take(&mut a, &mut used, geo.itable_blocks))
-            .collect();
-        let mut runs = Vec::with_capacity(self.inodes.len());
-        let mut run_at = Vec::with_capacity(self.inodes.len() + 1);
-        let mut r = Vec::new();
-        for ino in &self.inodes {
-            run_at.push(runs.len() as u32);
-            a.runs_into(ino.content.blocks(), &mut r);
-            used.extend_from_slice(&r);
-            runs.extend_from_slice(&r);
-        }
-        run_at.push(runs.len() as u32);
-        let mut tree_blocks = Vec::with_capacity(self.inodes.len());
-        for idx in 0..self.inodes.len() {
-            let n = match self.inodes[idx].content {
-                Content::Inline(_) => 0,
-                _ => {
-                    let mut count = 0;
-                    let r = &runs[run_at[idx] as usize..run_at[idx + 1] as usize];
-                    self.each_extent(idx, r, |_| count += 1);
-                    extent::tree_blocks(count)
+        let n = self.inodes.len();
+        let groups = geo.groups as usize;
+        let mut p = Placement {
+            block_bitmaps: Vec::with_capacity(groups),
+            inode_bitmaps: Vec::with_capacity(groups),
+            inode_tables: Vec::with_capacity(groups),
+            runs: Vec::with_capacity(n),
+            run_at: vec![0; n + 1],
+            tree_blocks: vec![(0, 0); n],
+            xattr_blocks: vec![None; n],
+            used: Vec::new(),
+            end: 0,
+        };
+        p.end = self
+            .tally(geo, |what, start, len| {
+                p.used.push((start, len));
+                match what {
+                    Use::BlockBitmap => p.block_bitmaps.push(start),
+                    Use::InodeBitmap => p.inode_bitmaps.push(start),
+                    Use::InodeTable => p.inode_tables.push(start),
+                    Use::Content(idx) => {
+                        p.runs.push((start, len));
+                        p.run_at[idx + 1] += 1;
+                    }
+                    Use::ExtentTree(idx) => p.tree_blocks[idx] = (start, len as u32),
+                    Use::Xattr(idx) => p.xattr_blocks[idx] = Some(start),
                 }
-            };
-            let at = if n > 0 {
-                take(&mut a, &mut used, n as u64)
-            } else {
-                0
-            };
-            tree_blocks.push((at, n as u32));
+            })
+            .end;
+        // Run counts per inode to where each inode's runs start.
+        for i in 1..=n {
+            p.run_at[i] += p.run_at[i - 1];
         }
-        let xattr_blocks = self
-            .inodes
-            .iter()
-            .map(|i| i.xattr_block().map(|_| take(&mut a, &mut used, 1)))
-            .collect();
         // The allocator only moves forward: `used` is in block order as pushed.
-        debug_assert!(used.is_sorted());
-        Placement {
-            block_bitmaps,
-            inode_bitmaps,
-            inode_tables,
-            runs,
-            run_at,
-            tree_blocks,
-            xattr_blocks,
-            used,
-            end: a.end(),
-        }
+        debug_assert!(p.used.is_sorted());
+        p
     }
 }

@@ -44,7 +44,7 @@ pub fn plan(tree: &FsTree, opts: &Options) -> Result<Summary, Error> {
             }
         }
     };
-    let tally = prep.tally(&geo, &mut count);
+    let tally = prep.tally(&geo, |_, s, l| count(s, l));
     check_fits(tally.end, &geo, size, min_size)?;
     let supers = geo.super_ranges();
     for &(s, l) in &supers {
