@@ -1,48 +1,60 @@
 //! From a tree and options to a [`Layout`]: number the inodes, prepare every inode's content,
-//! pick a geometry, allocate blocks ([`crate::plan`]), then emit the metadata bytes.
+//! pick a geometry, allocate blocks ([`crate::plan`]), then generate the metadata bytes
+//! ([`crate::generate`]), all at once or as reads reach them.
 
 use crate::checksum;
 use crate::dir::{self, Dirent};
-use crate::extent;
+use crate::generate::Generator;
 use crate::hash::seed_words;
 use crate::inode::{self, InodeFields};
-use crate::layout::{MetaStore, Region, RegionKind};
-use crate::placement::Placement;
-use crate::plan::{Geometry, BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
-use crate::regions::RegionTable;
-use crate::superblock::{self, GroupDesc, Totals, FIRST_INO};
+use crate::layout::{Meta, MetaStore};
+use crate::plan::{Geometry, INODE_SIZE};
+use crate::superblock::FIRST_INO;
 use crate::xattr;
 use crate::{
-    DataHandle, Error, FsTree, Layout, NodeId, NodeKind, Options, Stats, Timestamp, BLOCK_SIZE,
+    DataHandle, Error, FsTree, Layout, MetadataBlocks, NodeId, NodeKind, Options, Timestamp,
+    BLOCK_SIZE,
 };
 
 const BS: usize = BLOCK_SIZE as usize;
-const ROOT_INO: u32 = 2;
+pub(crate) const ROOT_INO: u32 = 2;
 const LOST_FOUND_INO: u32 = FIRST_INO;
 /// ext4's link count limit; directories beyond it use `dir_nlink` (count 1).
 const LINK_MAX: u64 = 65000;
 /// Blocks mke2fs gives lost+found, so e2fsck can reconnect files without allocating.
 const LOST_FOUND_BLOCKS: usize = 4;
 
-/// Lay out `tree` as an ext4 filesystem.
+/// Lay out `tree` as an ext4 filesystem, generating all of its metadata.
 pub fn build(tree: &FsTree, opts: &Options) -> Result<Layout, Error> {
-    let s = size_up(tree, opts, Blocks::Write)?;
-    let place = s.prep.allocate(&s.geo);
-    check_fits(place.end, &s.geo, s.size, s.min_size)?;
-    Ok(s.prep.emit(&s.geo, &place, s.size, s.min_size))
+    let (mut layout, mut meta, generator) = lay_out(tree, opts)?;
+    generator.generate_all(tree, &mut meta);
+    meta.finish();
+    layout.meta = Meta::Held(meta);
+    Ok(layout)
 }
 
-/// Whether [`Prepared`] writes the generated blocks of directories and slow symlinks or
-/// only counts them: counting is enough to size and check an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Blocks {
-    Write,
-    Count,
+/// Lay out `tree` as [`build`] does, generating only the metadata every read needs
+/// (superblocks, group descriptors, bitmaps): the rest is generated when a read through
+/// [`Layout::pieces_with`] first reaches it, from `tree`, which the returned metadata keeps
+/// until [`MetadataBlocks::generate_all`]. The bytes read are [`build`]'s.
+pub fn build_on_demand(tree: FsTree, opts: &Options) -> Result<(Layout, MetadataBlocks), Error> {
+    let (layout, meta, generator) = lay_out(&tree, opts)?;
+    Ok((layout, MetadataBlocks::on_demand(meta, tree, generator)))
+}
+
+/// The block map of `tree` with the metadata that costs nothing to keep (superblocks,
+/// group descriptors, bitmaps) in a store with a slot for every other block, and what
+/// generates the rest.
+fn lay_out(tree: &FsTree, opts: &Options) -> Result<(Layout, MetaStore, Generator), Error> {
+    let s = size_up(tree, opts)?;
+    let place = s.prep.allocate(&s.geo);
+    check_fits(place.end, &s.geo, s.size, s.min_size)?;
+    Ok(Generator::new(s.prep, s.geo, place, s.size, s.min_size))
 }
 
 /// A tree prepared, with the geometry it gets: everything but where blocks go.
-pub(crate) struct Sized<'a> {
-    pub prep: Prepared<'a>,
+pub(crate) struct Sized {
+    pub prep: Prepared,
     pub geo: Geometry,
     pub size: u64,
     pub min_size: u64,
@@ -62,15 +74,11 @@ pub(crate) fn check_fits(end: u64, geo: &Geometry, size: u64, min_size: u64) -> 
 /// Number and prepare every inode of `tree` and choose the geometry: the minimum size the
 /// tree needs, and the size and inode count it gets. Does not check that it fits a size
 /// given in `opts` ([`check_fits`] does, after allocation).
-pub(crate) fn size_up<'a>(
-    tree: &'a FsTree,
-    opts: &'a Options,
-    blocks: Blocks,
-) -> Result<Sized<'a>, Error> {
+pub(crate) fn size_up(tree: &FsTree, opts: &Options) -> Result<Sized, Error> {
     if opts.label.len() > 16 {
         return Err(Error::LabelTooLong);
     }
-    let prep = Prepared::new(tree, opts, blocks)?;
+    let prep = Prepared::new(tree, opts)?;
     let needed_inodes = prep.max_ino as u64;
     if let Some(n) = opts.inodes {
         if (n as u64) < needed_inodes {
@@ -110,9 +118,8 @@ pub(crate) enum Content {
     /// Nothing outside `i_block` (fast symlinks, devices, fifos, sockets). Boxed: few
     /// inodes have one, and it would make every inode's content 60 bytes.
     Inline(Box<[u8; 60]>),
-    /// Generated blocks: directory blocks or a slow symlink's target.
-    Meta(Vec<Vec<u8>>),
-    /// As many generated blocks as `Meta` would hold, not written ([`Blocks::Count`]).
+    /// This many generated blocks: a directory's or a slow symlink's target, made when
+    /// they are needed ([`Prepared::content_blocks`]).
     Sized(u64),
     /// File data: `segs` are (first logical block, block count) ranges, all backed by
     /// consecutive blocks of the object behind `handle`. Empty for an empty file.
@@ -147,7 +154,6 @@ impl Content {
     pub fn blocks(&self) -> u64 {
         match self {
             Content::Inline(_) => 0,
-            Content::Meta(b) => b.len() as u64,
             Content::Sized(n) => *n,
             Content::Data { segs, .. } => segs.iter().map(|s| s.1).sum(),
         }
@@ -167,7 +173,7 @@ struct Fields {
 pub(crate) struct Ino {
     pub ino: u32,
     /// The tree node the inode was made from; `None` for a lost+found made up here.
-    node: Option<NodeId>,
+    pub node: Option<NodeId>,
     fields: Fields,
     pub content: Content,
     /// Encoded extended attributes; boxed and `None` without any, as most inodes are.
@@ -186,12 +192,23 @@ impl Ino {
     }
 }
 
-pub(crate) struct Prepared<'a> {
-    opts: &'a Options,
-    tree: &'a FsTree,
+/// Every inode numbered and sized, with what it takes to write its blocks later: the
+/// numbering and each directory's entries in name order. Holds no reference to the tree,
+/// which is passed again to generate blocks, so that it can be kept beside the tree.
+pub(crate) struct Prepared {
+    pub opts: Options,
     /// Root first, then inodes `FIRST_INO..=max_ino` in order.
     pub inodes: Vec<Ino>,
     pub max_ino: u32,
+    /// Per tree node: its inode number and its parent node.
+    ino_of: Vec<u32>,
+    parent: Vec<NodeId>,
+    /// Each directory's entry indices in name order, all directories in one table:
+    /// directory `d`'s are `sorted[sorted_at[d]..][..its entry count]`.
+    sorted: Vec<u32>,
+    sorted_at: Vec<u32>,
+    /// The tree has no lost+found: the root lists the one made up here.
+    lost_found_made_up: bool,
 }
 
 fn file_type(kind: &NodeKind) -> u8 {
@@ -223,8 +240,33 @@ fn path_of(tree: &FsTree, parent: &[NodeId], node: NodeId) -> String {
     format!("/{}", parts.join("/"))
 }
 
-impl<'a> Prepared<'a> {
-    fn new(tree: &'a FsTree, opts: &'a Options, write: Blocks) -> Result<Prepared<'a>, Error> {
+/// The entries of directory `d` in name order, as written to its blocks.
+fn dirents<'t>(
+    nodes: &'t [crate::Node],
+    d: NodeId,
+    sorted: &[u32],
+    sorted_at: &[u32],
+    ino_of: &[u32],
+) -> Vec<Dirent<'t>> {
+    let NodeKind::Dir(entries) = &nodes[d as usize].kind else {
+        unreachable!()
+    };
+    let at = sorted_at[d as usize] as usize;
+    sorted[at..at + entries.len()]
+        .iter()
+        .map(|&i| {
+            let e = &entries[i as usize];
+            Dirent {
+                name: &e.name,
+                ino: ino_of[e.node as usize],
+                ftype: file_type(&nodes[e.node as usize].kind),
+            }
+        })
+        .collect()
+}
+
+impl Prepared {
+    fn new(tree: &FsTree, opts: &Options) -> Result<Prepared, Error> {
         let nodes = tree.nodes();
         if !matches!(nodes[0].kind, NodeKind::Dir(_)) {
             return Err(Error::RootNotDir);
@@ -245,8 +287,6 @@ impl<'a> Prepared<'a> {
         }
         let mut next = LOST_FOUND_INO + 1;
         let mut stack = vec![FsTree::ROOT];
-        // Each directory's entry indices in name order, all directories in one table:
-        // directory `d`'s are `sorted[sorted_at[d]..][..its entry count]`.
         let mut sorted: Vec<u32> = Vec::with_capacity(nodes.len());
         let mut sorted_at = vec![0u32; nodes.len()];
         let mut subdirs = Vec::new();
@@ -313,29 +353,12 @@ impl<'a> Prepared<'a> {
         let max_ino = next - 1;
 
         let hash_seed = seed_words(&opts.hash_seed);
-        let fs_seed = opts.checksum_seed;
         let mut by_ino: Vec<Option<NodeId>> = vec![None; (max_ino - LOST_FOUND_INO + 1) as usize];
         for &n in &order {
             by_ino[(ino_of[n as usize] - LOST_FOUND_INO) as usize] = Some(n);
         }
 
-        let dirents = |d: NodeId| -> Vec<Dirent<'_>> {
-            let NodeKind::Dir(entries) = &nodes[d as usize].kind else {
-                unreachable!()
-            };
-            let at = sorted_at[d as usize] as usize;
-            sorted[at..at + entries.len()]
-                .iter()
-                .map(|&i| {
-                    let e = &entries[i as usize];
-                    Dirent {
-                        name: &e.name,
-                        ino: ino_of[e.node as usize],
-                        ftype: file_type(&nodes[e.node as usize].kind),
-                    }
-                })
-                .collect()
-        };
+        let dirents = |d: NodeId| dirents(nodes, d, &sorted, &sorted_at, &ino_of);
 
         let make = |node: NodeId, ino: u32| -> Result<Ino, Error> {
             let n = &nodes[node as usize];
@@ -369,27 +392,8 @@ impl<'a> Prepared<'a> {
                     } else {
                         (subdirs + 2) as u16
                     };
-                    let parent_ino = if node == FsTree::ROOT {
-                        ROOT_INO
-                    } else {
-                        ino_of[parent[node as usize] as usize]
-                    };
-                    let (content, indexed) = match write {
-                        Blocks::Write => {
-                            let (blocks, indexed) = dir::build(
-                                ino,
-                                parent_ino,
-                                &kids,
-                                &hash_seed,
-                                checksum::inode_seed(fs_seed, ino, 0),
-                            );
-                            (Content::Meta(blocks), indexed)
-                        }
-                        Blocks::Count => {
-                            let (n, indexed) = dir::shape(&kids, &hash_seed);
-                            (Content::Sized(n as u64), indexed)
-                        }
-                    };
+                    let (n, indexed) = dir::shape(&kids, &hash_seed);
+                    let content = Content::Sized(n as u64);
                     fields.mode |= inode::S_IFDIR;
                     fields.size = content.blocks() * BLOCK_SIZE;
                     fields.flags =
@@ -412,14 +416,9 @@ impl<'a> Prepared<'a> {
                         let mut blk = [0u8; 60];
                         blk[..target.len()].copy_from_slice(target);
                         Content::Inline(Box::new(blk))
-                    } else if write == Blocks::Count {
-                        fields.flags = inode::EXT4_EXTENTS_FL;
-                        Content::Sized(1)
                     } else {
                         fields.flags = inode::EXT4_EXTENTS_FL;
-                        let mut b = vec![0u8; BS];
-                        b[..target.len()].copy_from_slice(target);
-                        Content::Meta(vec![b])
+                        Content::Sized(1)
                     }
                 }
                 NodeKind::CharDev { major, minor } => {
@@ -476,22 +475,74 @@ impl<'a> Prepared<'a> {
         inodes.push(make(FsTree::ROOT, ROOT_INO)?);
         match lost_found {
             Some(lf) => inodes.push(make(lf, LOST_FOUND_INO)?),
-            None => inodes.push(synthetic_lost_found(opts)),
+            None => inodes.push(synthetic_lost_found()),
         }
         for (i, n) in by_ino.iter().enumerate().skip(1) {
             let node = n.expect("inode numbers are dense");
             inodes.push(make(node, LOST_FOUND_INO + i as u32)?);
         }
         Ok(Prepared {
-            opts,
-            tree,
+            opts: opts.clone(),
             inodes,
             max_ino,
+            ino_of,
+            parent,
+            sorted,
+            sorted_at,
+            lost_found_made_up: lost_found.is_none(),
         })
     }
 
+    /// Heap bytes held, roughly (xattrs and sparse files' ranges not counted).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.inodes.capacity() * std::mem::size_of::<Ino>()
+            + (self.ino_of.capacity()
+                + self.parent.capacity()
+                + self.sorted.capacity()
+                + self.sorted_at.capacity())
+                * 4
+    }
+
+    /// The generated blocks of entry `idx` of `inodes` (a directory or a slow symlink), in
+    /// logical order: `content.blocks()` of them.
+    pub(crate) fn content_blocks(&self, tree: &FsTree, idx: usize) -> Vec<Vec<u8>> {
+        let ino = &self.inodes[idx];
+        let seed = checksum::inode_seed(self.opts.checksum_seed, ino.ino, 0);
+        let hash_seed = seed_words(&self.opts.hash_seed);
+        let Some(node) = ino.node else {
+            let (mut blocks, _) = dir::build(LOST_FOUND_INO, ROOT_INO, &[], &hash_seed, seed);
+            blocks.extend((1..LOST_FOUND_BLOCKS).map(|_| dir::empty_block(seed)));
+            return blocks;
+        };
+        let nodes = tree.nodes();
+        match &nodes[node as usize].kind {
+            NodeKind::Dir(_) => {
+                let mut kids = dirents(nodes, node, &self.sorted, &self.sorted_at, &self.ino_of);
+                if node == FsTree::ROOT && self.lost_found_made_up {
+                    kids.push(Dirent {
+                        name: b"lost+found",
+                        ino: LOST_FOUND_INO,
+                        ftype: dir::FT_DIR,
+                    });
+                }
+                let parent_ino = if node == FsTree::ROOT {
+                    ROOT_INO
+                } else {
+                    self.ino_of[self.parent[node as usize] as usize]
+                };
+                dir::build(ino.ino, parent_ino, &kids, &hash_seed, seed).0
+            }
+            NodeKind::Symlink(target) => {
+                let mut b = vec![0u8; BS];
+                b[..target.len()].copy_from_slice(target);
+                vec![b]
+            }
+            _ => unreachable!("only directories and slow symlinks have generated blocks"),
+        }
+    }
+
     /// All of `ino`'s fields but those its content decides at emit time.
-    fn inode_fields(&self, ino: &Ino) -> InodeFields {
+    pub(crate) fn inode_fields(&self, tree: &FsTree, ino: &Ino) -> InodeFields {
         let f = &ino.fields;
         let mut out = InodeFields {
             mode: f.mode,
@@ -503,7 +554,7 @@ impl<'a> Prepared<'a> {
         };
         match ino.node {
             Some(node) => {
-                let m = &self.tree.node(node).meta;
+                let m = &tree.node(node).meta;
                 out.uid = m.uid;
                 out.gid = m.gid;
                 out.atime = m.atime;
@@ -520,191 +571,6 @@ impl<'a> Prepared<'a> {
             }
         }
         out
-    }
-
-    fn emit(&self, geo: &Geometry, place: &Placement, size: u64, min_size: u64) -> Layout {
-        let fs_seed = self.opts.checksum_seed;
-        let mut out = Emitter::default();
-        let ipg = geo.inodes_per_group;
-
-        // Inode tables: only the blocks holding used inodes; the rest reads as zeros. Each
-        // inode is encoded straight into its slot.
-        let used_in = |g: u64| (self.max_ino as u64).saturating_sub(g * ipg).min(ipg);
-        let mut tables: Vec<Vec<u8>> = (0..geo.groups)
-            .map(|g| vec![0u8; (used_in(g) * INODE_SIZE).div_ceil(BLOCK_SIZE) as usize * BS])
-            .collect();
-        let mut put_inode = |ino: u32, bytes: &[u8; INODE_SIZE as usize]| {
-            let (g, at) = (
-                (ino as u64 - 1) / ipg,
-                ((ino as u64 - 1) % ipg * INODE_SIZE) as usize,
-            );
-            tables[g as usize][at..at + INODE_SIZE as usize].copy_from_slice(bytes);
-        };
-        put_inode(1, &bad_blocks_inode(self.opts.timestamp, fs_seed));
-
-        // Inodes: final fields, content blocks, extent trees, xattr blocks.
-        for (idx, ino) in self.inodes.iter().enumerate() {
-            let mut f = self.inode_fields(ino);
-            let runs = place.runs(idx);
-            let seed = checksum::inode_seed(fs_seed, ino.ino, 0);
-            match &ino.content {
-                Content::Inline(blk) => f.i_block = **blk,
-                content => {
-                    let extents = self.extents(idx, runs);
-                    let (root, nodes) = extent::build(&extents, &place.tree_blocks(idx), seed);
-                    f.i_block = root;
-                    for (at, b) in nodes {
-                        out.meta(at, b);
-                    }
-                    match content {
-                        Content::Meta(blocks) => {
-                            let mut it = blocks.iter();
-                            for &(start, len) in runs {
-                                out.meta_blocks(
-                                    start,
-                                    it.by_ref().take(len as usize).map(|b| &b[..]),
-                                );
-                            }
-                        }
-                        Content::Data {
-                            handle, object_len, ..
-                        } => {
-                            let mut object_block = 0u64;
-                            for &(start, len) in runs {
-                                let offset = object_block * BLOCK_SIZE;
-                                let data_len = (len * BLOCK_SIZE).min(object_len - offset);
-                                out.regions.extend(Region::split(
-                                    start,
-                                    len,
-                                    RegionKind::Data {
-                                        handle: *handle,
-                                        offset,
-                                        data_len,
-                                    },
-                                ));
-                                object_block += len;
-                            }
-                        }
-                        Content::Inline(_) | Content::Sized(_) => {
-                            unreachable!("emitting needs written blocks")
-                        }
-                    }
-                }
-            }
-            let mut blocks = ino.content.blocks() + place.tree_blocks[idx].1 as u64;
-            if let (Some(block), Some(at)) = (ino.xattr_block(), place.xattr_blocks[idx]) {
-                let mut b = block.clone();
-                xattr::seal_block(&mut b, at, fs_seed);
-                out.meta(at, b);
-                f.file_acl = at;
-                blocks += 1;
-            }
-            f.sectors = blocks * (BLOCK_SIZE / 512);
-            put_inode(ino.ino, &f.encode(ino.ino, fs_seed));
-        }
-        for (g, table) in tables.into_iter().enumerate() {
-            if !table.is_empty() {
-                out.meta(place.inode_tables[g], table);
-            }
-        }
-
-        // Bitmaps and group descriptors.
-        let mut used_ranges: Vec<(u64, u64)> = place.used.clone();
-        used_ranges.extend(geo.super_ranges());
-        used_ranges.sort_unstable();
-        let mut ranges = used_ranges.iter().peekable();
-        let mut descs = Vec::with_capacity(geo.groups as usize);
-        let mut dirs_in = vec![0u32; geo.groups as usize];
-        for ino in self.inodes.iter().filter(|i| i.is_dir) {
-            dirs_in[((ino.ino as u64 - 1) / ipg) as usize] += 1;
-        }
-        let (mut free_blocks, mut free_inodes) = (0u64, 0u64);
-        for g in 0..geo.groups {
-            let (gstart, glen) = (geo.group_start(g), geo.group_len(g));
-            let mut bm = vec![0u8; BS];
-            set_bits(&mut bm, glen, BLOCKS_PER_GROUP);
-            let mut used = 0;
-            while let Some(&&(s, l)) = ranges.peek() {
-                if s >= gstart + glen {
-                    break;
-                }
-                let (from, to) = (s.max(gstart), (s + l).min(gstart + glen));
-                if from < to {
-                    set_bits(&mut bm, from - gstart, to - gstart);
-                    used += to - from;
-                }
-                if s + l > gstart + glen {
-                    break; // continues into the next group
-                }
-                ranges.next();
-            }
-            let bb_csum = checksum::crc(fs_seed, &bm);
-            out.meta_shared(place.block_bitmaps[g as usize], bm);
-
-            let iused = used_in(g);
-            let mut im = vec![0u8; BS];
-            set_bits(&mut im, 0, iused);
-            set_bits(&mut im, ipg, BLOCKS_PER_GROUP);
-            let ib_csum = checksum::crc(fs_seed, &im[..(ipg / 8) as usize]);
-            out.meta_shared(place.inode_bitmaps[g as usize], im);
-
-            let d = GroupDesc {
-                block_bitmap: place.block_bitmaps[g as usize],
-                inode_bitmap: place.inode_bitmaps[g as usize],
-                inode_table: place.inode_tables[g as usize],
-                free_blocks: (glen - used) as u32,
-                free_inodes: (ipg - iused) as u32,
-                used_dirs: dirs_in[g as usize],
-                itable_unused: (ipg - iused) as u32,
-                block_bitmap_csum: bb_csum,
-                inode_bitmap_csum: ib_csum,
-            };
-            free_blocks += glen - used;
-            free_inodes += ipg - iused;
-            descs.push(d);
-        }
-        let mut gdt = vec![0u8; (geo.gdt_blocks * BLOCK_SIZE) as usize];
-        for (g, d) in descs.iter().enumerate() {
-            d.encode(g as u32, fs_seed, &mut gdt[g * DESC_SIZE as usize..]);
-        }
-        let totals = Totals {
-            free_blocks,
-            free_inodes,
-        };
-        for (start, _) in geo.super_ranges() {
-            let g = start / BLOCKS_PER_GROUP;
-            let mut b = vec![0u8; BS + gdt.len()];
-            let at = if g == 0 { 1024 } else { 0 };
-            b[at..at + 1024].copy_from_slice(&superblock::encode(geo, self.opts, totals, g));
-            b[BS..].copy_from_slice(&gdt);
-            out.meta(start, b);
-        }
-
-        let metadata_bytes = out.generated;
-        out.meta.finish();
-        let data_blocks = out
-            .regions
-            .iter()
-            .filter(|r| matches!(r.kind(), RegionKind::Data { .. }))
-            .map(|r| r.len())
-            .sum();
-        let mut regions = out.regions;
-        regions.sort_unstable_by_key(|r| r.start());
-        Layout {
-            size: size / BLOCK_SIZE * BLOCK_SIZE,
-            regions: RegionTable::new(&regions),
-            meta: out.meta,
-            stats: Stats {
-                blocks: geo.blocks,
-                free_blocks,
-                inodes: geo.inodes(),
-                free_inodes,
-                groups: geo.groups,
-                metadata_bytes,
-                data_blocks,
-                min_size,
-            },
-        }
     }
 }
 
@@ -738,7 +604,7 @@ fn file_segments(f: &crate::FileData) -> Result<Segs, &'static str> {
     Ok(Segs::Sparse(out.into_boxed_slice()))
 }
 
-fn set_bits(bm: &mut [u8], from: u64, to: u64) {
+pub(crate) fn set_bits(bm: &mut [u8], from: u64, to: u64) {
     for bit in from..to {
         bm[(bit / 8) as usize] |= 1 << (bit % 8);
     }
@@ -746,16 +612,7 @@ fn set_bits(bm: &mut [u8], from: u64, to: u64) {
 
 /// A lost+found for a tree without one; its times are the image's timestamp
 /// ([`Prepared::inode_fields`]).
-fn synthetic_lost_found(opts: &Options) -> Ino {
-    let seed = checksum::inode_seed(opts.checksum_seed, LOST_FOUND_INO, 0);
-    let (mut blocks, _) = dir::build(
-        LOST_FOUND_INO,
-        ROOT_INO,
-        &[],
-        &seed_words(&opts.hash_seed),
-        seed,
-    );
-    blocks.extend((1..LOST_FOUND_BLOCKS).map(|_| dir::empty_block(seed)));
+fn synthetic_lost_found() -> Ino {
     let fields = Fields {
         mode: inode::S_IFDIR | 0o700,
         links: 2,
@@ -766,14 +623,14 @@ fn synthetic_lost_found(opts: &Options) -> Ino {
         ino: LOST_FOUND_INO,
         node: None,
         fields,
-        content: Content::Meta(blocks),
+        content: Content::Sized(LOST_FOUND_BLOCKS as u64),
         xattrs: None,
         is_dir: true,
     }
 }
 
 /// Inode 1 (bad blocks) as mke2fs writes it: empty, with times.
-fn bad_blocks_inode(timestamp: i64, fs_seed: u32) -> [u8; INODE_SIZE as usize] {
+pub(crate) fn bad_blocks_inode(timestamp: i64, fs_seed: u32) -> [u8; INODE_SIZE as usize] {
     let t = Timestamp {
         sec: timestamp,
         nsec: 0,
@@ -785,41 +642,4 @@ fn bad_blocks_inode(timestamp: i64, fs_seed: u32) -> [u8; INODE_SIZE as usize] {
         ..Default::default()
     }
     .encode(1, fs_seed)
-}
-
-/// Collects regions and the metadata behind them.
-#[derive(Default)]
-struct Emitter {
-    regions: Vec<Region>,
-    meta: MetaStore,
-    /// Bytes of metadata generated (before compression and sharing).
-    generated: u64,
-}
-
-impl Emitter {
-    fn meta(&mut self, start: u64, bytes: Vec<u8>) {
-        debug_assert_eq!(bytes.len() % BS, 0);
-        self.meta_blocks(start, bytes.chunks(BS));
-    }
-
-    /// Like `meta`, for consecutive blocks held apart (no copy into one buffer first).
-    fn meta_blocks<'b>(&mut self, start: u64, blocks: impl IntoIterator<Item = &'b [u8]>) {
-        let (mut first, mut count) = (None, 0u64);
-        for block in blocks {
-            let i = self.meta.push(block);
-            first.get_or_insert(i);
-            count += 1;
-        }
-        self.generated += count * BS as u64;
-        let first = first.expect("at least one block");
-        self.regions
-            .extend(Region::split(start, count, RegionKind::Meta { first }));
-    }
-
-    /// Like `meta` for one block, but an all-zero block needs no region at all.
-    fn meta_shared(&mut self, start: u64, bytes: Vec<u8>) {
-        if bytes.iter().any(|&b| b != 0) {
-            self.meta(start, bytes);
-        }
-    }
 }

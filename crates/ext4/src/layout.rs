@@ -7,6 +7,10 @@
 //! costs a fraction of its metadata size in memory, and any block decompresses on its own.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use crate::generate::Generator;
+use crate::{FsTree, NodeKind};
 
 use crate::regions::{Cursor, RegionTable};
 use crate::{DataHandle, BLOCK_SIZE};
@@ -201,9 +205,30 @@ pub(crate) struct MetaStore {
     scratch: Vec<u8>,
 }
 
+/// `MetaBlock::len` of a slot not generated yet.
+const MISSING: u32 = u32::MAX;
+
 impl MetaStore {
-    /// Store one 4 KiB block; returns its index in `blocks`.
-    pub(crate) fn push(&mut self, block: &[u8]) -> usize {
+    /// Slots for `n` blocks not generated yet; returns the first one's index.
+    pub(crate) fn reserve(&mut self, n: usize) -> usize {
+        let first = self.blocks.len();
+        self.blocks.resize(
+            first + n,
+            MetaBlock {
+                at: 0,
+                len: MISSING,
+            },
+        );
+        first
+    }
+
+    /// Whether the block of slot `index` has been stored.
+    pub(crate) fn has(&self, index: usize) -> bool {
+        self.blocks[index].len != MISSING
+    }
+
+    /// Store one 4 KiB block in slot `index`.
+    pub(crate) fn put(&mut self, index: usize, block: &[u8]) {
         debug_assert_eq!(block.len(), BS);
         if self.scratch.is_empty() {
             self.scratch = vec![0; lz4_flex::block::get_maximum_output_size(BS)];
@@ -229,8 +254,7 @@ impl MetaStore {
                 e
             }
         };
-        self.blocks.push(entry);
-        self.blocks.len() - 1
+        self.blocks[index] = entry;
     }
 
     /// The stored (compressed or raw) bytes of `b`.
@@ -249,6 +273,7 @@ impl MetaStore {
 
     fn block_into(&self, index: usize, out: &mut [u8; BS]) {
         let b = self.blocks[index];
+        debug_assert_ne!(b.len, MISSING, "slot {index} generated before it is read");
         let len = (b.len & !RAW) as usize;
         let src = &self.blob[b.at as usize..b.at as usize + len];
         if b.len & RAW != 0 {
@@ -267,30 +292,156 @@ impl MetaStore {
 
 /// The generated metadata blocks of a layout, taken out of it by
 /// [`Layout::take_metadata`] so that a server can drop them under memory pressure and
-/// generate them again, while it keeps the block map.
-#[derive(Debug, Clone, Default)]
-pub struct MetadataBlocks(MetaStore);
+/// generate them again, while it keeps the block map; or, from
+/// [`build_on_demand`](crate::build_on_demand), generated as reads reach them.
+#[derive(Debug, Default)]
+pub struct MetadataBlocks(Meta);
 
-impl MetadataBlocks {
-    /// Heap bytes held.
-    pub fn memory_bytes(&self) -> usize {
-        self.0.heap_bytes()
+#[derive(Debug)]
+pub(crate) enum Meta {
+    Held(MetaStore),
+    OnDemand(Box<OnDemand>),
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Meta::Held(MetaStore::default())
     }
 }
 
+impl Meta {
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Meta::Held(store) => store.heap_bytes(),
+            Meta::OnDemand(d) => {
+                let source = lock(&d.source).as_ref().map_or(0, Source::heap_bytes);
+                read(&d.store).heap_bytes() + source
+            }
+        }
+    }
+}
+
+impl MetadataBlocks {
+    pub(crate) fn on_demand(store: MetaStore, tree: FsTree, generator: Generator) -> Self {
+        MetadataBlocks(Meta::OnDemand(Box::new(OnDemand {
+            store: RwLock::new(store),
+            source: Mutex::new(Some(Source { tree, generator })),
+        })))
+    }
+
+    /// Heap bytes held: the blocks, and until all are generated, the tree and what
+    /// generates them (roughly).
+    pub fn memory_bytes(&self) -> usize {
+        self.0.heap_bytes()
+    }
+
+    /// Whether every block has been generated (always, but for
+    /// [`build_on_demand`](crate::build_on_demand)'s before [`generate_all`](Self::generate_all)).
+    pub fn is_complete(&self) -> bool {
+        match &self.0 {
+            Meta::Held(_) => true,
+            Meta::OnDemand(d) => lock(&d.source).is_none(),
+        }
+    }
+
+    /// Generates every block not generated yet, then drops the tree and what generated
+    /// them: afterwards this holds what [`crate::build`]'s layout holds.
+    pub fn generate_all(&self) {
+        let Meta::OnDemand(d) = &self.0 else { return };
+        let mut source = lock(&d.source);
+        let Some(s) = source.take() else { return };
+        for u in 0..s.generator.units() {
+            let first = s.generator.slots(u).first().copied();
+            if first.is_some_and(|slot| !read(&d.store).has(slot as usize)) {
+                let mut store = write(&d.store);
+                s.generator.generate(&s.tree, u, &mut store);
+            }
+        }
+        write(&d.store).finish();
+    }
+}
+
+/// Metadata generated unit by unit as reads reach it (see `generate.rs`).
+pub(crate) struct OnDemand {
+    store: RwLock<MetaStore>,
+    /// `None` once every block is generated.
+    source: Mutex<Option<Source>>,
+}
+
+impl std::fmt::Debug for OnDemand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnDemand").finish_non_exhaustive()
+    }
+}
+
+struct Source {
+    tree: FsTree,
+    generator: Generator,
+}
+
+impl Source {
+    fn heap_bytes(&self) -> usize {
+        // Nodes and their entries; names and xattrs are not counted.
+        let nodes = self.tree.nodes();
+        let entries: usize = nodes
+            .iter()
+            .map(|n| match &n.kind {
+                NodeKind::Dir(e) => e.len(),
+                _ => 0,
+            })
+            .sum();
+        std::mem::size_of_val(nodes)
+            + entries * std::mem::size_of::<crate::DirEntry>()
+            + self.generator.heap_bytes()
+    }
+}
+
+impl OnDemand {
+    /// Generates the units of slots `first..first + n` that are not generated yet.
+    fn ensure(&self, first: usize, n: usize) {
+        if (first..first + n).all(|i| read(&self.store).has(i)) {
+            return;
+        }
+        let source = lock(&self.source);
+        let Some(s) = source.as_ref() else { return };
+        for slot in first..first + n {
+            if read(&self.store).has(slot) {
+                continue;
+            }
+            let u = s
+                .generator
+                .unit_of(slot)
+                .expect("blocks made with the map are stored");
+            s.generator.generate(&s.tree, u, &mut write(&self.store));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The block map of a synthesized ext4 image.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Layout {
     pub(crate) size: u64,
     pub(crate) regions: RegionTable,
-    pub(crate) meta: MetaStore,
+    pub(crate) meta: Meta,
     pub(crate) stats: Stats,
 }
 
 /// Generated metadata: `len` bytes starting `skip` bytes into metadata block `first`.
 #[derive(Debug, Clone, Copy)]
 pub struct MetaSlice<'a> {
-    store: &'a MetaStore,
+    store: &'a Meta,
     first: usize,
     skip: usize,
     len: usize,
@@ -319,15 +470,25 @@ impl MetaSlice<'_> {
     /// Write the bytes into `dst` (exactly `len()` bytes long).
     pub fn copy_to(&self, dst: &mut [u8]) {
         assert_eq!(dst.len(), self.len);
+        match self.store {
+            Meta::Held(store) => self.copy_from(store, dst),
+            Meta::OnDemand(d) => {
+                d.ensure(self.first, (self.skip + self.len).div_ceil(BS));
+                self.copy_from(&read(&d.store), dst)
+            }
+        }
+    }
+
+    fn copy_from(&self, store: &MetaStore, dst: &mut [u8]) {
         let mut block = [0u8; BS];
         let (mut index, mut skip, mut done) = (self.first, self.skip, 0);
         while done < self.len {
             let n = (BS - skip).min(self.len - done);
             match <&mut [u8; BS]>::try_from(&mut dst[done..done + n]) {
                 // A whole block: decompress in place.
-                Ok(whole) => self.store.block_into(index, whole),
+                Ok(whole) => store.block_into(index, whole),
                 Err(_) => {
-                    self.store.block_into(index, &mut block);
+                    store.block_into(index, &mut block);
                     dst[done..done + n].copy_from_slice(&block[skip..skip + n]);
                 }
             }
@@ -402,7 +563,7 @@ impl Layout {
         self.pieces_from(&meta.0, offset, len)
     }
 
-    fn pieces_from<'a>(&'a self, meta: &'a MetaStore, offset: u64, len: u64) -> Pieces<'a> {
+    fn pieces_from<'a>(&'a self, meta: &'a Meta, offset: u64, len: u64) -> Pieces<'a> {
         let end = offset.saturating_add(len).min(self.size);
         Pieces {
             regions: self.regions.at_block(offset / BLOCK_SIZE),
@@ -433,7 +594,7 @@ impl Layout {
 /// Iterator returned by [`Layout::pieces`].
 pub struct Pieces<'a> {
     regions: Cursor<'a>,
-    meta: &'a MetaStore,
+    meta: &'a Meta,
     pos: u64,
     end: u64,
 }
@@ -540,7 +701,7 @@ mod tests {
         let layout = Layout {
             size: (60 + len) * BLOCK_SIZE,
             regions: RegionTable::new(&regions),
-            meta: MetaStore::default(),
+            meta: Meta::default(),
             stats: Stats::default(),
         };
         let mut data = 0;

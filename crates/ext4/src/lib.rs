@@ -19,6 +19,7 @@ mod checksum;
 mod dir;
 mod error;
 mod extent;
+mod generate;
 mod hash;
 mod inode;
 mod layout;
@@ -32,7 +33,7 @@ mod superblock;
 mod tree;
 mod xattr;
 
-pub use build::build;
+pub use build::{build, build_on_demand};
 pub use error::Error;
 pub use layout::{Layout, MetaSlice, MetadataBlocks, Piece, Pieces, Stats};
 pub use summary::{plan, Summary};

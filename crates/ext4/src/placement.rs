@@ -50,6 +50,19 @@ impl Placement {
         &self.runs[self.run_at[idx] as usize..self.run_at[idx + 1] as usize]
     }
 
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        (self.block_bitmaps.capacity()
+            + self.inode_bitmaps.capacity()
+            + self.inode_tables.capacity())
+            * 8
+            + self.runs.capacity() * 16
+            + self.run_at.capacity() * 4
+            + self.tree_blocks.capacity() * 16
+            + self.xattr_blocks.capacity() * 16
+            + self.used.capacity() * 16
+    }
+
     /// The extent-tree blocks of entry `idx` of `Prepared::inodes`.
     pub fn tree_blocks(&self, idx: usize) -> Vec<u64> {
         let (first, n) = self.tree_blocks[idx];
@@ -57,7 +70,7 @@ impl Placement {
     }
 }
 
-impl Prepared<'_> {
+impl Prepared {
     /// Smallest device size that holds the tree, with inode counts from `geometry_for`.
     pub(crate) fn min_size(
         &self,
@@ -101,7 +114,7 @@ impl Prepared<'_> {
         let generated;
         let segs = match &self.inodes[idx].content {
             Content::Inline(_) => return,
-            c @ (Content::Meta(_) | Content::Sized(_)) => {
+            c @ Content::Sized(_) => {
                 generated = Segs::Dense(c.blocks());
                 &generated
             }

@@ -3,7 +3,7 @@
 //! compressed. Enough to check that a tree fits and to know the device size and counts,
 //! at a fraction of the cost (no directory, inode-table or bitmap bytes are made).
 
-use crate::build::{check_fits, size_up, Blocks, Content, Sized};
+use crate::build::{check_fits, size_up, Content, Sized};
 use crate::plan::{BLOCKS_PER_GROUP, INODE_SIZE};
 use crate::{Error, FsTree, Options, Stats, BLOCK_SIZE};
 
@@ -24,7 +24,7 @@ pub fn plan(tree: &FsTree, opts: &Options) -> Result<Summary, Error> {
         geo,
         size,
         min_size,
-    } = size_up(tree, opts, Blocks::Count)?;
+    } = size_up(tree, opts)?;
     let ipg = geo.inodes_per_group;
     let used_in = |g: u64| (prep.max_ino as u64).saturating_sub(g * ipg).min(ipg);
 
