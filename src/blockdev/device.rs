@@ -11,14 +11,15 @@ use super::ImageDevice;
 use crate::image::{ImageError, ImageRecord};
 use crate::store::Store;
 
-/// Compose the image and lay it out: the expensive step. Its metadata is held under
-/// `budget` and, once dropped, generated again by the same build.
+/// Compose the image and lay it out: the expensive step. Its metadata is generated as reads
+/// reach it and, on a thread of its own, all of it right after (then the composed tree is
+/// dropped); it is held under `budget` and, once dropped, generated again by a build.
 fn synthesize(
     store: &Store,
     record: &ImageRecord,
     budget: &MetadataBudget,
 ) -> Result<ImageDevice, ImageError> {
-    let built = crate::image::build(store, record)?;
+    let (layout, meta, objects) = crate::image::build_on_demand(store, record)?;
     let (again_store, again_record) = (store.clone(), record.clone());
     let regenerate = Box::new(move || {
         let started = std::time::Instant::now();
@@ -36,13 +37,27 @@ fn synthesize(
             "generated dropped metadata again");
         Ok(layout.take_metadata())
     });
-    Ok(ImageDevice::budgeted(
-        store,
-        built.layout,
-        &built.objects,
-        budget,
-        regenerate,
-    ))
+    let dev = ImageDevice::budgeted(store, layout, meta, &objects, budget, regenerate);
+    let slot = dev.metadata_slot().clone();
+    let name = record.name.clone();
+    // The first reads need a few units; generating the rest right away, off the read path,
+    // gives the tree's memory back instead of keeping it for as long as the image is served.
+    let spawned = std::thread::Builder::new()
+        .name("tessera-metadata".into())
+        .spawn(move || {
+            if let Some(meta) = slot.if_held() {
+                let started = std::time::Instant::now();
+                meta.generate_all();
+                slot.recount();
+                tracing::debug!(image = %name, ms = started.elapsed().as_millis() as u64,
+                    bytes = meta.memory_bytes(), "generated the rest of the metadata");
+            }
+        });
+    if let Err(e) = spawned {
+        // Reads still generate what they reach; the tree stays until the budget drops it.
+        tracing::warn!(error = %e, "cannot start a thread to generate metadata");
+    }
+    Ok(dev)
 }
 
 /// An [`ImageDevice`] plus what clients are told about it.
@@ -207,16 +222,12 @@ mod tests {
             crate::image::create(&store, "lazy", &[tree], &CreateOptions::default()).unwrap();
         assert!(record.device_size.is_some());
 
-        let export = ImageExport::open(&store, "lazy", &MetadataBudget::unbounded()).unwrap();
+        let budget = MetadataBudget::unbounded();
+        let export = ImageExport::open(&store, "lazy", &budget).unwrap();
         assert!(!export.is_synthesized(), "opening synthesizes nothing");
         assert_eq!(Device::size(&export), record.device_size.unwrap());
 
-        let eager = synthesize(
-            &store,
-            &crate::image::load(&store, "lazy").unwrap(),
-            &MetadataBudget::unbounded(),
-        )
-        .unwrap();
+        let eager = ImageDevice::open(&store, "lazy").unwrap();
         let (mut lazy_bytes, mut eager_bytes) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
         for offset in (0..eager.size()).step_by(1 << 20) {
             let n = (eager.size() - offset).min(1 << 20) as usize;
@@ -225,6 +236,16 @@ mod tests {
             assert!(lazy_bytes[..n] == eager_bytes[..n], "at {offset}");
         }
         assert!(export.is_synthesized());
+
+        // The metadata thread finishes what reads did not reach and drops the tree; the
+        // budget then counts what is left, as much as an eager build holds.
+        let meta = export.dev.get().unwrap().meta.if_held().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while budget.stats().held_bytes != eager.meta.if_held().unwrap().memory_bytes() as u64 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", budget.stats());
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(meta.is_complete());
     }
 
     /// Under a budget smaller than one image's metadata, reading two images in turn drops

@@ -78,7 +78,7 @@ impl MetadataBudget {
     fn admit(&self, slot: &Arc<MetaSlot>) {
         let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
         held.slots.push(Arc::downgrade(slot));
-        held.bytes += slot.bytes;
+        held.bytes += slot.bytes.load(Ordering::Relaxed);
         while held.bytes > self.0.limit {
             let victim = held
                 .slots
@@ -91,7 +91,7 @@ impl MetadataBudget {
             // A reader holding the metadata keeps its copy until it is done.
             *victim.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
             held.slots.swap_remove(i);
-            held.bytes -= victim.bytes;
+            held.bytes -= victim.bytes.load(Ordering::Relaxed);
             self.0.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -100,7 +100,8 @@ impl MetadataBudget {
 /// One image's metadata: held, or dropped and generated again on demand.
 pub struct MetaSlot {
     held: Mutex<Option<Arc<MetadataBlocks>>>,
-    bytes: u64,
+    /// What the held metadata counts against the budget; changed under the budget's lock.
+    bytes: AtomicU64,
     last_used: AtomicU64,
     /// `None`: never dropped (nothing to generate it from).
     regenerate: Option<(MetadataBudget, Regenerate)>,
@@ -109,7 +110,7 @@ pub struct MetaSlot {
 impl std::fmt::Debug for MetaSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetaSlot")
-            .field("bytes", &self.bytes)
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
             .field("budgeted", &self.regenerate.is_some())
             .finish_non_exhaustive()
     }
@@ -119,7 +120,7 @@ impl MetaSlot {
     /// Metadata that stays as long as the slot.
     pub fn pinned(meta: MetadataBlocks) -> Arc<Self> {
         Arc::new(MetaSlot {
-            bytes: meta.memory_bytes() as u64,
+            bytes: AtomicU64::new(meta.memory_bytes() as u64),
             held: Mutex::new(Some(Arc::new(meta))),
             last_used: AtomicU64::new(0),
             regenerate: None,
@@ -134,13 +135,32 @@ impl MetaSlot {
         regenerate: Regenerate,
     ) -> Arc<Self> {
         let slot = Arc::new(MetaSlot {
-            bytes: meta.memory_bytes() as u64,
+            bytes: AtomicU64::new(meta.memory_bytes() as u64),
             held: Mutex::new(Some(Arc::new(meta))),
             last_used: AtomicU64::new(budget.0.clock.fetch_add(1, Ordering::Relaxed)),
             regenerate: Some((budget.clone(), regenerate)),
         });
         budget.admit(&slot);
         slot
+    }
+
+    /// Counts the held metadata's memory again, after it changed (on-demand metadata
+    /// completed: the tree it kept is gone).
+    pub fn recount(&self) {
+        let Some(meta) = self.held.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let now = meta.memory_bytes() as u64;
+        let Some((budget, _)) = &self.regenerate else {
+            self.bytes.store(now, Ordering::Relaxed);
+            return;
+        };
+        let mut held = budget.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        let me: *const MetaSlot = self;
+        let old = self.bytes.swap(now, Ordering::Relaxed);
+        if held.slots.iter().any(|w| std::ptr::eq(w.as_ptr(), me)) {
+            held.bytes = held.bytes - old + now;
+        }
     }
 
     fn touch(&self) {
@@ -172,6 +192,8 @@ impl MetaSlot {
             .as_ref()
             .expect("only budgeted metadata is dropped");
         let meta = Arc::new(regenerate()?);
+        self.bytes
+            .store(meta.memory_bytes() as u64, Ordering::Relaxed);
         budget.0.regenerations.fetch_add(1, Ordering::Relaxed);
         *held = Some(meta.clone());
         drop(held);
@@ -189,7 +211,7 @@ impl Drop for MetaSlot {
         let mut held = budget.0.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = held.slots.iter().position(|w| std::ptr::eq(w.as_ptr(), me)) {
             held.slots.swap_remove(i);
-            held.bytes -= self.bytes;
+            held.bytes -= self.bytes.load(Ordering::Relaxed);
         }
     }
 }

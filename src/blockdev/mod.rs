@@ -97,25 +97,36 @@ impl ImageDevice {
 
     /// Like [`new`](Self::new), with the metadata held under `budget` and generated again
     /// by `regenerate` when it was dropped.
+    /// `meta` is `layout`'s metadata, taken out of it or generated on demand.
     pub fn budgeted(
         store: &Store,
-        mut layout: Layout,
+        layout: Layout,
+        meta: MetadataBlocks,
         objects: &[ObjectId],
         budget: &MetadataBudget,
         regenerate: Regenerate,
     ) -> Self {
-        let meta = MetaSlot::budgeted(layout.take_metadata(), budget, regenerate);
+        let meta = MetaSlot::budgeted(meta, budget, regenerate);
         Self::with_meta(store, layout, meta, objects)
+    }
+
+    /// The slot of this image's metadata.
+    pub(crate) fn metadata_slot(&self) -> &Arc<MetaSlot> {
+        &self.meta
     }
 
     fn with_meta(store: &Store, layout: Layout, meta: Arc<MetaSlot>, objects: &[ObjectId]) -> Self {
         let packs = store.packs();
         let mut opener = object::packed::Opener::new();
+        let live = object::LiveStore {
+            root: Arc::from(store.root()),
+            path: &|id| store.object_path(id),
+        };
         let objects = objects
             .iter()
             .map(|id| {
                 let packed = opener.open(packs.find(id));
-                object::shared(*id, store.object_path(id), packed, store.remote_cache())
+                object::shared(*id, &live, packed, store.remote_cache())
             })
             .collect();
         ImageDevice {
@@ -194,9 +205,13 @@ impl ImageDevice {
                         Ok(None) => return None,
                         Err(e) => return Some(Err(e)),
                     };
+                    let slice = slice.with(held);
+                    if !slice.is_generated() {
+                        return None;
+                    }
                     let at = owned.len();
                     owned.resize(at + n, 0);
-                    slice.with(held).copy_to(&mut owned[at..]);
+                    slice.copy_to(&mut owned[at..]);
                 }
                 Piece::Zero(_) => owned.resize(owned.len() + n, 0),
                 Piece::Data {
@@ -263,8 +278,12 @@ impl ImageDevice {
             let out = &mut buf[at..at + n];
             match piece {
                 Piece::Meta(slice) => match meta.get()? {
-                    Some(held) => slice.with(held).copy_to(out),
-                    None => return Ok(false),
+                    // Generating on-demand metadata may take a while: not on the caller's
+                    // thread unless it may block.
+                    Some(held) if may_block || slice.with(held).is_generated() => {
+                        slice.with(held).copy_to(out)
+                    }
+                    _ => return Ok(false),
                 },
                 Piece::Zero(_) => out.fill(0),
                 Piece::Data {

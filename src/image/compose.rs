@@ -4,8 +4,8 @@ use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use tessera_ext4::{
-    DataHandle, FileData, FsTree, Layout, Metadata, Node, NodeId, NodeKind, Options, Segment,
-    Summary, Timestamp,
+    DataHandle, FileData, FsTree, Layout, Metadata, MetadataBlocks, Node, NodeId, NodeKind,
+    Options, Segment, Summary, Timestamp,
 };
 
 use super::{load_tree_view, ImageError, ImageRecord};
@@ -43,6 +43,29 @@ pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
         layout,
         objects: composed.objects,
     })
+}
+
+/// Lay out the image as [`build`] does, generating its metadata as reads reach it (see
+/// [`tessera_ext4::build_on_demand`]): its first read waits for the block map, not for every
+/// inode table and directory.
+pub fn build_on_demand(
+    store: &Store,
+    record: &ImageRecord,
+) -> Result<(Layout, MetadataBlocks, Vec<ObjectId>), ImageError> {
+    let start = Instant::now();
+    let (composed, entries, loaded) = load_and_compose(store, record)?;
+    let composed_at = start.elapsed();
+    let (layout, meta) = tessera_ext4::build_on_demand(composed.tree, &options(record))
+        .map_err(|source| ext4_error(record, source))?;
+    tracing::debug!(
+        image = %record.name,
+        entries,
+        load_ms = loaded.as_millis() as u64,
+        compose_ms = (composed_at - loaded).as_millis() as u64,
+        ext4_ms = (start.elapsed() - composed_at).as_millis() as u64,
+        "laid out (metadata on demand)"
+    );
+    Ok((layout, meta, composed.objects))
 }
 
 /// Check that the image lays out as ext4 and find its size and counts, as [`build`] would,

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use compose::{build, compose, plan, Built, Composed, Planned};
+pub use compose::{build, build_on_demand, compose, plan, Built, Composed, Planned};
 pub use record::{derive_identity, format_uuid, ImageRecord, Runtime, FORMAT};
 pub use size::{parse_size, SizeError};
 

@@ -348,16 +348,24 @@ impl MetadataBlocks {
     /// them: afterwards this holds what [`crate::build`]'s layout holds.
     pub fn generate_all(&self) {
         let Meta::OnDemand(d) = &self.0 else { return };
-        let mut source = lock(&d.source);
-        let Some(s) = source.take() else { return };
-        for u in 0..s.generator.units() {
+        let units = match lock(&d.source).as_ref() {
+            Some(s) => s.generator.units(),
+            None => return,
+        };
+        // The source is locked per unit, not for the whole walk: a read reaching a unit
+        // this has not reached waits for one unit, not for all of them.
+        for u in 0..units {
+            let source = lock(&d.source);
+            let Some(s) = source.as_ref() else { return };
             let first = s.generator.slots(u).first().copied();
             if first.is_some_and(|slot| !read(&d.store).has(slot as usize)) {
-                let mut store = write(&d.store);
-                s.generator.generate(&s.tree, u, &mut store);
+                s.generator.generate(&s.tree, u, &mut write(&d.store));
             }
         }
-        write(&d.store).finish();
+        let mut source = lock(&d.source);
+        if source.take().is_some() {
+            write(&d.store).finish();
+        }
     }
 }
 
@@ -465,6 +473,18 @@ impl MetaSlice<'_> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the bytes are generated, so that [`copy_to`](Self::copy_to) only copies
+    /// (false for on-demand metadata a read has not reached yet).
+    pub fn is_generated(&self) -> bool {
+        match self.store {
+            Meta::Held(_) => true,
+            Meta::OnDemand(d) => {
+                let store = read(&d.store);
+                (self.first..self.first + (self.skip + self.len).div_ceil(BS)).all(|i| store.has(i))
+            }
+        }
     }
 
     /// Write the bytes into `dst` (exactly `len()` bytes long).
