@@ -10,7 +10,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{mpsc, Arc, LazyLock, Mutex, Weak};
 
 use tessera_ext4::MetadataBlocks;
 
@@ -198,7 +198,59 @@ impl MetaSlot {
         *held = Some(meta.clone());
         drop(held);
         budget.admit(self);
+        if !meta.is_complete() {
+            self.complete_later();
+        }
         Ok(meta)
+    }
+
+    /// Has the metadata thread generate what reads have not reached of on-demand metadata,
+    /// which then drops the tree it kept, and count it again. One thread does it for all
+    /// images in turn: a burst of first reads queues them instead of starting a thread each.
+    pub fn complete_later(self: &Arc<Self>) {
+        static QUEUE: LazyLock<Option<Mutex<mpsc::Sender<Weak<MetaSlot>>>>> = LazyLock::new(|| {
+            let (tx, rx) = mpsc::channel::<Weak<MetaSlot>>();
+            let spawned = std::thread::Builder::new()
+                .name("tessera-metadata".into())
+                .spawn(move || {
+                    for slot in rx {
+                        if let Some(slot) = slot.upgrade() {
+                            slot.complete();
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(Mutex::new(tx)),
+                Err(e) => {
+                    // Reads still generate what they reach; the tree stays until the
+                    // budget drops it.
+                    tracing::warn!(error = %e, "cannot start the metadata thread");
+                    None
+                }
+            }
+        });
+        if let Some(queue) = &*QUEUE {
+            let _ = queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Arc::downgrade(self));
+        }
+    }
+
+    /// Generates the rest of the held metadata, if it is still held, and counts it again.
+    fn complete(&self) {
+        // Not `if_held`: completing is not a use that should keep the image's metadata.
+        let Some(meta) = self.held.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        meta.generate_all();
+        self.recount();
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            bytes = meta.memory_bytes(),
+            "generated the rest of an image's metadata"
+        );
     }
 }
 
