@@ -118,15 +118,12 @@ impl ImageDevice {
     fn with_meta(store: &Store, layout: Layout, meta: Arc<MetaSlot>, objects: &[ObjectId]) -> Self {
         let packs = store.packs();
         let mut opener = object::packed::Opener::new();
-        let live = object::LiveStore {
-            root: Arc::from(store.root()),
-            path: &|id| store.object_path(id),
-        };
+        let root: Arc<std::path::Path> = Arc::from(store.root());
         let objects = objects
             .iter()
             .map(|id| {
                 let packed = opener.open(packs.find(id));
-                object::shared(*id, &live, packed, store.remote_cache())
+                object::shared(*id, &root, packed, store.remote_cache())
             })
             .collect();
         ImageDevice {

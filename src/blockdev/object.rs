@@ -28,7 +28,7 @@ use tessera_nbd::pread_nowait;
 use super::check::Check;
 use super::fds::{Open, Slot};
 use crate::store::remote::cache::{Fetched, Partial, RemoteCache};
-use crate::store::ObjectId;
+use crate::store::{ObjectId, Store};
 pub(super) use packed::Pack;
 use resident::{Mapping, Window};
 
@@ -39,10 +39,10 @@ mod shared;
 
 /// Every image that names an object shares one [`Object`] for it, so a thousand images of
 /// one base tree hold one table entry and at most one mapping per object, not a thousand.
-/// Keyed by path (store root included); sound because objects are immutable files.
+/// Keyed by store root and id; sound because objects are immutable files.
 pub(super) fn shared(
     id: ObjectId,
-    store: &LiveStore,
+    root: &Arc<Path>,
     packed: Option<(Arc<Pack>, u64, u64)>,
     remote: Option<&Arc<RemoteCache>>,
 ) -> Arc<Object> {
@@ -53,17 +53,16 @@ pub(super) fn shared(
         .unwrap_or_else(|e| e.into_inner());
     let key = LiveKey {
         id,
-        root: store.root.clone(),
+        root: root.clone(),
     };
     if let Some(obj) = live.get(&key).and_then(Weak::upgrade) {
         return obj;
     }
-    let path = (store.path)(&id);
     // Drop entries of objects no image uses any more, amortized over insertions.
     if live.len() >= 1024 && live.len().is_power_of_two() {
         live.retain(|_, w| w.strong_count() > 0);
     }
-    let mut obj = Object::new(id, path);
+    let mut obj = Object::new(id, root.clone());
     // A packed object is read from its pack, which is local: no remote is asked for it.
     if packed.is_none() {
         obj.remote = remote.cloned();
@@ -74,15 +73,9 @@ pub(super) fn shared(
     obj
 }
 
-/// The store that [`shared`] looks objects up in: its root, which with the object's id
-/// keys the objects in use, and how to name an object's file, called only for objects not
-/// in use yet. Keyed by path, every image's first read built and hashed a path per object
-/// (4 000 of them for a 6 000-entry image: a third of the read's 25 ms).
-pub(super) struct LiveStore<'a> {
-    pub root: Arc<Path>,
-    pub path: &'a dyn Fn(&ObjectId) -> PathBuf,
-}
-
+/// Objects in use, by store root and id. Keyed by path, every image's first read built
+/// and hashed a path per object (4 000 of them for a 6 000-entry image: a third of the
+/// read's 25 ms); an object's path is now built when its file is opened.
 #[derive(PartialEq, Eq)]
 struct LiveKey {
     id: ObjectId,
@@ -104,7 +97,8 @@ const MAP_MIN: u64 = 256 << 10;
 #[derive(Debug)]
 pub(super) struct Object {
     id: ObjectId,
-    path: PathBuf,
+    /// The root of the store holding it.
+    root: Arc<Path>,
     backing: OnceLock<Backing>,
     /// Created by the first verified read.
     check: OnceLock<Check>,
@@ -142,10 +136,10 @@ impl Drop for Object {
 }
 
 impl Object {
-    pub(super) fn new(id: ObjectId, path: PathBuf) -> Self {
+    pub(super) fn new(id: ObjectId, root: Arc<Path>) -> Self {
         Object {
             id,
-            path,
+            root,
             backing: OnceLock::new(),
             check: OnceLock::new(),
             remote: None,
@@ -189,7 +183,7 @@ impl Object {
             Backing::Mapped(map) => {
                 if verify {
                     self.check
-                        .get_or_init(|| Check::load(self.id, &self.path, map))
+                        .get_or_init(|| Check::load(self.id, &self.path(), map))
                         .verify_mapped(map, offset, len)?;
                 }
                 let src = offset
@@ -383,16 +377,22 @@ impl Object {
         Ok(won)
     }
 
+    /// The object's file in its store.
+    fn path(&self) -> PathBuf {
+        Store::object_path_under(&self.root, &self.id)
+    }
+
     fn open(&self) -> io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path();
         // O_NOATIME: a read of a served object need not update its inode (reads showed
         // up as `touch_atime` in profiles). Only the owner may ask; others open plainly.
         match std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOATIME)
-            .open(&self.path)
+            .open(&path)
         {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(&self.path),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(&path),
             r => r,
         }
         .map_err(|e| self.context("open", e))
@@ -405,7 +405,7 @@ impl Object {
     fn context(&self, op: &str, e: io::Error) -> io::Error {
         io::Error::new(
             e.kind(),
-            format!("{op} object {}: {e}", self.path.display()),
+            format!("{op} object {}: {e}", self.path().display()),
         )
     }
 

@@ -147,7 +147,15 @@ impl Store {
     }
 
     pub fn object_path(&self, id: &ObjectId) -> PathBuf {
-        self.content_path(Area::Object, id)
+        Self::object_path_under(&self.root, id)
+    }
+
+    /// Where the store at `root` keeps object `id` (what [`Store::object_path`] returns).
+    pub fn object_path_under(root: &Path, id: &ObjectId) -> PathBuf {
+        let hex = id.to_hex();
+        root.join(Area::Object.dir())
+            .join(&hex[..2])
+            .join(&hex[2..])
     }
 
     pub fn tree_path(&self, id: &ObjectId) -> PathBuf {
