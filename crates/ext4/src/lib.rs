@@ -5,7 +5,8 @@
 //! any byte range of the device, which parts are generated metadata, which are slices of a
 //! file's data object and which are zeros. The crate knows nothing of stores, files on disk
 //! or sockets, and is deterministic: the same tree and options give the same bytes.
-//! [`plan`] answers what `build` would (fits or not, size, counts) without the bytes.
+//! [`plan`] answers what `build` would (fits or not, size, counts) without the bytes;
+//! [`build_on_demand`] returns the same layout with its metadata generated as reads reach it.
 //!
 //! Every file's data starts on a 4 KiB block boundary and runs contiguously (split only
 //! where a superblock backup or the 128 MiB extent limit forces it), so image block `p + i`
