@@ -7,6 +7,7 @@
 //! costs a fraction of its metadata size in memory, and any block decompresses on its own.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::generate::Generator;
@@ -326,6 +327,7 @@ impl MetadataBlocks {
         MetadataBlocks(Meta::OnDemand(Box::new(OnDemand {
             store: RwLock::new(store),
             source: Mutex::new(Some(Source { tree, generator })),
+            complete: AtomicBool::new(false),
         })))
     }
 
@@ -340,7 +342,7 @@ impl MetadataBlocks {
     pub fn is_complete(&self) -> bool {
         match &self.0 {
             Meta::Held(_) => true,
-            Meta::OnDemand(d) => lock(&d.source).is_none(),
+            Meta::OnDemand(d) => d.complete.load(Ordering::Acquire),
         }
     }
 
@@ -365,6 +367,7 @@ impl MetadataBlocks {
         let mut source = lock(&d.source);
         if source.take().is_some() {
             write(&d.store).finish();
+            d.complete.store(true, Ordering::Release);
         }
     }
 }
@@ -374,6 +377,8 @@ pub(crate) struct OnDemand {
     store: RwLock<MetaStore>,
     /// `None` once every block is generated.
     source: Mutex<Option<Source>>,
+    /// Every block is generated: reads need not check their slots.
+    complete: AtomicBool,
 }
 
 impl std::fmt::Debug for OnDemand {
@@ -407,8 +412,14 @@ impl Source {
 impl OnDemand {
     /// Generates the units of slots `first..first + n` that are not generated yet.
     fn ensure(&self, first: usize, n: usize) {
-        if (first..first + n).all(|i| read(&self.store).has(i)) {
+        if self.complete.load(Ordering::Acquire) {
             return;
+        }
+        {
+            let store = read(&self.store);
+            if (first..first + n).all(|i| store.has(i)) {
+                return;
+            }
         }
         let source = lock(&self.source);
         let Some(s) = source.as_ref() else { return };
@@ -481,6 +492,9 @@ impl MetaSlice<'_> {
         match self.store {
             Meta::Held(_) => true,
             Meta::OnDemand(d) => {
+                if d.complete.load(Ordering::Acquire) {
+                    return true;
+                }
                 let store = read(&d.store);
                 (self.first..self.first + (self.skip + self.len).div_ceil(BS)).all(|i| store.has(i))
             }
