@@ -130,7 +130,7 @@ impl Generator {
             }
         }
 
-        let (totals, descs) = made_blocks(&prep, &geo, &place, &mut spans);
+        let totals = made_blocks(&prep, &geo, &place, &mut spans);
 
         // Slots in block order, so that neighbouring regions have neighbouring slots (the
         // region table stores each relative to the one before).
@@ -184,7 +184,7 @@ impl Generator {
                 free_blocks: totals.free_blocks,
                 inodes: geo.inodes(),
                 free_inodes: totals.free_inodes,
-                groups: descs,
+                groups: geo.groups,
                 metadata_bytes: generated,
                 data_blocks,
                 min_size,
@@ -312,13 +312,13 @@ impl Generator {
 
 /// The blocks made with the block map, added to `spans`: block and inode bitmaps (those not
 /// all zeros), and the superblock with the group descriptors at each of their copies.
-/// Returns the totals and the group count.
+/// Returns the free block and inode totals.
 fn made_blocks(
     prep: &Prepared,
     geo: &Geometry,
     place: &Placement,
     spans: &mut Vec<(u64, u64, Span)>,
-) -> (Totals, u64) {
+) -> Totals {
     let fs_seed = prep.opts.checksum_seed;
     let ipg = geo.inodes_per_group;
     let used_in = |g: u64| (prep.max_ino as u64).saturating_sub(g * ipg).min(ipg);
@@ -399,5 +399,5 @@ fn made_blocks(
         b[BS..].copy_from_slice(&gdt);
         made(start, b);
     }
-    (totals, geo.groups)
+    totals
 }
