@@ -199,6 +199,18 @@ mod tests {
     use super::*;
     use crate::image::CreateOptions;
 
+    /// Waits up to 30 s for `done`, which the metadata thread makes true.
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn synthesized_on_first_read_with_the_bytes_of_an_eager_build() {
         let dir = tempfile::tempdir().unwrap();
@@ -226,11 +238,10 @@ mod tests {
         // The metadata thread finishes what reads did not reach and drops the tree; the
         // budget then counts what is left, as much as an eager build holds.
         let meta = export.dev.get().unwrap().meta.if_held().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while budget.stats().held_bytes != eager.meta.if_held().unwrap().memory_bytes() as u64 {
-            assert!(std::time::Instant::now() < deadline, "{:?}", budget.stats());
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let eager_bytes = eager.meta.if_held().unwrap().memory_bytes() as u64;
+        wait_for("the budget to count completed metadata", || {
+            budget.stats().held_bytes == eager_bytes
+        });
         assert!(meta.is_complete());
     }
 
@@ -282,15 +293,9 @@ mod tests {
         );
         drop((a, b));
         // The metadata thread may hold a slot for as long as it completes it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while budget.stats().held_bytes != 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "dropped exports give their bytes back: {:?}",
-                budget.stats()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_for("dropped exports to give their bytes back", || {
+            budget.stats().held_bytes == 0
+        });
     }
 
     #[test]

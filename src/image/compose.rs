@@ -38,11 +38,10 @@ pub struct Planned {
 
 /// Merge the image's trees and lay them out as ext4. Reads manifests only.
 pub fn build(store: &Store, record: &ImageRecord) -> Result<Built, ImageError> {
-    let (layout, composed) = lay_out(store, record, "synthesized", tessera_ext4::build)?;
-    Ok(Built {
-        layout,
-        objects: composed.objects,
-    })
+    let (layout, objects) = lay_out(store, record, "synthesized", |tree, opts| {
+        tessera_ext4::build(&tree, opts)
+    })?;
+    Ok(Built { layout, objects })
 }
 
 /// Lay out the image as [`build`] does, generating its metadata as reads reach it (see
@@ -52,45 +51,40 @@ pub fn build_on_demand(
     store: &Store,
     record: &ImageRecord,
 ) -> Result<(Layout, MetadataBlocks, Vec<ObjectId>), ImageError> {
-    let start = Instant::now();
-    let (composed, entries, loaded) = load_and_compose(store, record)?;
-    let composed_at = start.elapsed();
-    let (layout, meta) = tessera_ext4::build_on_demand(composed.tree, &options(record))
-        .map_err(|source| ext4_error(record, source))?;
-    tracing::debug!(
-        image = %record.name,
-        entries,
-        load_ms = loaded.as_millis() as u64,
-        compose_ms = (composed_at - loaded).as_millis() as u64,
-        ext4_ms = (start.elapsed() - composed_at).as_millis() as u64,
-        "laid out (metadata on demand)"
-    );
-    Ok((layout, meta, composed.objects))
+    let ((layout, meta), objects) = lay_out(
+        store,
+        record,
+        "laid out (metadata on demand)",
+        tessera_ext4::build_on_demand,
+    )?;
+    Ok((layout, meta, objects))
 }
 
 /// Check that the image lays out as ext4 and find its size and counts, as [`build`] would,
 /// without generating its metadata.
 pub fn plan(store: &Store, record: &ImageRecord) -> Result<Planned, ImageError> {
-    let (summary, composed) = lay_out(store, record, "planned", tessera_ext4::plan)?;
+    let (summary, objects) = lay_out(store, record, "planned", |tree, opts| {
+        tessera_ext4::plan(&tree, opts)
+    })?;
     Ok(Planned {
         summary,
-        objects: composed.objects.len(),
+        objects: objects.len(),
     })
 }
 
-/// Load and compose `record`'s trees, then run `step` (the synthesizer's `build` or `plan`)
-/// on them, logging how long each part took under `what`.
+/// Load and compose `record`'s trees, then run `step` (the synthesizer's `build`,
+/// `build_on_demand` or `plan`) on the tree, logging how long each part took under `what`.
+/// Returns what `step` made and the objects behind the tree's data handles.
 fn lay_out<T>(
     store: &Store,
     record: &ImageRecord,
     what: &str,
-    step: impl FnOnce(&FsTree, &Options) -> Result<T, tessera_ext4::Error>,
-) -> Result<(T, Composed), ImageError> {
+    step: impl FnOnce(FsTree, &Options) -> Result<T, tessera_ext4::Error>,
+) -> Result<(T, Vec<ObjectId>), ImageError> {
     let start = Instant::now();
     let (composed, entries, loaded) = load_and_compose(store, record)?;
     let composed_at = start.elapsed();
-    let out =
-        step(&composed.tree, &options(record)).map_err(|source| ext4_error(record, source))?;
+    let out = step(composed.tree, &options(record)).map_err(|source| ext4_error(record, source))?;
     tracing::debug!(
         image = %record.name,
         entries,
@@ -99,7 +93,7 @@ fn lay_out<T>(
         ext4_ms = (start.elapsed() - composed_at).as_millis() as u64,
         "{what}"
     );
-    Ok((out, composed))
+    Ok((out, composed.objects))
 }
 
 fn ext4_error(record: &ImageRecord, source: tessera_ext4::Error) -> ImageError {

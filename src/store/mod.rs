@@ -75,6 +75,12 @@ pub struct Store {
     packs: pack::SharedPackList,
 }
 
+/// Where the store at `root` keeps `id` in `area`: fanned out by the first two hex digits.
+fn content_path_under(root: &Path, area: Area, id: &ObjectId) -> PathBuf {
+    let hex = id.to_hex();
+    root.join(area.dir()).join(&hex[..2]).join(&hex[2..])
+}
+
 /// The directory (`objects` or `trees`) holding one sort of content-addressed file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Area {
@@ -142,8 +148,7 @@ impl Store {
     }
 
     fn content_path(&self, area: Area, id: &ObjectId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root.join(area.dir()).join(&hex[..2]).join(&hex[2..])
+        content_path_under(&self.root, area, id)
     }
 
     pub fn object_path(&self, id: &ObjectId) -> PathBuf {
@@ -152,10 +157,7 @@ impl Store {
 
     /// Where the store at `root` keeps object `id` (what [`Store::object_path`] returns).
     pub fn object_path_under(root: &Path, id: &ObjectId) -> PathBuf {
-        let hex = id.to_hex();
-        root.join(Area::Object.dir())
-            .join(&hex[..2])
-            .join(&hex[2..])
+        content_path_under(root, Area::Object, id)
     }
 
     pub fn tree_path(&self, id: &ObjectId) -> PathBuf {

@@ -7,8 +7,7 @@
 //! costs a fraction of its metadata size in memory, and any block decompresses on its own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use crate::generate::Generator;
 use crate::{FsTree, NodeKind};
@@ -316,7 +315,7 @@ impl Meta {
             Meta::Held(store) => store.heap_bytes(),
             Meta::OnDemand(d) => {
                 let source = lock(&d.source).as_ref().map_or(0, Source::heap_bytes);
-                read(&d.store).heap_bytes() + source
+                d.with_store(MetaStore::heap_bytes) + source
             }
         }
     }
@@ -327,7 +326,7 @@ impl MetadataBlocks {
         MetadataBlocks(Meta::OnDemand(Box::new(OnDemand {
             store: RwLock::new(store),
             source: Mutex::new(Some(Source { tree, generator })),
-            complete: AtomicBool::new(false),
+            done: OnceLock::new(),
         })))
     }
 
@@ -342,7 +341,7 @@ impl MetadataBlocks {
     pub fn is_complete(&self) -> bool {
         match &self.0 {
             Meta::Held(_) => true,
-            Meta::OnDemand(d) => d.complete.load(Ordering::Acquire),
+            Meta::OnDemand(d) => d.done.get().is_some(),
         }
     }
 
@@ -364,21 +363,24 @@ impl MetadataBlocks {
                 s.generator.generate(&s.tree, u, &mut write(&d.store));
             }
         }
+        // Under the source's lock, as `ensure` generates under it into `store`.
         let mut source = lock(&d.source);
         if source.take().is_some() {
-            write(&d.store).finish();
-            d.complete.store(true, Ordering::Release);
+            let mut store = write(&d.store);
+            store.finish();
+            let _ = d.done.set(std::mem::take(&mut *store));
         }
     }
 }
 
 /// Metadata generated unit by unit as reads reach it (see `generate.rs`).
 pub(crate) struct OnDemand {
+    /// The blocks generated so far; moved to `done` once all are.
     store: RwLock<MetaStore>,
     /// `None` once every block is generated.
     source: Mutex<Option<Source>>,
-    /// Every block is generated: reads need not check their slots.
-    complete: AtomicBool,
+    /// Every block, once all are generated: read without a lock.
+    done: OnceLock<MetaStore>,
 }
 
 impl std::fmt::Debug for OnDemand {
@@ -410,18 +412,27 @@ impl Source {
 }
 
 impl OnDemand {
+    /// `f` of the blocks generated: all of them once complete, else those so far. `done`
+    /// is set while `store` is write-locked, so under the read lock it is authoritative.
+    fn with_store<R>(&self, f: impl FnOnce(&MetaStore) -> R) -> R {
+        if let Some(done) = self.done.get() {
+            return f(done);
+        }
+        let store = read(&self.store);
+        f(self.done.get().unwrap_or(&store))
+    }
+
+    fn has_all(&self, first: usize, n: usize) -> bool {
+        self.with_store(|s| (first..first + n).all(|i| s.has(i)))
+    }
+
     /// Generates the units of slots `first..first + n` that are not generated yet.
     fn ensure(&self, first: usize, n: usize) {
-        if self.complete.load(Ordering::Acquire) {
+        if self.has_all(first, n) {
             return;
         }
-        {
-            let store = read(&self.store);
-            if (first..first + n).all(|i| store.has(i)) {
-                return;
-            }
-        }
         let source = lock(&self.source);
+        // `None`: completed meanwhile. While it is held, `store` is not moved.
         let Some(s) = source.as_ref() else { return };
         for slot in first..first + n {
             if read(&self.store).has(slot) {
@@ -491,13 +502,7 @@ impl MetaSlice<'_> {
     pub fn is_generated(&self) -> bool {
         match self.store {
             Meta::Held(_) => true,
-            Meta::OnDemand(d) => {
-                if d.complete.load(Ordering::Acquire) {
-                    return true;
-                }
-                let store = read(&d.store);
-                (self.first..self.first + (self.skip + self.len).div_ceil(BS)).all(|i| store.has(i))
-            }
+            Meta::OnDemand(d) => d.has_all(self.first, self.blocks()),
         }
     }
 
@@ -507,10 +512,15 @@ impl MetaSlice<'_> {
         match self.store {
             Meta::Held(store) => self.copy_from(store, dst),
             Meta::OnDemand(d) => {
-                d.ensure(self.first, (self.skip + self.len).div_ceil(BS));
-                self.copy_from(&read(&d.store), dst)
+                d.ensure(self.first, self.blocks());
+                d.with_store(|store| self.copy_from(store, dst))
             }
         }
+    }
+
+    /// How many metadata blocks the bytes span.
+    fn blocks(&self) -> usize {
+        (self.skip + self.len).div_ceil(BS)
     }
 
     fn copy_from(&self, store: &MetaStore, dst: &mut [u8]) {

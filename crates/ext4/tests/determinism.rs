@@ -2,29 +2,10 @@
 
 mod common;
 use common::*;
-use tessera_ext4::{build, FsTree, Layout, Piece, Pieces};
+use tessera_ext4::{build, FsTree, Layout};
 
 fn image_bytes(layout: &Layout, objects: &[Vec<u8>]) -> Vec<u8> {
     bytes_of(layout.pieces(0, layout.size()), objects)
-}
-
-/// The bytes `pieces` stand for.
-fn bytes_of(pieces: Pieces<'_>, objects: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in pieces {
-        match p {
-            Piece::Meta(m) => out.extend_from_slice(&m.to_vec()),
-            Piece::Data {
-                handle,
-                offset,
-                len,
-            } => out.extend_from_slice(
-                &objects[handle.0 as usize][offset as usize..(offset + len) as usize],
-            ),
-            Piece::Zero(n) => out.resize(out.len() + n as usize, 0),
-        }
-    }
-    out
 }
 
 fn sample() -> Fixture {

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use tessera_ext4::{
     build, DataHandle, FileData, FsTree, Layout, Metadata, Node, NodeId, NodeKind, Options, Piece,
-    Segment, Timestamp, Xattr,
+    Pieces, Segment, Timestamp, Xattr,
 };
 
 /// A tree plus the bytes behind each data handle.
@@ -151,6 +151,25 @@ pub fn options(size: Option<u64>) -> Options {
         checksum_seed: 0x1234_5678,
         timestamp: 1_700_000_000,
     }
+}
+
+/// The bytes `pieces` stand for, file data from `objects`.
+pub fn bytes_of(pieces: Pieces<'_>, objects: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Meta(m) => out.extend_from_slice(&m.to_vec()),
+            Piece::Data {
+                handle,
+                offset,
+                len,
+            } => out.extend_from_slice(
+                &objects[handle.0 as usize][offset as usize..(offset + len) as usize],
+            ),
+            Piece::Zero(n) => out.resize(out.len() + n as usize, 0),
+        }
+    }
+    out
 }
 
 /// Write the image through `Layout::pieces`, leaving zero ranges as holes.
