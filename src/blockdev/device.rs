@@ -36,7 +36,7 @@ fn synthesize(
             "generated dropped metadata again");
         Ok(meta)
     });
-    let dev = ImageDevice::budgeted(store, layout, meta, &objects, budget, regenerate);
+    let dev = ImageDevice::budgeted(store, layout, meta, objects, budget, regenerate);
     // The first reads need a few units; generating the rest right away, off the read path,
     // gives the tree's memory back instead of keeping it for as long as the image is served.
     dev.metadata_slot().complete_later();

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use tessera_ext4::MetadataBlocks;
 
@@ -88,8 +88,11 @@ impl MetadataBudget {
                 .filter(|(_, s)| !Arc::ptr_eq(s, slot))
                 .min_by_key(|(_, s)| s.last_used.load(Ordering::Relaxed));
             let Some((i, victim)) = victim else { break };
-            // A reader holding the metadata keeps its copy until it is done.
-            *victim.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            // A reader holding the metadata keeps its copy until it is done. Freed on the
+            // background thread: the image being read waits for neither the free nor the
+            // allocator's lock it takes.
+            let dropped = victim.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+            super::background::later(move || drop(dropped));
             held.slots.swap_remove(i);
             held.bytes -= victim.bytes.load(Ordering::Relaxed);
             self.0.evictions.fetch_add(1, Ordering::Relaxed);
@@ -204,37 +207,15 @@ impl MetaSlot {
         Ok(meta)
     }
 
-    /// Has the metadata thread generate what reads have not reached of on-demand metadata,
-    /// which then drops the tree it kept, and count it again. One thread does it for all
-    /// images in turn: a burst of first reads queues them instead of starting a thread each.
+    /// Has the background thread generate what reads have not reached of on-demand
+    /// metadata, which then drops the tree it kept, and count it again.
     pub fn complete_later(self: &Arc<Self>) {
-        static QUEUE: LazyLock<Option<Mutex<mpsc::Sender<Weak<MetaSlot>>>>> = LazyLock::new(|| {
-            let (tx, rx) = mpsc::channel::<Weak<MetaSlot>>();
-            let spawned = std::thread::Builder::new()
-                .name("tessera-metadata".into())
-                .spawn(move || {
-                    for slot in rx {
-                        if let Some(slot) = slot.upgrade() {
-                            slot.complete();
-                        }
-                    }
-                });
-            match spawned {
-                Ok(_) => Some(Mutex::new(tx)),
-                Err(e) => {
-                    // Reads still generate what they reach; the tree stays until the
-                    // budget drops it.
-                    tracing::warn!(error = %e, "cannot start the metadata thread");
-                    None
-                }
+        let slot = Arc::downgrade(self);
+        super::background::later(move || {
+            if let Some(slot) = slot.upgrade() {
+                slot.complete();
             }
         });
-        if let Some(queue) = &*QUEUE {
-            let _ = queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(Arc::downgrade(self));
-        }
     }
 
     /// Generates the rest of the held metadata, if it is still held, and counts it again.

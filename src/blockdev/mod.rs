@@ -3,10 +3,12 @@
 //! Metadata comes from the [`Layout`]; file data from store objects (see `object.rs`);
 //! everything else is zeros.
 
+mod background;
 mod check;
 mod device;
 mod export;
 mod fds;
+mod handles;
 pub mod metadata;
 mod object;
 pub mod overlay;
@@ -21,6 +23,7 @@ use tessera_ext4::{Layout, MetadataBlocks, Piece};
 
 pub use device::ImageExport;
 pub use export::export;
+use handles::Handles;
 use metadata::{MetaSlot, MetadataBudget, Regenerate};
 use object::Object;
 use readahead::Readahead;
@@ -34,7 +37,7 @@ pub struct ImageDevice {
     /// The block map; its metadata blocks are in `meta`.
     layout: Arc<Layout>,
     meta: Arc<MetaSlot>,
-    objects: Arc<[Arc<Object>]>,
+    objects: Arc<Handles>,
     /// Check object bytes against their names before returning them.
     verify: bool,
     /// Where recent blocking reads ended, to recognize sequential readers (see `prefetch`).
@@ -92,22 +95,23 @@ impl ImageDevice {
     /// their names if `store` [verifies reads](Store::verifies_reads).
     pub fn new(store: &Store, mut layout: Layout, objects: &[ObjectId]) -> Self {
         let meta = MetaSlot::pinned(layout.take_metadata());
-        Self::with_meta(store, layout, meta, objects)
+        Self::with_meta(store, layout, meta, Handles::now(store, objects))
     }
 
     /// Like [`new`](Self::new), with the metadata held under `budget` and generated again
     /// by `regenerate` when it was dropped.
-    /// `meta` is `layout`'s metadata, taken out of it or generated on demand.
+    /// `meta` is `layout`'s metadata, taken out of it or generated on demand. The objects
+    /// are looked up by the background thread or the first read of file data.
     pub fn budgeted(
         store: &Store,
         layout: Layout,
         meta: MetadataBlocks,
-        objects: &[ObjectId],
+        objects: Vec<ObjectId>,
         budget: &MetadataBudget,
         regenerate: Regenerate,
     ) -> Self {
         let meta = MetaSlot::budgeted(meta, budget, regenerate);
-        Self::with_meta(store, layout, meta, objects)
+        Self::with_meta(store, layout, meta, Handles::later(store, objects))
     }
 
     /// The slot of this image's metadata.
@@ -115,17 +119,12 @@ impl ImageDevice {
         &self.meta
     }
 
-    fn with_meta(store: &Store, layout: Layout, meta: Arc<MetaSlot>, objects: &[ObjectId]) -> Self {
-        let packs = store.packs();
-        let mut opener = object::packed::Opener::new();
-        let root: Arc<std::path::Path> = Arc::from(store.root());
-        let objects = objects
-            .iter()
-            .map(|id| {
-                let packed = opener.open(packs.find(id));
-                object::shared(*id, &root, packed, store.remote_cache())
-            })
-            .collect();
+    fn with_meta(
+        store: &Store,
+        layout: Layout,
+        meta: Arc<MetaSlot>,
+        objects: Arc<Handles>,
+    ) -> Self {
         ImageDevice {
             layout: Arc::new(layout),
             meta,
@@ -216,11 +215,9 @@ impl ImageDevice {
                     offset: obj_offset,
                     ..
                 } => {
-                    let Some(object) = self.objects.get(handle.0 as usize) else {
-                        return Some(Err(io::Error::other(format!(
-                            "layout names unknown data handle {}",
-                            handle.0
-                        ))));
+                    let object = match self.objects.if_looked_up()?.get(handle.0 as usize) {
+                        Some(object) => object,
+                        None => return Some(Err(unknown_handle(handle.0))),
                     };
                     let slice = match object.read_shared(obj_offset, n as u64, self.verify)? {
                         Ok(slice) => slice,
@@ -288,9 +285,16 @@ impl ImageDevice {
                     offset: obj_offset,
                     ..
                 } => {
-                    let object = self.objects.get(handle.0 as usize).ok_or_else(|| {
-                        io::Error::other(format!("layout names unknown data handle {}", handle.0))
-                    })?;
+                    let objects = match may_block {
+                        true => self.objects.get(),
+                        false => match self.objects.if_looked_up() {
+                            Some(objects) => objects,
+                            None => return Ok(false),
+                        },
+                    };
+                    let object = objects
+                        .get(handle.0 as usize)
+                        .ok_or_else(|| unknown_handle(handle.0))?;
                     if data(object, out, obj_offset).is_none() {
                         return Ok(false);
                     }
@@ -317,9 +321,10 @@ impl ImageDevice {
         let slot = self.next_end.fetch_add(1, Ordering::Relaxed) % RECENT;
         self.recent_ends[slot].store(end, Ordering::Relaxed);
         if sequential {
-            self.readahead.start(end, &self.layout, &self.objects);
-        } else {
-            self.readahead.reached(end, &self.layout, &self.objects);
+            self.readahead.start(end, &self.layout, self.objects.get());
+        } else if let Some(objects) = self.objects.if_looked_up() {
+            // Not looked up yet: no window was started either.
+            self.readahead.reached(end, &self.layout, objects);
         }
         let mut data = self
             .layout
@@ -333,13 +338,16 @@ impl ImageDevice {
         if data.peek().is_none() {
             return;
         }
-        readahead::prefetch_pieces(&self.objects, std::iter::once(first).chain(data));
+        readahead::prefetch_pieces(self.objects.get(), std::iter::once(first).chain(data));
     }
 
     /// Every read that was answered without blocking: moves a running readahead window on.
     fn reached(&self, offset: u64, len: u64) {
-        self.readahead
-            .reached(offset.saturating_add(len), &self.layout, &self.objects);
+        // Not looked up yet: this read found no file data, and no window was started.
+        if let Some(objects) = self.objects.if_looked_up() {
+            self.readahead
+                .reached(offset.saturating_add(len), &self.layout, objects);
+        }
     }
 
     /// The data and zero ranges of `offset..offset + len`, adjacent ranges of one sort merged.
@@ -375,4 +383,8 @@ impl ImageDevice {
             )),
         }
     }
+}
+
+fn unknown_handle(handle: u32) -> io::Error {
+    io::Error::other(format!("layout names unknown data handle {handle}"))
 }

@@ -184,11 +184,11 @@ async fn accept_loop(
             let live = workers.live.fetch_sub(1, Ordering::Relaxed) - 1;
             // Give back what this client's requests left behind: idle pooled
             // buffers beyond what the remaining clients may reuse, and the
-            // allocator's free pages.
+            // allocator's free pages (within a quarter second, not per client).
             workers
                 .pool
                 .trim(live * crate::buffers::KEEP_PER_CONNECTION);
-            crate::buffers::release_free_memory();
+            crate::buffers::release_free_memory_soon();
             drop(permit);
             drop(done);
         });

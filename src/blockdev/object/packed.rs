@@ -127,7 +127,11 @@ mod tests {
     }
 
     fn packed_objects(dev: &ImageDevice) -> usize {
-        dev.objects.iter().filter(|o| o.packed.is_some()).count()
+        dev.objects
+            .get()
+            .iter()
+            .filter(|o| o.packed.is_some())
+            .count()
     }
 
     #[test]
