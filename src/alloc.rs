@@ -73,6 +73,17 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+/// Gives free heap pages back to the kernel (glibc's `malloc_trim`); a no-op with other
+/// allocators. It walks every arena: for work done now and then, not per request.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists under its
+    // locks; it takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,18 @@
 //! freeing metadata the budget dropped. A burst of first reads queues this work instead
 //! of starting a thread per image, and each first read returns without it.
 
-use std::sync::{mpsc, LazyLock, Mutex};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// How long the queue stays empty after some work before the memory that work freed (the
+/// composed trees of completed images, dropped metadata) is given back. Not after every
+/// job: through a burst of first reads the next image reuses it. Nor never: after a burst
+/// of 1 000 first reads the server kept 108 instead of 85 bytes per file, freed but
+/// resident, since no client left after the thread had caught up.
+const IDLE_BEFORE_TRIM: Duration = Duration::from_millis(250);
 
 /// Runs `job` on the background thread, after the jobs queued before it; on the caller's
 /// thread if that thread could not be started.
@@ -14,7 +23,7 @@ pub(crate) fn later(job: impl FnOnce() + Send + 'static) {
         let (tx, rx) = mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new()
             .name("tessera-metadata".into())
-            .spawn(move || rx.into_iter().for_each(|job| job()));
+            .spawn(move || run(rx));
         match spawned {
             Ok(_) => Some(Mutex::new(tx)),
             Err(e) => {
@@ -35,5 +44,29 @@ pub(crate) fn later(job: impl FnOnce() + Send + 'static) {
     };
     if let Some(job) = unsent {
         job();
+    }
+}
+
+fn run(rx: mpsc::Receiver<Job>) {
+    let mut worked = false;
+    loop {
+        let job = if worked {
+            match rx.recv_timeout(IDLE_BEFORE_TRIM) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    crate::alloc::release_free_memory();
+                    worked = false;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        job();
+        worked = true;
     }
 }
