@@ -285,12 +285,12 @@ impl ImageDevice {
                     offset: obj_offset,
                     ..
                 } => {
-                    let objects = match may_block {
-                        true => self.objects.get(),
-                        false => match self.objects.if_looked_up() {
-                            Some(objects) => objects,
-                            None => return Ok(false),
-                        },
+                    let objects = if may_block {
+                        self.objects.get()
+                    } else if let Some(objects) = self.objects.if_looked_up() {
+                        objects
+                    } else {
+                        return Ok(false);
                     };
                     let object = objects
                         .get(handle.0 as usize)
