@@ -12,7 +12,7 @@ use crate::image::{ImageError, ImageRecord};
 use crate::store::Store;
 
 /// Compose the image and lay it out: the expensive step. Its metadata is generated as reads
-/// reach it and by the metadata thread right after (then the composed tree is dropped); it
+/// reach it and by the background thread right after (then the composed tree is dropped); it
 /// is held under `budget` and, once dropped, laid out again the same way when next read.
 fn synthesize(
     store: &Store,
@@ -199,7 +199,7 @@ mod tests {
     use super::*;
     use crate::image::CreateOptions;
 
-    /// Waits up to 30 s for `done`, which the metadata thread makes true.
+    /// Waits up to 30 s for `done`, which the background thread makes true.
     fn wait_for(what: &str, done: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !done() {
@@ -235,7 +235,7 @@ mod tests {
         }
         assert!(export.is_synthesized());
 
-        // The metadata thread finishes what reads did not reach and drops the tree; the
+        // The background thread finishes what reads did not reach and drops the tree; the
         // budget then counts what is left, as much as an eager build holds.
         let meta = export.dev.get().unwrap().meta.if_held().unwrap();
         let eager_bytes = eager.meta.if_held().unwrap().memory_bytes() as u64;
@@ -292,7 +292,7 @@ mod tests {
             "{stats:?}"
         );
         drop((a, b));
-        // The metadata thread may hold a slot for as long as it completes it.
+        // The background thread may hold a slot for as long as it completes it.
         wait_for("dropped exports to give their bytes back", || {
             budget.stats().held_bytes == 0
         });
