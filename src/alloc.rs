@@ -51,7 +51,7 @@ pub fn populate_large(on: bool) {
     POPULATE.store(on, Ordering::Relaxed);
 }
 
-/// The system allocator plus huge-page advice (see the module's documentation).
+/// The system allocator plus huge-page advice and populating (see the module's documentation).
 pub struct Allocator;
 
 /// Advice for a block of `size` bytes just made at `p`; `fresh`: made by `alloc`, not
