@@ -13,9 +13,10 @@
 //! The server has glibc map every block of 256 KiB or more on its own (see the nbd crate's
 //! `buffers.rs`), so each image it synthesizes gets fresh mappings for its tables (the
 //! composed tree's nodes alone are ~1 MB for 6 300 entries) and faults them in a page at a
-//! time: ~600 faults per image, 181 000 over 300 first reads. With those blocks populated
-//! in one `madvise(MADV_POPULATE_WRITE)` each when they are made, 80 000, and the first
-//! read's synthesis took 4.8 instead of 5.7 ms (means of four interleaved runs' medians).
+//! time: ~600 page-fault traps per first read. With those blocks populated in one
+//! `madvise(MADV_POPULATE_WRITE)` each when they are made, 231 instead of 626
+//! (`tools/bench-exports 300`), and the first read's synthesis took 4.8 instead of 5.7 ms
+//! (means of four interleaved runs' medians; single runs on this machine vary more).
 //! Such blocks are filled right after they are made (tables sized to their contents, reply
 //! buffers sized to a request), so populating them costs no memory they would not have
 //! used; blocks grown by `realloc` (a `Vec` doubling its capacity) are left alone. RSS per

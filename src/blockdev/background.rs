@@ -48,25 +48,29 @@ pub(crate) fn later(job: impl FnOnce() + Send + 'static) {
 }
 
 fn run(rx: mpsc::Receiver<Job>) {
-    let mut worked = false;
-    loop {
-        let job = if worked {
+    while let Ok(job) = rx.recv() {
+        job();
+        // The jobs that follow within the interval, then one trim once they stop.
+        loop {
             match rx.recv_timeout(IDLE_BEFORE_TRIM) {
-                Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) => {
-                    crate::alloc::release_free_memory();
-                    worked = false;
-                    continue;
-                }
+                Ok(job) => job(),
+                Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-        } else {
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
-        job();
-        worked = true;
+        }
+        crate::alloc::release_free_memory();
+    }
+}
+
+/// Waits up to 30 s for `done`, which the background thread makes true.
+#[cfg(test)]
+pub(super) fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

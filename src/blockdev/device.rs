@@ -197,19 +197,8 @@ impl Device for ImageExport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blockdev::background::wait_for;
     use crate::image::CreateOptions;
-
-    /// Waits up to 30 s for `done`, which the background thread makes true.
-    fn wait_for(what: &str, done: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
 
     #[test]
     fn synthesized_on_first_read_with_the_bytes_of_an_eager_build() {

@@ -85,6 +85,7 @@ fn look_up(store: &Store, ids: &[ObjectId]) -> Objects {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blockdev::background::wait_for;
     use crate::blockdev::{ImageDevice, NO_METADATA};
     use crate::image::CreateOptions;
     use tessera_ext4::Piece;
@@ -148,11 +149,7 @@ mod tests {
         let (store, ids) = demo(dir.path());
         let now = Handles::now(&store, &ids);
         let later = Handles::later(&store, ids.clone());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while later.if_looked_up().is_none() {
-            assert!(std::time::Instant::now() < deadline, "never looked up");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_for("the lookup", || later.if_looked_up().is_some());
         let (now, later) = (now.get(), later.get());
         assert_eq!(now.len(), ids.len());
         assert!(now.iter().zip(later.iter()).all(|(a, b)| Arc::ptr_eq(a, b)));

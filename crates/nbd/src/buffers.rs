@@ -129,48 +129,40 @@ pub(crate) fn fix_mmap_threshold() {
     });
 }
 
-/// [`release_free_memory`], unless it ran within [`TRIM_INTERVAL`]; whether it ran.
-fn release_free_memory_now_and_then() -> bool {
+/// [`release_free_memory`], unless it ran within [`TRIM_INTERVAL`].
+fn release_free_memory_now_and_then() {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
     let now = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
-    let last = LAST_TRIM_MS.load(Ordering::Relaxed);
+    let last = LAST_MS.load(Ordering::Relaxed);
     if last != 0 && now.saturating_sub(last) < TRIM_INTERVAL.as_millis() as u64 {
-        return false;
+        return;
     }
-    if LAST_TRIM_MS
+    if LAST_MS
         .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
         .is_ok()
     {
         release_free_memory();
     }
-    true
 }
 
-/// When [`release_free_memory_now_and_then`] last ran it (ms since its first call, plus 1).
-static LAST_TRIM_MS: AtomicU64 = AtomicU64::new(0);
-
-/// [`release_free_memory`] now, or [`TRIM_INTERVAL`] from now if it ran within the
-/// interval (one such deferred run at a time). When every client leaving trimmed at once,
-/// a server whose clients each connect, read and leave (probes, `nbdinfo`, a fleet's
-/// boots) walked its heap and gave its free pages back after each (40 621 `madvise` calls,
-/// each a TLB shootdown, over the first reads of 300 images), then faulted them in again
-/// for the next image: a first read's synthesis took 5.6 ms instead of 4.9 (medians).
-/// Must run within a tokio runtime.
+/// [`release_free_memory`] [`TRIM_INTERVAL`] from now, once for every call made meanwhile.
+/// When every client leaving trimmed at once, a server whose clients each connect, read and
+/// leave (probes, `nbdinfo`, a fleet's boots) walked its heap and gave its free pages back
+/// after each (40 621 `madvise` calls, each a TLB shootdown, over the first reads of 300
+/// images), then faulted them in again for the next image: a first read's synthesis took
+/// 5.6 ms instead of 4.9 (means of four interleaved runs' medians). Must run within a
+/// tokio runtime.
 pub(crate) fn release_free_memory_soon() {
-    static DEFERRED: AtomicBool = AtomicBool::new(false);
-    if release_free_memory_now_and_then() || DEFERRED.swap(true, Ordering::AcqRel) {
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    if PENDING.swap(true, Ordering::AcqRel) {
         return;
     }
     tokio::spawn(async {
-        loop {
-            tokio::time::sleep(TRIM_INTERVAL).await;
-            DEFERRED.store(false, Ordering::Release);
-            // Clients leaving from here on trim or defer for themselves; if a trim ran
-            // meanwhile, one more interval unless another client deferred already.
-            if release_free_memory_now_and_then() || DEFERRED.swap(true, Ordering::AcqRel) {
-                return;
-            }
-        }
+        tokio::time::sleep(TRIM_INTERVAL).await;
+        // A client leaving from here on schedules the next trim.
+        PENDING.store(false, Ordering::Release);
+        release_free_memory();
     });
 }
 
