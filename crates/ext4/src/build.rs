@@ -314,12 +314,7 @@ impl Prepared {
                 if e.name.len() > crate::MAX_NAME_LEN {
                     return Err(Error::NameTooLong { path: bad_path() });
                 }
-                if e.name.is_empty()
-                    || e.name == b"."
-                    || e.name == b".."
-                    || e.name.contains(&b'/')
-                    || e.name.contains(&0)
-                {
+                if crate::tree::invalid_name(&e.name) {
                     return Err(Error::InvalidName { name: bad_path() });
                 }
                 if k > 0 && entries[kids[k - 1] as usize].name == e.name {
@@ -358,8 +353,6 @@ impl Prepared {
             by_ino[(ino_of[n as usize] - LOST_FOUND_INO) as usize] = Some(n);
         }
 
-        let dirents = |d: NodeId| dirents(nodes, d, &sorted, &sorted_at, &ino_of);
-
         let make = |node: NodeId, ino: u32| -> Result<Ino, Error> {
             let n = &nodes[node as usize];
             let path = || path_of(tree, &parent, node);
@@ -377,22 +370,22 @@ impl Prepared {
                 });
             }
             let content = match &n.kind {
-                NodeKind::Dir(_) => {
-                    let mut kids = dirents(node);
-                    if node == FsTree::ROOT && lost_found.is_none() {
-                        kids.push(Dirent {
-                            name: b"lost+found",
-                            ino: LOST_FOUND_INO,
-                            ftype: dir::FT_DIR,
-                        });
-                    }
-                    let subdirs = kids.iter().filter(|k| k.ftype == dir::FT_DIR).count() as u64;
+                NodeKind::Dir(entries) => {
+                    // Sizing needs only the names, in any order: no entry list is built.
+                    let made_up = (node == FsTree::ROOT && lost_found.is_none())
+                        .then_some(&b"lost+found"[..]);
+                    let subdirs = entries
+                        .iter()
+                        .filter(|e| matches!(nodes[e.node as usize].kind, NodeKind::Dir(_)))
+                        .count() as u64
+                        + made_up.is_some() as u64;
                     fields.links = if subdirs + 2 >= LINK_MAX {
                         1
                     } else {
                         (subdirs + 2) as u16
                     };
-                    let (n, indexed) = dir::shape(&kids, &hash_seed);
+                    let names = entries.iter().map(|e| &e.name[..]).chain(made_up);
+                    let (n, indexed) = dir::shape(names, &hash_seed);
                     let content = Content::Sized(n as u64);
                     fields.mode |= inode::S_IFDIR;
                     fields.size = content.blocks() * BLOCK_SIZE;

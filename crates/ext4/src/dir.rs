@@ -55,7 +55,7 @@ fn seal_leaf(b: &mut [u8], inode_seed: u32) {
 /// `start` entries (`.` and `..`) go first in the first block. Returns the blocks and, for
 /// each block, the index of its first entry.
 fn pack_leaves(entries: &[Dirent], inode_seed: u32) -> (Vec<Vec<u8>>, Vec<usize>) {
-    let firsts = leaf_firsts(entries);
+    let firsts = leaf_firsts(entries, |e| e.name.len());
     let mut blocks = Vec::with_capacity(firsts.len());
     for (k, &first) in firsts.iter().enumerate() {
         let end = firsts.get(k + 1).copied().unwrap_or(entries.len());
@@ -79,14 +79,14 @@ fn pack_leaves(entries: &[Dirent], inode_seed: u32) -> (Vec<Vec<u8>>, Vec<usize>
 
 /// Where [`pack_leaves`] starts each leaf block: the index of its first entry. The one
 /// packing rule, shared by emitting and by [`shape`] so the two cannot disagree.
-fn leaf_firsts(entries: &[Dirent]) -> Vec<usize> {
+fn leaf_firsts<T>(entries: &[T], name_len: impl Fn(&T) -> usize) -> Vec<usize> {
     let mut firsts = Vec::new();
     let mut i = 0;
     while i < entries.len() || firsts.is_empty() {
         firsts.push(i);
         let mut at = 0;
-        while i < entries.len() && at + rec_len(entries[i].name.len()) <= LEAF_SPACE {
-            at += rec_len(entries[i].name.len());
+        while i < entries.len() && at + rec_len(name_len(&entries[i])) <= LEAF_SPACE {
+            at += rec_len(name_len(&entries[i]));
             i += 1;
         }
     }
@@ -154,16 +154,30 @@ fn index_nodes(leaves: usize) -> usize {
     nodes
 }
 
-/// What [`build`] would return, without writing a block: the number of blocks and whether
-/// the directory is an htree. For sizing an image without emitting it.
-pub(crate) fn shape(children: &[Dirent], hash_seed: &[u32; 4]) -> (usize, bool) {
-    match ordered(0, 0, children, hash_seed) {
-        (_, None) => (1, false),
-        (sorted, Some(_)) => {
-            let leaves = leaf_firsts(&sorted).len();
-            (1 + index_nodes(leaves) + leaves, true)
-        }
+/// What [`build`] would return for a directory whose children have `names` (in any
+/// order), without writing a block: the number of blocks and whether it is an htree. For
+/// sizing an image without emitting it, so it allocates nothing for a directory that fits
+/// one linear block, as most do.
+pub(crate) fn shape<'a, I>(names: I, hash_seed: &[u32; 4]) -> (usize, bool)
+where
+    I: Iterator<Item = &'a [u8]> + Clone,
+{
+    let linear_len =
+        rec_len(1) + rec_len(2) + names.clone().map(|n| rec_len(n.len())).sum::<usize>();
+    if linear_len <= LEAF_SPACE {
+        return (1, false);
     }
+    // The order `ordered` gives: names are unique, so no two keys are equal and an
+    // unstable sort gives the same order as its stable one.
+    let mut hashed: Vec<(u32, u32, &[u8])> = names
+        .map(|n| {
+            let (h, minor) = half_md4(n, hash_seed);
+            (h, minor, n)
+        })
+        .collect();
+    hashed.sort_unstable();
+    let leaves = leaf_firsts(&hashed, |e| e.2.len()).len();
+    (1 + index_nodes(leaves) + leaves, true)
 }
 
 /// An empty leaf block (no live entries), as in lost+found's spare blocks.
@@ -304,7 +318,16 @@ mod tests {
                 .collect();
             let seed = [5, 6, 7, 8];
             let (blocks, indexed) = build(2, 2, &kids, &seed, 0);
-            assert_eq!(shape(&kids, &seed), (blocks.len(), indexed), "{n} entries");
+            assert_eq!(
+                shape(kids.iter().rev().map(|k| k.name), &seed),
+                (blocks.len(), indexed),
+                "{n} entries"
+            );
+            assert_eq!(
+                shape(kids.iter().map(|k| k.name), &seed),
+                (blocks.len(), indexed),
+                "{n} entries"
+            );
             if n == 40_000 {
                 assert_eq!(blocks[0][24 + 6], 1, "an index level");
             }
