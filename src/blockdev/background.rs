@@ -16,6 +16,10 @@ type Job = Box<dyn FnOnce() + Send>;
 /// resident, since no client left after the thread had caught up.
 const IDLE_BEFORE_TRIM: Duration = Duration::from_millis(250);
 
+/// How often an idle background thread looks for large blocks kept for reuse
+/// (`crate::alloc`) to give back.
+const QUIET_CHECK: Duration = Duration::from_secs(1);
+
 /// Runs `job` on the background thread, after the jobs queued before it; on the caller's
 /// thread if that thread could not be started.
 pub(crate) fn later(job: impl FnOnce() + Send + 'static) {
@@ -48,8 +52,19 @@ pub(crate) fn later(job: impl FnOnce() + Send + 'static) {
 }
 
 fn run(rx: mpsc::Receiver<Job>) {
-    while let Ok(job) = rx.recv() {
-        job();
+    loop {
+        match rx.recv_timeout(QUIET_CHECK) {
+            Ok(job) => job(),
+            Err(RecvTimeoutError::Timeout) => {
+                // Large blocks freed since by connections alone (a client's big requests)
+                // are kept for reuse too: given back once nothing happened for a while.
+                if crate::alloc::kept_bytes() > 0 {
+                    crate::alloc::release_free_memory();
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
         // The jobs that follow within the interval, then one trim once they stop.
         loop {
             match rx.recv_timeout(IDLE_BEFORE_TRIM) {
@@ -58,6 +73,7 @@ fn run(rx: mpsc::Receiver<Job>) {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+        crate::image::views::forget();
         crate::alloc::release_free_memory();
     }
 }

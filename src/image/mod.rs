@@ -7,6 +7,7 @@
 mod compose;
 mod record;
 mod size;
+pub mod views;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +91,16 @@ pub fn validate_name(name: &str) -> Result<(), ImageError> {
 /// another version or of another tree is rebuilt; failing to write the cache (a read-only
 /// store) only costs the next load a parse.
 pub fn load_tree_view(store: &Store, id: &ObjectId) -> Result<TreeView, ImageError> {
+    if let Some(view) = views::get(store.root(), id) {
+        return Ok(view);
+    }
+    let view = load_tree_view_anew(store, id)?;
+    views::put(store.root(), id, &view);
+    Ok(view)
+}
+
+/// [`load_tree_view`] without the views a server keeps.
+fn load_tree_view_anew(store: &Store, id: &ObjectId) -> Result<TreeView, ImageError> {
     let tree_err = |source| ImageError::Tree { id: *id, source };
     if let Some(map) = store.map_tree_cache(id)? {
         match TreeView::new(Arc::new(map)) {

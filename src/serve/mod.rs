@@ -131,8 +131,10 @@ pub struct ServeArgs {
 
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    // Images synthesized on first reads fault their large tables in at once.
+    // Images synthesized on first reads fault their large tables in at once and reuse
+    // those of images synthesized before; images of one tree share its view.
     crate::alloc::populate_large(true);
+    crate::image::views::keep(true);
     let store = &store.clone().verifying_reads(args.verify);
     let store = &match &args.remote {
         Some(url) => remote::attach(store, url, args.endpoint.as_deref(), args.cache_size)?,
