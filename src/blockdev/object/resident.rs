@@ -6,7 +6,11 @@
 //! moment ago almost surely still is, so each mapping remembers, per [`CHUNK`] bytes, when
 //! it last saw the whole chunk resident, and for [`TRUST_MS`] after that a read inside the
 //! chunk skips the call. One `mincore` over a whole chunk costs about what one over a
-//! page does, and is then shared by every read of the chunk.
+//! page does, and is then shared by every read of the chunk. A chunk found resident at
+//! every check in a row is trusted longer each time, up to [`MAX_STREAK`] doublings (2 s):
+//! a store of small objects is one mapping, and one chunk, per object, and random reads over
+//! 4 000 of them made 0.16 `mincore` calls per read at QD32 against 0.012 for the same
+//! objects packed into one file (3% of the server's samples against 0.5%).
 //!
 //! Being wrong costs time, never bytes: the reply is still copied from the mapping, and a
 //! page evicted meanwhile is read back by a page fault on the async thread, which then
@@ -15,7 +19,7 @@
 
 use std::fs::File;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -23,8 +27,10 @@ use memmap2::Mmap;
 
 use super::PAGE;
 
-/// How long a chunk seen resident is taken as still resident.
+/// How long a chunk seen resident is taken as still resident, doubled for each check in a
+/// row that found it resident, up to [`MAX_STREAK`] times.
 const TRUST_MS: u32 = 250;
+const MAX_STREAK: u64 = 3;
 /// Bytes of a mapping tracked together (at most 512 pages per `mincore`).
 const CHUNK: usize = 2 << 20;
 
@@ -32,8 +38,9 @@ const CHUNK: usize = 2 << 20;
 #[derive(Debug)]
 pub(in crate::blockdev) struct Mapping {
     map: Mmap,
-    /// Per chunk: [`now_ms`] when last seen resident, plus one (zero: never).
-    seen: Box<[AtomicU32]>,
+    /// Per chunk: [`now_ms`] when last seen resident, plus one (zero: never), in the low 32
+    /// bits; above them, how many checks in a row before that one found it resident.
+    seen: Box<[AtomicU64]>,
 }
 
 impl Deref for Mapping {
@@ -46,7 +53,7 @@ impl Deref for Mapping {
 impl Mapping {
     pub fn new(map: Mmap) -> Mapping {
         let seen = (0..map.len().div_ceil(CHUNK))
-            .map(|_| AtomicU32::new(0))
+            .map(|_| AtomicU64::new(0))
             .collect();
         Mapping { map, seen }
     }
@@ -67,10 +74,18 @@ impl Mapping {
                 continue;
             }
             let (from, to) = (c * CHUNK, ((c + 1) * CHUNK).min(self.map.len()));
+            let before = self.seen[c].load(Ordering::Relaxed);
             if mincore(&self.map, from, to) {
-                self.seen[c].store(now.wrapping_add(1).max(1), Ordering::Relaxed);
+                let streak = if before == 0 {
+                    0
+                } else {
+                    ((before >> 32) + 1).min(MAX_STREAK)
+                };
+                let seen = (streak << 32) | now.wrapping_add(1).max(1) as u64;
+                self.seen[c].store(seen, Ordering::Relaxed);
             } else {
-                // Part of the chunk is out: ask about just the range.
+                // Part of the chunk is out: trust it no longer, and ask about just the range.
+                self.seen[c].store(0, Ordering::Relaxed);
                 return mincore(&self.map, start, end);
             }
         }
@@ -79,7 +94,8 @@ impl Mapping {
 
     fn fresh(&self, chunk: usize, now: u32) -> bool {
         let seen = self.seen[chunk].load(Ordering::Relaxed);
-        seen != 0 && now.wrapping_sub(seen.wrapping_sub(1)) <= TRUST_MS
+        let (at, streak) = (seen as u32, seen >> 32);
+        at != 0 && now.wrapping_sub(at.wrapping_sub(1)) <= TRUST_MS << streak
     }
 }
 
@@ -192,9 +208,49 @@ mod tests {
         assert!(m.resident_at(CHUNK - PAGE, CHUNK + PAGE, t));
         assert!(m.fresh(1, t));
         // The clock wraps around without trusting old sightings.
-        m.seen[0].store(u32::MAX, Ordering::Relaxed); // seen at u32::MAX - 1
+        m.seen[0].store(u32::MAX as u64, Ordering::Relaxed); // seen at u32::MAX - 1
         assert!(m.fresh(0, 5));
         assert!(!m.fresh(0, u32::MAX / 2));
+    }
+
+    #[test]
+    fn a_chunk_found_resident_check_after_check_is_trusted_longer_until_a_check_fails() {
+        let mut anon = memmap2::MmapMut::map_anon(2 * PAGE).unwrap();
+        anon[0] = 1;
+        anon[PAGE] = 1;
+        let m = Mapping::new(anon.make_read_only().unwrap());
+        let mut t = 1_000;
+        assert!(m.resident_at(0, PAGE, t));
+        for trust in [
+            TRUST_MS,
+            2 * TRUST_MS,
+            4 * TRUST_MS,
+            8 * TRUST_MS,
+            8 * TRUST_MS,
+        ] {
+            assert!(
+                m.fresh(0, t + trust) && !m.fresh(0, t + trust + 1),
+                "trust {trust}"
+            );
+            // The next check, once the trust ran out.
+            t += trust + 1;
+            assert!(m.resident_at(0, PAGE, t));
+        }
+        // A check that finds part of the chunk out resets the streak.
+        // SAFETY: the range is the second page of `m`'s private anonymous mapping, whose
+        // bytes nothing reads again; MADV_DONTNEED only drops it from memory.
+        let r = unsafe {
+            libc::madvise(
+                m.as_ptr().add(PAGE) as *mut libc::c_void,
+                PAGE,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        t += 8 * TRUST_MS + 1;
+        assert!(m.resident_at(0, PAGE, t), "the first page is still in");
+        assert!(!m.fresh(0, t), "the chunk is not all in");
+        assert!(m.seen[0].load(Ordering::Relaxed) == 0, "the streak is gone");
     }
 
     #[test]
