@@ -125,18 +125,13 @@ fn ordered<'a>(
         all[2..].sort_by(|a, b| a.name.cmp(b.name));
         return (all, None);
     }
-    let mut hashed: Vec<(u32, u32, Dirent)> = children
-        .iter()
-        .map(|e| {
-            let (h, minor) = half_md4(e.name, hash_seed);
-            (h, minor, e.clone())
-        })
-        .collect();
-    hashed.sort_by(|a, b| (a.0, a.1, a.2.name).cmp(&(b.0, b.1, b.2.name)));
-    let hashes = hashed.iter().map(|&(h, m, _)| (h, m)).collect();
+    let names: Vec<&[u8]> = children.iter().map(|e| e.name).collect();
+    let keys = hash_order(&names, |n| half_md4(n, hash_seed));
     (
-        hashed.into_iter().map(|(_, _, e)| e).collect(),
-        Some(hashes),
+        keys.iter()
+            .map(|&k| children[position(k)].clone())
+            .collect(),
+        Some(keys.into_iter().map(hashes).collect()),
     )
 }
 
@@ -167,17 +162,48 @@ where
     if linear_len <= LEAF_SPACE {
         return (1, false);
     }
-    // The order `ordered` gives: names are unique, so no two keys are equal and an
-    // unstable sort gives the same order as its stable one.
-    let mut hashed: Vec<(u32, u32, &[u8])> = names
-        .map(|n| {
-            let (h, minor) = half_md4(n, hash_seed);
-            (h, minor, n)
+    let names: Vec<&[u8]> = names.collect();
+    let order = hash_order(&names, |n| half_md4(n, hash_seed));
+    let leaves = leaf_firsts(&order, |&k| names[position(k)].len()).len();
+    (1 + index_nodes(leaves) + leaves, true)
+}
+
+/// `names` in the order [`ordered`] gives an htree's entries, by (hash, minor, name), as
+/// one integer per name: (hash, minor, position in `names`), far cheaper to compare and
+/// move than tuples holding the name. Names equal in both hashes (not seen in practice)
+/// are put in name order after.
+fn hash_order(names: &[&[u8]], hash: impl Fn(&[u8]) -> (u32, u32)) -> Vec<u128> {
+    let mut keys: Vec<u128> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (h, minor) = hash(n);
+            (h as u128) << 96 | (minor as u128) << 64 | i as u128
         })
         .collect();
-    hashed.sort_unstable();
-    let leaves = leaf_firsts(&hashed, |e| e.2.len()).len();
-    (1 + index_nodes(leaves) + leaves, true)
+    keys.sort_unstable();
+    let mut at = 0;
+    while at < keys.len() {
+        let run = keys[at..]
+            .iter()
+            .take_while(|&&k| k >> 64 == keys[at] >> 64)
+            .count();
+        if run > 1 {
+            keys[at..at + run].sort_unstable_by_key(|&k| names[position(k)]);
+        }
+        at += run;
+    }
+    keys
+}
+
+/// Where the name of a [`hash_order`] key is in its `names`.
+fn position(key: u128) -> usize {
+    key as u64 as usize
+}
+
+/// The (hash, minor) of a [`hash_order`] key.
+fn hashes(key: u128) -> (u32, u32) {
+    ((key >> 96) as u32, (key >> 64) as u32)
 }
 
 /// An empty leaf block (no live entries), as in lost+found's spare blocks.
@@ -332,6 +358,29 @@ mod tests {
                 assert_eq!(blocks[0][24 + 6], 1, "an index level");
             }
         }
+    }
+
+    #[test]
+    fn hash_order_breaks_ties_by_name() {
+        // A hash with many collisions, against the tuple order `ordered` sorts by.
+        let names: Vec<Vec<u8>> = (0..500)
+            .map(|i| format!("{}{}", "n".repeat(i % 7), (i * 7919) % 500).into_bytes())
+            .collect();
+        let names: Vec<&[u8]> = names.iter().map(|n| &n[..]).collect();
+        let hash = |n: &[u8]| ((n.len() % 3) as u32, (n[n.len() - 1] % 2) as u32);
+        let mut want: Vec<(u32, u32, &[u8])> = names
+            .iter()
+            .map(|&n| {
+                let (h, m) = hash(n);
+                (h, m, n)
+            })
+            .collect();
+        want.sort();
+        let got: Vec<&[u8]> = hash_order(&names, hash)
+            .into_iter()
+            .map(|k| names[position(k)])
+            .collect();
+        assert_eq!(got, want.iter().map(|w| w.2).collect::<Vec<_>>());
     }
 
     #[test]

@@ -96,7 +96,28 @@ pub struct Node {
 /// over the bytes: two `contains` calls were two `memchr` calls per name, each costlier
 /// than the loop for names this short.
 pub(crate) fn invalid_name(name: &[u8]) -> bool {
-    name.is_empty() || name == b"." || name == b".." || name.iter().any(|&b| b == b'/' || b == 0)
+    // A fold rather than `any`: no early exit, so the compiler checks many bytes at once.
+    name.is_empty() || name == b"." || name == b".." || has_slash_or_nul(name)
+}
+
+/// Eight bytes at a time: every name of an image is checked when it is sized, and a byte
+/// loop was a tenth of `image create`'s instructions.
+fn has_slash_or_nul(name: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Exact for "some byte is zero": a borrow can only start at a zero byte.
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS != 0;
+    let has_either = |x: u64| has_zero(x) | has_zero(x ^ (ONES * b'/' as u64));
+    let mut words = name.chunks_exact(8);
+    for w in &mut words {
+        if has_either(u64::from_le_bytes(w.try_into().expect("8 bytes"))) {
+            return true;
+        }
+    }
+    // The tail, filled up with a byte that is neither.
+    let mut last = [1u8; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    has_either(u64::from_le_bytes(last))
 }
 
 /// A directory tree. Hardlinks are several directory entries naming the same non-directory node.
@@ -185,6 +206,40 @@ impl FsTree {
         match &self.nodes[dir as usize].kind {
             NodeKind::Dir(entries) => entries.iter().find(|e| e.name == name).map(|e| e.node),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_a_slash_or_nul_anywhere_are_invalid() {
+        for len in 1..40 {
+            let ok = vec![b'a'; len];
+            assert!(!invalid_name(&ok), "{len}");
+            for at in 0..len {
+                for (bad, then) in [(b'/', 0x80u8), (0, 0xff), (b'/', b'.'), (0, 1)] {
+                    let mut name = ok.clone();
+                    name[at] = bad;
+                    if at + 1 < len {
+                        name[at + 1] = then;
+                    }
+                    assert!(invalid_name(&name), "{name:?}");
+                }
+            }
+        }
+        for fine in [
+            &b"..."[..],
+            b".a",
+            "caf\u{e9}\u{2f00}.txt".as_bytes(),
+            &[0xff; 255],
+        ] {
+            assert!(!invalid_name(fine), "{fine:?}");
+        }
+        for bad in [&b""[..], b".", b".."] {
+            assert!(invalid_name(bad), "{bad:?}");
         }
     }
 }
