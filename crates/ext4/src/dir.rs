@@ -125,8 +125,7 @@ fn ordered<'a>(
         all[2..].sort_by(|a, b| a.name.cmp(b.name));
         return (all, None);
     }
-    let names: Vec<&[u8]> = children.iter().map(|e| e.name).collect();
-    let keys = hash_order(&names, |n| half_md4(n, hash_seed));
+    let keys = hash_order(children.iter().map(|e| e.name), |n| half_md4(n, hash_seed));
     (
         keys.iter()
             .map(|&k| children[position(k)].clone())
@@ -162,23 +161,25 @@ where
     if linear_len <= LEAF_SPACE {
         return (1, false);
     }
-    let names: Vec<&[u8]> = names.collect();
-    let order = hash_order(&names, |n| half_md4(n, hash_seed));
-    let leaves = leaf_firsts(&order, |&k| names[position(k)].len()).len();
+    let order = hash_order(names, |n| half_md4(n, hash_seed));
+    let leaves = leaf_firsts(&order, |&k| name_len(k)).len();
     (1 + index_nodes(leaves) + leaves, true)
 }
 
 /// `names` in the order [`ordered`] gives an htree's entries, by (hash, minor, name), as
-/// one integer per name: (hash, minor, position in `names`), far cheaper to compare and
-/// move than tuples holding the name. Names equal in both hashes (not seen in practice)
-/// are put in name order after.
-fn hash_order(names: &[&[u8]], hash: impl Fn(&[u8]) -> (u32, u32)) -> Vec<u128> {
+/// one integer per name: (hash, minor, name length, position in `names`), far cheaper to
+/// compare and move than tuples holding the name. Names equal in both hashes (not seen in
+/// practice) are put in name order after.
+fn hash_order<'a, I>(names: I, hash: impl Fn(&[u8]) -> (u32, u32)) -> Vec<u128>
+where
+    I: Iterator<Item = &'a [u8]> + Clone,
+{
     let mut keys: Vec<u128> = names
-        .iter()
+        .clone()
         .enumerate()
         .map(|(i, n)| {
             let (h, minor) = hash(n);
-            (h as u128) << 96 | (minor as u128) << 64 | i as u128
+            (h as u128) << 96 | (minor as u128) << 64 | (n.len() as u128) << 32 | i as u128
         })
         .collect();
     keys.sort_unstable();
@@ -186,10 +187,11 @@ fn hash_order(names: &[&[u8]], hash: impl Fn(&[u8]) -> (u32, u32)) -> Vec<u128> 
     while at < keys.len() {
         let run = keys[at..]
             .iter()
-            .take_while(|&&k| k >> 64 == keys[at] >> 64)
+            .take_while(|&&k| hashes(k) == hashes(keys[at]))
             .count();
         if run > 1 {
-            keys[at..at + run].sort_unstable_by_key(|&k| names[position(k)]);
+            let name = |k: u128| names.clone().nth(position(k)).expect("a position of names");
+            keys[at..at + run].sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
         }
         at += run;
     }
@@ -198,7 +200,12 @@ fn hash_order(names: &[&[u8]], hash: impl Fn(&[u8]) -> (u32, u32)) -> Vec<u128> 
 
 /// Where the name of a [`hash_order`] key is in its `names`.
 fn position(key: u128) -> usize {
-    key as u64 as usize
+    key as u32 as usize
+}
+
+/// The length of the name of a [`hash_order`] key.
+fn name_len(key: u128) -> usize {
+    (key >> 32) as u32 as usize
 }
 
 /// The (hash, minor) of a [`hash_order`] key.
@@ -376,7 +383,7 @@ mod tests {
             })
             .collect();
         want.sort();
-        let got: Vec<&[u8]> = hash_order(&names, hash)
+        let got: Vec<&[u8]> = hash_order(names.iter().copied(), hash)
             .into_iter()
             .map(|k| names[position(k)])
             .collect();
