@@ -25,6 +25,7 @@ mod hash;
 mod inode;
 mod layout;
 mod le;
+mod name;
 mod placement;
 mod plan;
 pub mod read;
@@ -37,6 +38,7 @@ mod xattr;
 pub use build::{build, build_on_demand};
 pub use error::Error;
 pub use layout::{Layout, MetaSlice, MetadataBlocks, Piece, Pieces, Stats};
+pub use name::Name;
 pub use summary::{plan, Summary};
 pub use tree::{
     DataHandle, DirEntry, FileData, FsTree, Metadata, Node, NodeId, NodeKind, Segment, Timestamp,

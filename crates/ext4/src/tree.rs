@@ -5,7 +5,7 @@
 //! The object behind a handle holds the segments' bytes back to back, so segment `i`
 //! starts in the object at the sum of the lengths of segments `0..i`.
 
-use crate::Error;
+use crate::{Error, Name};
 
 /// Index of a node in an [`FsTree`]. The root directory is always node 0.
 pub type NodeId = u32;
@@ -82,7 +82,7 @@ pub enum NodeKind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
-    pub name: Vec<u8>,
+    pub name: Name,
     pub node: NodeId,
 }
 
@@ -96,7 +96,6 @@ pub struct Node {
 /// over the bytes: two `contains` calls were two `memchr` calls per name, each costlier
 /// than the loop for names this short.
 pub(crate) fn invalid_name(name: &[u8]) -> bool {
-    // A fold rather than `any`: no early exit, so the compiler checks many bytes at once.
     name.is_empty() || name == b"." || name == b".." || has_slash_or_nul(name)
 }
 
@@ -192,7 +191,7 @@ impl FsTree {
         match &mut self.nodes[parent as usize].kind {
             NodeKind::Dir(entries) => {
                 entries.push(DirEntry {
-                    name: name.to_vec(),
+                    name: Name::new(name),
                     node: target,
                 });
                 Ok(())

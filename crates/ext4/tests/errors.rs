@@ -24,7 +24,7 @@ fn names_over_255_bytes_inserted_directly_are_rejected_by_build() {
     let d = fx.dir(FsTree::ROOT, "d");
     let f = fx.file(d, "ok", b"x");
     if let NodeKind::Dir(e) = &mut fx.tree.node_mut(d).kind {
-        e[0].name = vec![b'a'; 300];
+        e[0].name = vec![b'a'; 300].into();
     }
     let _ = f;
     let err = build(&fx.tree, &options(None)).unwrap_err();
