@@ -416,7 +416,8 @@ impl<'a> EntryRef<'a> {
     /// The last path component.
     pub fn name(&self) -> &'a [u8] {
         let p = self.path();
-        match p.iter().rposition(|&b| b == b'/') {
+        // memrchr: a byte loop from the end was 4% of composing an image.
+        match memchr::memrchr(b'/', p) {
             Some(i) => &p[i + 1..],
             None => p,
         }
