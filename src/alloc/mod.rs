@@ -9,7 +9,11 @@
 //! Blocks of 2 MiB and more are then advised `MADV_HUGEPAGE`, so that the kernel backs them
 //! with 2 MiB pages where it has some (THP "madvise" mode, Debian's default), one fault
 //! each. Off by default: a server keeps its heap in 4 KiB pages, whose memory it counts per
-//! export.
+//! export. Most of those tables are small blocks, though (a name, a directory's entries):
+//! `image create` also grows glibc's heap by 64 MiB in one step and advises that part
+//! ([`huge_heap`]), and blocks under 2 MiB come from that heap rather than from mappings of
+//! their own: 577 page faults instead of 4 267 for /usr/share, and 30.2 instead of 40.1 ms
+//! (medians of 30 interleaved runs), for 2-3 MB more peak RSS.
 //!
 //! The server has glibc map every block of 256 KiB or more on its own (see the nbd crate's
 //! `buffers.rs`), so each image it synthesizes got fresh mappings for its tables (the
@@ -38,6 +42,40 @@ const PAGE: usize = 4096;
 /// Turns huge-page advice for large blocks on or off for the rest of the process.
 pub fn huge_pages_for_large(on: bool) {
     HUGE.store(on, Ordering::Relaxed);
+}
+
+/// Grows glibc's heap by `bytes` at once and advises that part `MADV_HUGEPAGE`, for a short
+/// command whose many small blocks would otherwise fault the heap in 4 KiB at a time (see
+/// the module's documentation). The heap then keeps what it grew: the command exits soon.
+/// Call it on the main thread: other threads' blocks come from arenas of their own.
+pub fn huge_heap(bytes: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt, sbrk(0) and malloc/free of blocks we own touch only the allocator's
+    // own state; madvise(MADV_HUGEPAGE) on the whole pages of the heap's new part changes
+    // how its future faults are backed, not its contents.
+    unsafe {
+        let bytes = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+        libc::mallopt(libc::M_TOP_PAD, bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * bytes);
+        // Blocks below the size `advise` takes come from this heap too, not from mappings
+        // of their own in 4 KiB pages.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE as libc::c_int);
+        let before = libc::sbrk(0) as usize;
+        // Blocks under the mmap threshold come from the heap's top; a few of them use up
+        // what is left of it, and the next makes glibc grow the heap by `bytes` more.
+        let mut held = Vec::with_capacity(8);
+        while held.len() < 8 && (libc::sbrk(0) as usize) < before + bytes as usize / 2 {
+            held.push(libc::malloc(64 << 10));
+        }
+        for p in held {
+            libc::free(p);
+        }
+        let end = libc::sbrk(0) as usize / PAGE * PAGE;
+        let start = before.next_multiple_of(PAGE);
+        if end > start {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
 }
 
 static POPULATE: AtomicBool = AtomicBool::new(false);

@@ -66,8 +66,13 @@ pub(super) fn run(store: &Store, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 inodes,
                 label,
             };
-            // Sizing a large tree builds big short-lived tables (`crate::alloc`).
-            crate::alloc::huge_pages_for_large(true);
+            // Sizing a large tree builds big short-lived tables and tens of thousands of
+            // small blocks (`crate::alloc`). `TESSERA_SMALL_PAGES` set: 4 KiB pages only
+            // (to measure what huge pages do).
+            if std::env::var_os("TESSERA_SMALL_PAGES").is_none() {
+                crate::alloc::huge_pages_for_large(true);
+                crate::alloc::huge_heap(64 << 20);
+            }
             let (record, planned) = image::create(store, &name, &trees, &opts)
                 .with_context(|| format!("cannot create image {name:?}"))?;
             // Created by sizing only: nothing is synthesized, so no memory figure.
