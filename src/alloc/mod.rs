@@ -12,8 +12,8 @@
 //! export. Most of those tables are small blocks, though (a name, a directory's entries):
 //! `image create` also grows glibc's heap by 64 MiB in one step and advises that part
 //! ([`huge_heap`]), and blocks under 2 MiB come from that heap rather than from mappings of
-//! their own: 577 page faults instead of 4 267 for /usr/share, and 30.2 instead of 40.1 ms
-//! (medians of 30 interleaved runs), for 2-3 MB more peak RSS.
+//! their own: 699 page faults instead of 4 150 for /usr/share, and 29.7 instead of 37.4 ms
+//! (medians of `tools/bench-create`'s 30 interleaved runs), for 2-3 MB more peak RSS.
 //!
 //! The server has glibc map every block of 256 KiB or more on its own (see the nbd crate's
 //! `buffers.rs`), so each image it synthesizes got fresh mappings for its tables (the

@@ -137,13 +137,18 @@ pub fn can_run(test: &str, needs_root: bool, tools: &[&str]) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: needs {}", missing.join(", "));
+    skip(&format!("{test}: needs {}", missing.join(", ")));
+    false
+}
+
+/// Says loudly that a test is skipped for `why`, or fails it under
+/// `TESSERA_REQUIRE_PEERS=1` (CI), where nothing may be skipped.
+pub fn skip(why: &str) {
     if std::env::var_os("TESSERA_REQUIRE_PEERS").is_some_and(|v| v == "1") {
-        panic!("{msg} (TESSERA_REQUIRE_PEERS=1)");
+        panic!("{why} (TESSERA_REQUIRE_PEERS=1)");
     }
     // Written to the stderr handle, not with eprintln!, which the test harness captures.
-    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
-    false
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
 }
 
 /// A loop mount that is unmounted on drop.

@@ -92,9 +92,7 @@ pub struct Node {
     pub meta: Metadata,
 }
 
-/// A name no directory entry can have: empty, `.`, `..`, or holding `/` or NUL. One pass
-/// over the bytes: two `contains` calls were two `memchr` calls per name, each costlier
-/// than the loop for names this short.
+/// A name no directory entry can have: empty, `.`, `..`, or holding `/` or NUL.
 pub(crate) fn invalid_name(name: &[u8]) -> bool {
     name.is_empty() || name == b"." || name == b".." || has_slash_or_nul(name)
 }
