@@ -338,7 +338,12 @@ impl Object {
             return Some(Ok(()));
         }
         if !map.resident(offset as usize, end as usize) {
-            return None;
+            // The kernel will not say what of this file is cached (not ours): a pack's
+            // descriptor can.
+            return match map.pack_file() {
+                Some((pack, base)) if !map.truthful() => pread_nowait(pack, out, base + offset),
+                _ => None,
+            };
         }
         out.copy_from_slice(&map[offset as usize..end as usize]);
         Some(Ok(()))
@@ -374,6 +379,7 @@ impl Object {
             // against the mapping's length, fixed at map time.
             Backing::Mapped(Window::whole(Mapping::new(
                 unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?,
+                &file,
             )))
         };
         let mut ours = Some(backing);

@@ -103,8 +103,8 @@ fn map(path: &Path) -> io::Result<Pack> {
     // mapping valid). Every window is bounds-checked against the mapping's length.
     let map = unsafe { Mmap::map(&file) }?;
     Ok(Pack {
+        map: Arc::new(Mapping::new(map, &file)),
         file: Arc::new(file),
-        map: Arc::new(Mapping::new(map)),
     })
 }
 

@@ -16,11 +16,20 @@
 //! page evicted meanwhile is read back by a page fault on the async thread, which then
 //! waits on the disk. Pages read within the last quarter second are the last the kernel
 //! evicts.
+//!
+//! `mincore` answers truly only for files the caller owns (or has `CAP_FOWNER` over) or
+//! could open for writing; for any other file it says every page is resident, to close a
+//! side channel (`can_do_mincore()`, mm/mincore.c). Store objects are read-only, so a
+//! server running as another user than the store's owner would take every read as
+//! resident and fault cold pages in on its async threads. A mapping of such a file
+//! ([`mincore_tells`] false) is never taken as resident: reads of it go to `pread`, with
+//! `RWF_NOWAIT` where a descriptor is at hand.
 
 use std::fs::File;
 use std::ops::Deref;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Once};
 use std::time::Instant;
 
 use memmap2::Mmap;
@@ -41,6 +50,8 @@ pub(in crate::blockdev) struct Mapping {
     /// Per chunk: [`now_ms`] when last seen resident, plus one (zero: never), in the low 32
     /// bits; above them, how many checks in a row before that one found it resident.
     seen: Box<[AtomicU64]>,
+    /// Whether `mincore` tells the truth about this mapping's file ([`mincore_tells`]).
+    truthful: bool,
 }
 
 impl Deref for Mapping {
@@ -51,17 +62,33 @@ impl Deref for Mapping {
 }
 
 impl Mapping {
-    pub fn new(map: Mmap) -> Mapping {
+    /// `map` of `file`.
+    pub fn new(map: Mmap, file: &File) -> Mapping {
+        Self::with_truth(map, mincore_tells(file))
+    }
+
+    fn with_truth(map: Mmap, truthful: bool) -> Mapping {
         let seen = (0..map.len().div_ceil(CHUNK))
             .map(|_| AtomicU64::new(0))
             .collect();
-        Mapping { map, seen }
+        Mapping {
+            map,
+            seen,
+            truthful,
+        }
     }
 
     /// Whether every page of `self[start..end]` is in memory, so that reading it cannot
-    /// wait on the disk. `start < end <= self.len()`.
+    /// wait on the disk. `start < end <= self.len()`. Always false when `mincore` cannot
+    /// tell ([`Mapping::truthful`]).
     pub fn resident(&self, start: usize, end: usize) -> bool {
-        self.resident_at(start, end, now_ms())
+        self.truthful && self.resident_at(start, end, now_ms())
+    }
+
+    /// Whether [`Mapping::resident`] can ever say yes: `mincore` tells this process the
+    /// truth about the file.
+    pub fn truthful(&self) -> bool {
+        self.truthful
     }
 
     fn resident_at(&self, start: usize, end: usize, now: u32) -> bool {
@@ -139,6 +166,11 @@ impl Window {
         self.map.resident(self.base + start, self.base + end)
     }
 
+    /// Like [`Mapping::truthful`].
+    pub fn truthful(&self) -> bool {
+        self.map.truthful()
+    }
+
     /// The pack file and where the object starts in it, for a packed object.
     pub fn pack_file(&self) -> Option<(&Arc<File>, u64)> {
         self.pack.as_ref().map(|f| (f, self.base as u64))
@@ -157,6 +189,45 @@ fn now_ms() -> u32 {
     static START: LazyLock<Instant> = LazyLock::new(Instant::now);
     START.elapsed().as_millis() as u32
 }
+
+/// Whether `mincore(2)` reports `file`'s pages as they are to this process: the kernel does
+/// for a file whose owner is the caller's (file system) user id or that the caller holds
+/// `CAP_FOWNER` over, or that it could open for writing. The last is not checked: store
+/// files are read-only, so the answer is at worst a false "no", which costs a `pread`
+/// where a copy from the mapping would have done.
+pub(in crate::blockdev) fn mincore_tells(file: &File) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let told = meta.uid() == unsafe { libc::geteuid() } || *CAP_FOWNER;
+    if !told {
+        static SAID: Once = Once::new();
+        SAID.call_once(|| {
+            tracing::warn!(
+                owner = meta.uid(),
+                "store objects are owned by another user: the kernel does not tell this \
+                 server which of their pages are cached (mincore), so reads of mapped \
+                 objects go through pread; run the server as the store's owner for \
+                 zero-copy replies"
+            )
+        });
+    }
+    told
+}
+
+/// `CAP_FOWNER`'s bit in a capability set (linux/capability.h).
+const CAP_FOWNER_BIT: u32 = 3;
+
+/// Whether this process holds `CAP_FOWNER` (in `CapEff` of /proc/self/status).
+static CAP_FOWNER: LazyLock<bool> = LazyLock::new(|| {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_FOWNER_BIT) != 0)
+});
 
 /// `mincore(2)` over the pages of `map[start..end]`: all resident?
 fn mincore(map: &[u8], start: usize, end: usize) -> bool {
@@ -192,7 +263,7 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
         // SAFETY: a private temporary file nobody else writes.
-        Mapping::new(unsafe { Mmap::map(&f) }.unwrap())
+        Mapping::new(unsafe { Mmap::map(&f) }.unwrap(), &f)
     }
 
     #[test]
@@ -218,7 +289,7 @@ mod tests {
         let mut anon = memmap2::MmapMut::map_anon(2 * PAGE).unwrap();
         anon[0] = 1;
         anon[PAGE] = 1;
-        let m = Mapping::new(anon.make_read_only().unwrap());
+        let m = Mapping::with_truth(anon.make_read_only().unwrap(), true);
         let mut t = 1_000;
         assert!(m.resident_at(0, PAGE, t));
         for trust in [
@@ -259,7 +330,7 @@ mod tests {
         let mut anon = memmap2::MmapMut::map_anon(CHUNK + 4 * PAGE).unwrap();
         anon[0] = 1;
         anon[CHUNK] = 1;
-        let m = Mapping::new(anon.make_read_only().unwrap());
+        let m = Mapping::with_truth(anon.make_read_only().unwrap(), true);
         let t = 1_000;
         assert!(m.resident_at(0, PAGE, t));
         assert!(!m.fresh(0, t), "the rest of the chunk is out");
