@@ -2,17 +2,21 @@
 //! read-only object as cached (`can_do_mincore()`, mm/mincore.c), and a read path that
 //! believed it would answer cold reads "inline" on its async threads, stalling on the disk.
 //!
-//! The test runs its second half as another user (`setpriv`, from a copy of this test binary
-//! that user can execute), against a store and an exported image owned by root.
+//! The test runs parts of itself as another user (`setpriv`, from a copy of this test binary
+//! that user can execute) against a store and an exported image owned by root: the read
+//! path on a loose store, `tessera serve` read cold by nbdcopy, the read path on the store
+//! once packed.
 
 mod common;
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use common::served::Served;
 use common::Env;
 use tessera::blockdev::ImageDevice;
 use tessera::store::Store;
@@ -39,22 +43,44 @@ fn find(hay: &[u8], needle: &[u8]) -> usize {
         .expect("file data in the exported image")
 }
 
-/// Drops every file under `dir` from the page cache (pages this process maps stay).
+/// Drops `file` from the page cache (pages some process maps stay).
+fn evict_file(file: &File) {
+    // SAFETY: posix_fadvise takes integers only; `file` is open during the call.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// Drops every file under `dir` from the page cache.
 fn evict(dir: &Path) {
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
         if path.is_dir() {
             evict(&path);
-        } else if let Ok(f) = std::fs::File::open(&path) {
-            // SAFETY: posix_fadvise takes integers only; `f` is open during the call.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        } else if let Ok(f) = File::open(&path) {
+            evict_file(&f);
         }
     }
 }
 
+/// `program` run as uid and gid [`NOBODY`], with no supplementary groups.
+fn as_nobody(program: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .arg(program);
+    cmd
+}
+
+fn chmod(mode: &str, path: &Path) {
+    let ok = Command::new("chmod")
+        .args(["-R", mode])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "chmod -R {mode} {}", path.display());
+}
+
 #[test]
 fn reads_of_a_store_owned_by_another_user_do_not_trust_mincore() {
-    if !common::can_run(TEST, true, &["setpriv"]) {
+    if !common::can_run(TEST, true, &["setpriv", "nbdcopy"]) {
         return;
     }
     let env = Env::new();
@@ -74,70 +100,77 @@ fn reads_of_a_store_owned_by_another_user_do_not_trust_mincore() {
     let bytes = std::fs::read(&raw).unwrap();
     let big_at = find(&bytes, &noise(1, BIG)[..4096]);
     let small_at = find(&bytes, &noise(2, SMALL)[..4096]);
-    // The same store with its small objects in a pack.
-    let packed = env.path("packed");
-    let cp = Command::new("cp")
-        .arg("-a")
-        .arg(&env.store)
-        .arg(&packed)
-        .status()
-        .unwrap();
-    assert!(cp.success());
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .arg("--store")
-        .arg(&packed)
-        .args(["store", "pack", "img"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
-    // Everything readable by the other user; nothing writable or owned by it.
-    let chmod = Command::new("chmod")
-        .arg("-R")
-        .arg("a+rX")
-        .arg(env.dir.path())
-        .status()
-        .unwrap();
-    assert!(chmod.success());
+    // Everything readable by the other user; writable only what a server must write (its
+    // run directory with the leases, the store's lock, a directory for its socket).
     let helper = env.path("helper");
     std::fs::copy(std::env::current_exe().unwrap(), &helper).unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tessera = env.path("tessera");
+    std::fs::copy(env!("CARGO_BIN_EXE_tessera"), &tessera).unwrap();
+    let socks = env.path("socks");
+    for dir in [&socks, &env.store.join("run")] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    chmod("a+rX", env.dir.path());
+    for writable in [&socks, &env.store.join("run"), &env.store.join("lock")] {
+        chmod("a+w", writable);
+    }
+    let read_as_nobody = |mode: &str| {
+        let out = as_nobody(&helper)
+            .args(["--exact", HELPER, "--ignored", "--nocapture"])
+            .env("FOREIGN_MODE", mode)
+            .env("FOREIGN_STORE", &env.store)
+            .env("FOREIGN_RAW", &raw)
+            .env("FOREIGN_BIG_AT", big_at.to_string())
+            .env("FOREIGN_SMALL_AT", small_at.to_string())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("foreign store: {mode} checked")),
+            "the {mode} reader as uid {NOBODY} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    read_as_nobody("loose");
 
-    let out = Command::new("setpriv")
-        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
-        .arg(&helper)
-        .args([
-            "--exact",
-            HELPER,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FOREIGN_STORE", &env.store)
-        .env("FOREIGN_PACKED", &packed)
-        .env("FOREIGN_RAW", &raw)
-        .env("FOREIGN_BIG_AT", big_at.to_string())
-        .env("FOREIGN_SMALL_AT", small_at.to_string())
+    // The server as that user, read cold by a real client: the same bytes, and it says why
+    // its replies are no longer zero-copy.
+    let log = env.path("serve.log");
+    let mut server = as_nobody(&tessera);
+    server.arg("--store").arg(&env.store);
+    let mut served = Served::start_command(server, socks.join("nbd.sock"), &log);
+    evict(&env.store);
+    let got = env.path("got.raw");
+    let copy = Command::new("nbdcopy")
+        .arg(served.uri("img"))
+        .arg(&got)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && stdout.contains("foreign store: checked"),
-        "the reader as uid {NOBODY} failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
     );
+    assert!(
+        std::fs::read(&got).unwrap() == bytes,
+        "nbdcopy read other bytes than the export"
+    );
+    assert!(served.stop(Duration::from_secs(10)).success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("owned by another user"), "server log:\n{log}");
+
+    env.ok(&["store", "pack", "img"]);
+    chmod("a+rX", &env.store);
+    read_as_nobody("packed");
 }
 
-/// The half that runs as another user; does nothing when run directly.
+/// The part that runs as another user; does nothing when run directly.
 #[test]
 #[ignore = "run as another user by reads_of_a_store_owned_by_another_user_do_not_trust_mincore"]
 fn foreign_store_reader() {
-    let Some(store_dir) = std::env::var_os("FOREIGN_STORE") else {
+    let Ok(mode) = std::env::var("FOREIGN_MODE") else {
         return;
     };
     let var = |name: &str| std::env::var(name).unwrap();
@@ -145,73 +178,70 @@ fn foreign_store_reader() {
         var("FOREIGN_BIG_AT").parse().unwrap(),
         var("FOREIGN_SMALL_AT").parse().unwrap(),
     );
+    let store_dir = var("FOREIGN_STORE");
+    let store_dir = Path::new(&store_dir);
     let raw = std::fs::read(var("FOREIGN_RAW")).unwrap();
+    let expect = |at: u64| &raw[at as usize..at as usize + 4096];
     // SAFETY: geteuid has no preconditions.
     assert_ne!(unsafe { libc::geteuid() }, 0, "the reader must not be root");
-
-    // The premise: mincore calls an evicted file of another user's cached.
-    let file = std::fs::File::open(var("FOREIGN_RAW")).unwrap();
-    // SAFETY: a root-owned file no one writes while the test runs.
-    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-    // SAFETY: posix_fadvise takes integers only; `file` is open during the call.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    let pages = map.len().div_ceil(4096);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: the whole live mapping, one byte per page in `vec`.
-    let r = unsafe {
-        libc::mincore(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            vec.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    assert!(
-        vec.iter().all(|v| v & 1 == 1),
-        "premise: mincore reported an evicted file of another user as cached"
-    );
-    drop(map);
-
-    let expect = |at: u64, len: usize| &raw[at as usize..at as usize + len];
-    let far = big_at + (BIG as u64) * 3 / 4;
-
-    // Loose objects. A blocking read of each first: the large object is mapped (its first
-    // pages only touched, far from `far`), the small one's descriptor opened.
-    let store = Store::open(Path::new(&store_dir)).unwrap();
+    let store = Store::open(store_dir).unwrap();
     let dev = ImageDevice::open(&store, "img").unwrap();
     let mut buf = vec![0u8; 4096];
-    dev.read_at(&mut buf, big_at).unwrap();
-    dev.read_at(&mut buf, small_at).unwrap();
-    evict(Path::new(&store_dir));
-    assert!(
-        dev.read_at_resident(&mut buf, far).is_none(),
-        "an evicted block of a mapped object was taken as cached"
-    );
-    let mut shared = Vec::new();
-    assert!(
-        dev.read_resident_shared(small_at, 4096, &mut shared)
-            .is_none(),
-        "an evicted small object was answered from its mapping"
-    );
-    dev.read_at(&mut buf, far).unwrap();
-    assert_eq!(buf, expect(far, 4096));
 
-    // Packed small objects: not resident after eviction, resident again (through the pack's
-    // descriptor) once read.
-    let packed = std::env::var_os("FOREIGN_PACKED").unwrap();
-    let store = Store::open(Path::new(&packed)).unwrap();
-    let dev = ImageDevice::open(&store, "img").unwrap();
-    dev.read_at(&mut buf, small_at).unwrap();
-    evict(Path::new(&packed));
-    assert!(
-        dev.read_at_resident(&mut buf, small_at).is_none(),
-        "an evicted packed object was taken as cached"
-    );
-    dev.read_at(&mut buf, small_at).unwrap();
-    buf.fill(0);
-    match dev.read_at_resident(&mut buf, small_at) {
-        Some(Ok(())) => assert_eq!(buf, expect(small_at, 4096)),
-        other => panic!("a cached packed object was not read inline: {other:?}"),
+    if mode == "loose" {
+        // The premise: mincore calls an evicted file of another user's cached.
+        let file = File::open(var("FOREIGN_RAW")).unwrap();
+        // SAFETY: a root-owned file no one writes while the test runs.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        evict_file(&file);
+        let mut vec = vec![0u8; map.len().div_ceil(4096)];
+        // SAFETY: the whole live mapping, one byte per page in `vec`.
+        let r = unsafe {
+            libc::mincore(
+                map.as_ptr() as *mut libc::c_void,
+                map.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        assert!(
+            vec.iter().all(|v| v & 1 == 1),
+            "premise: mincore reported an evicted file of another user as cached"
+        );
+
+        // A blocking read of each first: the large object is mapped (only its first pages
+        // touched, far from `far`), the small one's descriptor opened.
+        let far = big_at + (BIG as u64) * 3 / 4;
+        dev.read_at(&mut buf, big_at).unwrap();
+        dev.read_at(&mut buf, small_at).unwrap();
+        evict(store_dir);
+        assert!(
+            dev.read_at_resident(&mut buf, far).is_none(),
+            "an evicted block of a mapped object was taken as cached"
+        );
+        let mut shared = Vec::new();
+        assert!(
+            dev.read_resident_shared(small_at, 4096, &mut shared)
+                .is_none(),
+            "an evicted small object was answered from its mapping"
+        );
+        dev.read_at(&mut buf, far).unwrap();
+        assert_eq!(buf, expect(far));
+    } else {
+        // A packed object: not resident after eviction, resident again (through the pack's
+        // descriptor) once read.
+        dev.read_at(&mut buf, small_at).unwrap();
+        evict(store_dir);
+        assert!(
+            dev.read_at_resident(&mut buf, small_at).is_none(),
+            "an evicted packed object was taken as cached"
+        );
+        dev.read_at(&mut buf, small_at).unwrap();
+        buf.fill(0);
+        match dev.read_at_resident(&mut buf, small_at) {
+            Some(Ok(())) => assert_eq!(buf, expect(small_at)),
+            other => panic!("a cached packed object was not read inline: {other:?}"),
+        }
     }
-    println!("foreign store: checked");
+    println!("foreign store: {mode} checked");
 }

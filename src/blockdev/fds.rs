@@ -22,6 +22,8 @@ pub(super) struct Open {
     pub file: File,
     /// (device, inode), for verification of small objects (`check.rs`).
     pub ident: (u64, u64),
+    /// The file's owner, which decides whether `mincore` answers for it (`resident.rs`).
+    pub owner: u32,
     /// Set once readahead was requested for the whole object through this descriptor.
     pub advised: AtomicBool,
     /// The object mapped through this descriptor, once a read was answered from it
@@ -164,6 +166,7 @@ mod tests {
                 Ok(Open {
                     file: File::open(&path)?,
                     ident: (0, 0),
+                    owner: 0,
                     advised: AtomicBool::new(false),
                     map: OnceLock::new(),
                 })

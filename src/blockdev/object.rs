@@ -364,7 +364,8 @@ impl Object {
             tracing::warn!(object = %self.id, "its pack entry lies outside the pack; reading the loose object");
         }
         let file = self.open()?;
-        let len = file.metadata().map_err(|e| self.context("stat", e))?.len();
+        let meta = file.metadata().map_err(|e| self.context("stat", e))?;
+        let len = meta.len();
         let backing = if len < MAP_MIN {
             let fd = Arc::new(Slot::default());
             // Keep the descriptor we already have rather than open it again on first read.
@@ -379,7 +380,7 @@ impl Object {
             // against the mapping's length, fixed at map time.
             Backing::Mapped(Window::whole(Mapping::new(
                 unsafe { Mmap::map(&file) }.map_err(|e| self.context("map", e))?,
-                &file,
+                meta.uid(),
             )))
         };
         let mut ours = Some(backing);
@@ -444,6 +445,7 @@ fn open_of(file: File) -> io::Result<Open> {
     Ok(Open {
         file,
         ident: (meta.dev(), meta.ino()),
+        owner: meta.uid(),
         advised: AtomicBool::new(false),
         map: OnceLock::new(),
     })

@@ -41,6 +41,14 @@ impl Served {
         Served::spawn(env, sock, extra, vars, Stdio::from(file))
     }
 
+    /// `serve` on socket `sock` by `tessera`, a command that runs the binary with its
+    /// store given (`Env::command`, or a wrapper around a copy of it, such as `setpriv` to
+    /// run it as another user), with the server's log going to `log`.
+    pub fn start_command(tessera: Command, sock: PathBuf, log: &Path) -> Served {
+        let file = std::fs::File::create(log).expect("create the server log");
+        Served::spawn_command(tessera, sock, &[], Stdio::from(file))
+    }
+
     fn spawn(
         env: &Env,
         sock: &str,
@@ -48,10 +56,13 @@ impl Served {
         vars: &[(&str, &str)],
         stderr: Stdio,
     ) -> Served {
-        let sock = env.path(sock);
-        let mut child = env
-            .command()
-            .envs(vars.iter().copied())
+        let mut tessera = env.command();
+        tessera.envs(vars.iter().copied());
+        Served::spawn_command(tessera, env.path(sock), extra, stderr)
+    }
+
+    fn spawn_command(mut tessera: Command, sock: PathBuf, extra: &[&str], stderr: Stdio) -> Served {
+        let mut child = tessera
             .arg("serve")
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))

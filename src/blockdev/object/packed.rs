@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -103,7 +104,7 @@ fn map(path: &Path) -> io::Result<Pack> {
     // mapping valid). Every window is bounds-checked against the mapping's length.
     let map = unsafe { Mmap::map(&file) }?;
     Ok(Pack {
-        map: Arc::new(Mapping::new(map, &file)),
+        map: Arc::new(Mapping::new(map, file.metadata()?.uid())),
         file: Arc::new(file),
     })
 }

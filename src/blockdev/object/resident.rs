@@ -27,7 +27,6 @@
 
 use std::fs::File;
 use std::ops::Deref;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Once};
 use std::time::Instant;
@@ -62,9 +61,9 @@ impl Deref for Mapping {
 }
 
 impl Mapping {
-    /// `map` of `file`.
-    pub fn new(map: Mmap, file: &File) -> Mapping {
-        Self::with_truth(map, mincore_tells(file))
+    /// `map` of a file owned by user `owner`.
+    pub fn new(map: Mmap, owner: u32) -> Mapping {
+        Self::with_truth(map, mincore_tells(owner))
     }
 
     fn with_truth(map: Mmap, truthful: bool) -> Mapping {
@@ -190,22 +189,19 @@ fn now_ms() -> u32 {
     START.elapsed().as_millis() as u32
 }
 
-/// Whether `mincore(2)` reports `file`'s pages as they are to this process: the kernel does
-/// for a file whose owner is the caller's (file system) user id or that the caller holds
-/// `CAP_FOWNER` over, or that it could open for writing. The last is not checked: store
-/// files are read-only, so the answer is at worst a false "no", which costs a `pread`
-/// where a copy from the mapping would have done.
-pub(in crate::blockdev) fn mincore_tells(file: &File) -> bool {
-    let Ok(meta) = file.metadata() else {
-        return false;
-    };
+/// Whether `mincore(2)` reports the pages of a file owned by `owner` as they are to this
+/// process: the kernel does for a file whose owner is the caller's (file system) user id or
+/// that the caller holds `CAP_FOWNER` over, or that it could open for writing. The last is
+/// not checked: store files are read-only, so the answer is at worst a false "no", which
+/// costs a `pread` where a copy from the mapping would have done.
+fn mincore_tells(owner: u32) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    let told = meta.uid() == unsafe { libc::geteuid() } || *CAP_FOWNER;
+    let told = owner == unsafe { libc::geteuid() } || *CAP_FOWNER;
     if !told {
         static SAID: Once = Once::new();
         SAID.call_once(|| {
             tracing::warn!(
-                owner = meta.uid(),
+                owner,
                 "store objects are owned by another user: the kernel does not tell this \
                  server which of their pages are cached (mincore), so reads of mapped \
                  objects go through pread; run the server as the store's owner for \
@@ -258,12 +254,16 @@ fn mincore(map: &[u8], start: usize, end: usize) -> bool {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
 
     fn mapping_of(bytes: &[u8]) -> Mapping {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
         // SAFETY: a private temporary file nobody else writes.
-        Mapping::new(unsafe { Mmap::map(&f) }.unwrap(), &f)
+        Mapping::new(
+            unsafe { Mmap::map(&f) }.unwrap(),
+            f.metadata().unwrap().uid(),
+        )
     }
 
     #[test]

@@ -93,5 +93,5 @@ fn mapping(open: &Open) -> Option<&Mapping> {
     // and never modified or truncated afterwards (gc only unlinks, which keeps mappings
     // valid). Slices are bounds-checked against the mapping's length, fixed at map time.
     let map = unsafe { Mmap::map(&open.file) }.ok()?;
-    Some(open.map.get_or_init(|| Mapping::new(map, &open.file)))
+    Some(open.map.get_or_init(|| Mapping::new(map, open.owner)))
 }
