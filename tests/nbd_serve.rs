@@ -319,3 +319,73 @@ fn one_request_at_a_time_is_polled_for() {
         }
     }
 }
+
+/// On a plain socket, file data of large reads reaches the socket by reference (`vmsplice`
+/// and `splice`: crates/nbd/src/splice.rs; the connection's log line counts it as
+/// `spliced=BYTES`); `--no-splice` copies it. The bytes are the export's either way.
+#[test]
+fn large_reads_are_spliced_unless_turned_off() {
+    if !common::can_run(
+        "large_reads_are_spliced_unless_turned_off",
+        false,
+        &["nbdcopy"],
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for (i, len) in [3 << 20, 300_001, 70_000, 4096, 5].into_iter().enumerate() {
+        std::fs::write(
+            src.join(format!("f{i}")),
+            common::fixture::pseudo_random(len),
+        )
+        .unwrap();
+    }
+    let tree = env.import(&src);
+    env.ok(&["image", "create", "img", "--tree", &tree]);
+    let raw = env.path("img.raw");
+    env.ok(&["image", "export", "img", raw.to_str().unwrap()]);
+    let want = std::fs::read(&raw).unwrap();
+    for flag in ["", "--no-splice"] {
+        let log = env.path(&format!("splice{flag}.log"));
+        let extra: &[&str] = if flag.is_empty() { &[] } else { &[flag] };
+        let mut served = Served::start_logged_with(
+            &env,
+            &format!("splice{flag}.sock"),
+            &log,
+            extra,
+            &[("RUST_LOG", "tessera_nbd=info")],
+        );
+        // The first copy may find objects not yet mapped or resident; the second is warm.
+        for round in 0..2 {
+            let copy = env.path(&format!("copy{flag}-{round}.raw"));
+            tool(Command::new("nbdcopy").arg(served.uri("img")).arg(&copy));
+            assert!(
+                std::fs::read(&copy).unwrap() == want,
+                "nbdcopy {flag} differs"
+            );
+        }
+        assert!(served.stop(Duration::from_secs(10)).success());
+        let log = std::fs::read_to_string(&log).unwrap();
+        let spliced: u64 = log
+            .lines()
+            .filter(|l| l.contains("connection closed"))
+            .map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("spliced="))
+                    .unwrap_or_else(|| panic!("no spliced= in {l}"))
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum();
+        if flag.is_empty() {
+            assert!(
+                spliced >= 3 << 20,
+                "only {spliced} bytes were spliced:\n{log}"
+            );
+        } else {
+            assert_eq!(spliced, 0, "{log}");
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! `tessera serve --tls require --tls-verify-peer`: SIGHUP to the running binary re-reads
 //! the certificate, key and client CA; new handshakes use them and an open TLS connection
-//! keeps reading. Certificates come from the `openssl` CLI; clients are libnbd.
+//! keeps reading. Certificates come from the `openssl` CLI; clients are libnbd. A whole
+//! image read over TLS (nbdcopy) has the exported bytes.
 
 mod common;
 
@@ -75,7 +76,7 @@ fn sighup_reloads_the_client_ca_and_keeps_open_connections() {
     if !common::can_run(
         "sighup_reloads_the_client_ca",
         false,
-        &["openssl", "nbdinfo", PY],
+        &["openssl", "nbdinfo", "nbdcopy", PY],
     ) {
         return;
     }
@@ -93,6 +94,9 @@ fn sighup_reloads_the_client_ca_and_keeps_open_connections() {
     let src = env.path("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("hello"), "hello\n").unwrap();
+    // Large enough for reads that a plain connection would splice (`splice.rs`): a TLS
+    // connection must encrypt them instead.
+    std::fs::write(src.join("big"), common::fixture::pseudo_random(3 << 20)).unwrap();
     let tree = env.import(&src);
     env.ok(&["image", "create", "img", "--tree", &tree]);
     let cert = live.join("server-cert.pem");
@@ -116,6 +120,22 @@ fn sighup_reloads_the_client_ca_and_keeps_open_connections() {
     let theirs = pki_dir.join("theirs");
     assert!(nbdinfo_ok(&uri(&served.sock, &ours)));
     assert!(!nbdinfo_ok(&uri(&served.sock, &theirs)));
+    let (raw, copy) = (env.path("img.raw"), env.path("copy.raw"));
+    env.ok(&["image", "export", "img", raw.to_str().unwrap()]);
+    let out = Command::new("nbdcopy")
+        .arg(uri(&served.sock, &ours))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&raw).unwrap(),
+        "the image read over TLS differs"
+    );
 
     // A TLS connection held open across the reload.
     let mut held = Command::new(PY)

@@ -163,7 +163,7 @@ impl Device for ImageExport {
         &self,
         offset: u64,
         len: u64,
-        out: &mut Vec<bytes::Bytes>,
+        out: &mut Vec<tessera_nbd::Shared>,
     ) -> Option<io::Result<()>> {
         self.dev.get()?.read_resident_shared(offset, len, out)
     }

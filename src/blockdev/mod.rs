@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use tessera_ext4::{Layout, MetadataBlocks, Piece};
+use tessera_nbd::Shared;
 
 pub use device::ImageExport;
 pub use export::export;
@@ -185,7 +186,7 @@ impl ImageDevice {
         &self,
         offset: u64,
         len: u64,
-        out: &mut Vec<bytes::Bytes>,
+        out: &mut Vec<Shared>,
     ) -> Option<io::Result<()>> {
         if let Err(e) = self.check_range(offset, len) {
             return Some(Err(e));
@@ -209,6 +210,9 @@ impl ImageDevice {
                     owned.resize(at + n, 0);
                     slice.copy_to(&mut owned[at..]);
                 }
+                // Zeros that fill a block are referenced, not copied, when the metadata
+                // before them was (copied) and flushed: static memory never changes.
+                Piece::Zero(_) if owned.is_empty() => push_zeros(out, n),
                 Piece::Zero(_) => owned.resize(owned.len() + n, 0),
                 Piece::Data {
                     handle,
@@ -224,14 +228,15 @@ impl ImageDevice {
                         Err(e) => return Some(Err(e)),
                     };
                     if !owned.is_empty() {
-                        out.push(std::mem::take(&mut owned).into());
+                        out.push(Shared::copied(std::mem::take(&mut owned).into()));
                     }
-                    out.push(slice);
+                    // Objects are immutable files: their pages may be sent by reference.
+                    out.push(Shared::pages(slice));
                 }
             }
         }
         if !owned.is_empty() {
-            out.push(owned.into());
+            out.push(Shared::copied(owned.into()));
         }
         self.reached(offset, len);
         Some(Ok(()))
@@ -387,4 +392,14 @@ impl ImageDevice {
 
 fn unknown_handle(handle: u32) -> io::Error {
     io::Error::other(format!("layout names unknown data handle {handle}"))
+}
+
+/// Appends `n` zero bytes as slices of static memory.
+fn push_zeros(out: &mut Vec<Shared>, mut n: usize) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while n > 0 {
+        let take = n.min(ZEROS.len());
+        out.push(Shared::pages(bytes::Bytes::from_static(&ZEROS[..take])));
+        n -= take;
+    }
 }

@@ -86,7 +86,7 @@ impl Device for Leased {
         &self,
         offset: u64,
         len: u64,
-        out: &mut Vec<bytes::Bytes>,
+        out: &mut Vec<tessera_nbd::Shared>,
     ) -> Option<io::Result<()>> {
         self.dev().read_cached_shared(offset, len, out)
     }

@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// 4 KiB read's latency on virtual machines. Costs CPU while polling; 0 never polls
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50)]
     pub busy_poll: u64,
+    /// Copy every reply into the socket. By default, on plain (not TLS) connections, file
+    /// data in the page cache is handed to the socket by reference (vmsplice and splice),
+    /// which saves the server a copy of every large read
+    #[arg(long)]
+    pub no_splice: bool,
     /// Check object bytes against their BLAKE3 names before serving them: a mismatch is
     /// EIO for that read and an error in the log, never wrong bytes
     #[arg(long)]
@@ -200,6 +205,7 @@ pub fn run(store: &Store, args: ServeArgs) -> anyhow::Result<ExitCode> {
         tls_allow,
         extended_headers: !args.no_extended_headers,
         poll: std::time::Duration::from_micros(args.busy_poll),
+        splice: !args.no_splice,
         ..Config::default()
     };
 

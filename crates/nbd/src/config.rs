@@ -140,6 +140,9 @@ pub struct Config {
     /// How long a connection's writer polls its socket for the next request after its
     /// last reply, instead of sleeping (see `poll.rs`); zero never polls.
     pub poll: Duration,
+    /// Send pages of device memory that never changes ([`crate::Shared::pages`]) to plain
+    /// sockets by reference (`vmsplice` and `splice`) rather than copy them.
+    pub splice: bool,
 }
 
 impl Default for Config {
@@ -159,6 +162,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             poll: Duration::from_micros(50),
+            splice: true,
         }
     }
 }

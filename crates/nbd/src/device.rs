@@ -9,6 +9,8 @@
 
 use std::io;
 
+use bytes::Bytes;
+
 /// Allocation state of a range, as reported by NBD_CMD_BLOCK_STATUS
 /// (`base:allocation`) and used to send holes in structured reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +59,50 @@ fn unsupported() -> io::Error {
     io::Error::from_raw_os_error(libc::EOPNOTSUPP)
 }
 
+/// A slice of a read reply that a device hands out without copying it
+/// ([`Device::read_cached_shared`]).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    bytes: Bytes,
+    pages: bool,
+}
+
+impl Shared {
+    /// Memory that may change or be reused once `bytes` is dropped (a heap buffer): the
+    /// server copies it into the socket.
+    pub fn copied(bytes: Bytes) -> Shared {
+        Shared {
+            bytes,
+            pages: false,
+        }
+    }
+
+    /// Pages whose contents never change, even after `bytes` is dropped: a mapping of a
+    /// file nobody writes, or static memory. On a plain socket the server may hand them to
+    /// the kernel by reference (`vmsplice`), which can hold them past the reply's send.
+    pub fn pages(bytes: Bytes) -> Shared {
+        Shared { bytes, pages: true }
+    }
+
+    /// Whether the slice may be sent by reference ([`Shared::pages`]).
+    pub fn is_pages(&self) -> bool {
+        self.pages
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Shared {
+    fn borrow(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// A block device exported over NBD.
 ///
 /// Only `size` and `read_at` are required; the defaults describe a read-only
@@ -94,11 +140,12 @@ pub trait Device: Send + Sync + 'static {
     /// `read_at_cached`, then `read_at`; `out` may then hold a partial result, which the
     /// server drops. The slices must hold only resident memory: they are written from an
     /// async thread, where a page fault that waits on the disk would stall every client.
+    /// Slices marked [`Shared::pages`] may reach the socket by reference, without any copy.
     fn read_cached_shared(
         &self,
         _offset: u64,
         _len: u64,
-        _out: &mut Vec<bytes::Bytes>,
+        _out: &mut Vec<Shared>,
     ) -> Option<io::Result<()>> {
         None
     }

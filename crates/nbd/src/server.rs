@@ -237,6 +237,7 @@ async fn connection(
     let received = counters.received.load(Ordering::Relaxed);
     let sent = counters.sent.load(Ordering::Relaxed);
     let requests = counters.requests.load(Ordering::Relaxed);
+    let spliced = counters.spliced.load(Ordering::Relaxed);
     let polls = format_args!(
         "{}/{}",
         counters.polls_hit.load(Ordering::Relaxed),
@@ -244,10 +245,10 @@ async fn connection(
     );
     match result {
         Ok(reason) => {
-            info!(%peer, %export, %reason, requests, received, sent, %polls, "connection closed")
+            info!(%peer, %export, %reason, requests, received, sent, spliced, %polls, "connection closed")
         }
         Err(e) => {
-            warn!(%peer, %export, error = %e, requests, received, sent, %polls, "connection closed")
+            warn!(%peer, %export, error = %e, requests, received, sent, spliced, %polls, "connection closed")
         }
     }
 }

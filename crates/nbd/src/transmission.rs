@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::buffers::BufPool;
 use crate::config::Config;
-use crate::device::{Device, Extent};
+use crate::device::{Device, Extent, Shared};
 use crate::error::SessionError;
 use crate::handshake::Negotiated;
 use crate::io::BoxIo;
@@ -31,6 +31,7 @@ use crate::poll::Poller;
 use crate::proto::*;
 use crate::reply::{self, ReplyMode};
 use crate::request::{self, Command, RequestHeader, Session};
+use crate::splice::{Sent, Splicer};
 use crate::workers::Workers;
 
 /// Fixed cost charged to every request against the in-flight budget, so that
@@ -59,6 +60,10 @@ const WRITE_BATCH: usize = 64;
 const WRITE_BATCH_BYTES: usize = 64 << 10;
 /// Slices passed to one `writev` at most (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
+/// A batch is spliced (`splice.rs`) when it has at least this many bytes of pages: below
+/// it the syscalls that splicing adds (a `write` per header, a `vmsplice`, a `splice`) cost
+/// more than the copy they save over one `writev`.
+const SPLICE_MIN_BYTES: usize = 64 << 10;
 
 /// Why transmission ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +98,8 @@ pub struct Counters {
     /// Busy polls after a reply that saw the next request, and that gave up.
     pub polls_hit: AtomicU64,
     pub polls_missed: AtomicU64,
+    /// Reply bytes handed to the socket by reference (`splice.rs`) rather than copied.
+    pub spliced: AtomicU64,
 }
 
 /// Reply bytes: the first `len` bytes of `bytes`, which go back to the pool
@@ -103,7 +110,7 @@ struct ReplyBuf {
     pooled: bool,
     /// A read answered from the device's own memory (`Device::read_cached_shared`): its
     /// chunk headers and the device's slices, written to the socket as they are.
-    shared: Vec<Bytes>,
+    shared: Vec<Shared>,
 }
 
 impl From<Vec<u8>> for ReplyBuf {
@@ -119,13 +126,27 @@ impl From<Vec<u8>> for ReplyBuf {
 
 impl ReplyBuf {
     fn total(&self) -> usize {
-        self.len + self.shared.iter().map(Bytes::len).sum::<usize>()
+        self.len + self.shared.iter().map(|s| s.len()).sum::<usize>()
+    }
+
+    /// Bytes that may go to the socket by reference ([`Shared::pages`]).
+    fn page_bytes(&self) -> usize {
+        self.shared
+            .iter()
+            .filter(|s| s.is_pages())
+            .map(|s| s.len())
+            .sum()
     }
 
     fn slices(&self) -> impl Iterator<Item = &[u8]> {
-        std::iter::once(&self.bytes[..self.len])
-            .chain(self.shared.iter().map(|b| &b[..]))
-            .filter(|s| !s.is_empty())
+        self.parts().map(|(bytes, _)| bytes)
+    }
+
+    /// The reply's bytes in order, each slice with whether it may be sent by reference.
+    fn parts(&self) -> impl Iterator<Item = (&[u8], bool)> {
+        std::iter::once((&self.bytes[..self.len], false))
+            .chain(self.shared.iter().map(|s| (&s[..], s.is_pages())))
+            .filter(|(s, _)| !s.is_empty())
     }
 }
 
@@ -182,12 +203,15 @@ pub(crate) async fn serve(
     let pool = workers.pool.clone();
     let poller = (!config.poll.is_zero()).then(|| Poller::new(fd, config.poll, counters.clone()));
     let polled = poller.as_ref().map(Poller::reader);
+    // Never a TLS connection's socket: its bytes must go through the TLS stream.
+    let splice = (config.splice && !n.tls).then_some(fd);
     let writer = tokio::spawn(write_replies(
         wr,
         rx,
         counters.clone(),
         pool.clone(),
         poller,
+        splice,
     ));
     let budget_size = config
         .max_in_flight_bytes
@@ -343,9 +367,10 @@ async fn write_replies(
     counters: Arc<Counters>,
     pool: Arc<BufPool>,
     poller: Option<Poller>,
+    splice: Option<RawFd>,
 ) -> io::Result<()> {
     if wr.is_write_vectored() {
-        write_gathered(wr, rx, counters, pool, poller).await
+        write_gathered(wr, rx, counters, pool, poller, splice).await
     } else {
         write_buffered(wr, rx, counters, pool, poller).await
     }
@@ -360,8 +385,11 @@ async fn write_gathered(
     counters: Arc<Counters>,
     pool: Arc<BufPool>,
     mut poller: Option<Poller>,
+    mut splice: Option<RawFd>,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
+    // Made when a batch first has enough pages to splice (`splice.rs`).
+    let mut splicer: Option<Splicer> = None;
     while let Some(out) = rx.recv().await {
         let mut bytes = out.reply.total();
         batch.push(out);
@@ -376,21 +404,42 @@ async fn write_gathered(
                 Err(_) => break,
             }
         }
-        let mut slices: Vec<io::IoSlice<'_>> = batch
-            .iter()
-            .flat_map(|o| o.reply.slices())
-            .map(io::IoSlice::new)
-            .collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let upto = rest.len().min(IOV_MAX);
-            let n = wr.write_vectored(&rest[..upto]).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+        let pages: usize = batch.iter().map(|o| o.reply.page_bytes()).sum();
+        let spliced = match splice {
+            Some(fd) if pages >= SPLICE_MIN_BYTES => {
+                let parts: Vec<(&[u8], bool)> =
+                    batch.iter().flat_map(|o| o.reply.parts()).collect();
+                match splice_batch(&mut splicer, fd, &parts).await? {
+                    Sent::All => true,
+                    Sent::NoPipe => false,
+                    Sent::Unsupported(e) => {
+                        tracing::debug!(error = %e, "cannot splice to this socket: replies are copied");
+                        splice = None;
+                        false
+                    }
+                }
             }
-            io::IoSlice::advance_slices(&mut rest, n);
+            _ => false,
+        };
+        if spliced {
+            counters.spliced.fetch_add(pages as u64, Ordering::Relaxed);
+            crate::splice::count_spliced(pages as u64);
+        } else {
+            let mut slices: Vec<io::IoSlice<'_>> = batch
+                .iter()
+                .flat_map(|o| o.reply.slices())
+                .map(io::IoSlice::new)
+                .collect();
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let upto = rest.len().min(IOV_MAX);
+                let n = wr.write_vectored(&rest[..upto]).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
         }
-        drop(slices);
         let sent = batch.len();
         for Outgoing { reply, _permit } in batch.drain(..) {
             counters
@@ -412,6 +461,21 @@ async fn write_gathered(
     }
     wr.flush().await?;
     wr.shutdown().await
+}
+
+/// Sends a batch through `splicer`, making it on first use.
+async fn splice_batch(
+    splicer: &mut Option<Splicer>,
+    fd: RawFd,
+    parts: &[(&[u8], bool)],
+) -> io::Result<Sent> {
+    if splicer.is_none() {
+        match Splicer::new(fd) {
+            Ok(s) => *splicer = Some(s),
+            Err(e) => return Ok(Sent::Unsupported(e)),
+        }
+    }
+    splicer.as_ref().expect("made above").send(parts).await
 }
 
 /// For streams without vectored writes (TLS): small replies coalesce in a buffer, so
@@ -706,11 +770,11 @@ impl Ctx {
             if zero {
                 self.mode
                     .hole(&mut hdr, h.cookie, h.offset, pos, rlen as u32, done);
-                shared.push(Bytes::copy_from_slice(&hdr));
+                shared.push(Shared::copied(Bytes::copy_from_slice(&hdr)));
             } else {
                 self.mode
                     .data_header(&mut hdr, h.cookie, h.offset, pos, rlen, done);
-                shared.push(Bytes::copy_from_slice(&hdr));
+                shared.push(Shared::copied(Bytes::copy_from_slice(&hdr)));
                 if let Err(e) = dev.read_cached_shared(pos, rlen, &mut shared)? {
                     return Some(Err(fail(e)));
                 }
