@@ -60,10 +60,12 @@ const WRITE_BATCH: usize = 64;
 const WRITE_BATCH_BYTES: usize = 64 << 10;
 /// Slices passed to one `writev` at most (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
-/// A batch is spliced (`splice.rs`) when it has at least this many bytes of pages: below
-/// it the syscalls that splicing adds (a `write` per header, a `vmsplice`, a `splice`) cost
-/// more than the copy they save over one `writev`.
+/// A batch is spliced (`splice.rs`) when it has at least this many bytes of pages, and
+/// [`SPLICE_BYTES_PER_WRITE`] for each slice it must copy: below that the syscalls splicing
+/// adds (a `write` per header, a `vmsplice` per run of pages, a `splice`) cost more than the
+/// copy they save over one `writev`. A batch of 4 KiB replies, one header each, is copied.
 const SPLICE_MIN_BYTES: usize = 64 << 10;
+const SPLICE_BYTES_PER_WRITE: usize = 16 << 10;
 
 /// Why transmission ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,13 +131,17 @@ impl ReplyBuf {
         self.len + self.shared.iter().map(|s| s.len()).sum::<usize>()
     }
 
-    /// Bytes that may go to the socket by reference ([`Shared::pages`]).
-    fn page_bytes(&self) -> usize {
-        self.shared
-            .iter()
-            .filter(|s| s.is_pages())
-            .map(|s| s.len())
-            .sum()
+    /// Bytes that may go to the socket by reference ([`Shared::pages`]), and how many
+    /// slices would have to be copied around them (one `write` each when spliced).
+    fn page_bytes(&self) -> (usize, usize) {
+        self.parts()
+            .fold((0, 0), |(pages, copied), (bytes, by_ref)| {
+                if by_ref {
+                    (pages + bytes.len(), copied)
+                } else {
+                    (pages, copied + 1)
+                }
+            })
     }
 
     fn slices(&self) -> impl Iterator<Item = &[u8]> {
@@ -404,9 +410,12 @@ async fn write_gathered(
                 Err(_) => break,
             }
         }
-        let pages: usize = batch.iter().map(|o| o.reply.page_bytes()).sum();
+        let (pages, copied) = batch
+            .iter()
+            .map(|o| o.reply.page_bytes())
+            .fold((0, 0), |(p, c), (rp, rc)| (p + rp, c + rc));
         let spliced = match splice {
-            Some(fd) if pages >= SPLICE_MIN_BYTES => {
+            Some(fd) if pages >= SPLICE_MIN_BYTES && pages >= SPLICE_BYTES_PER_WRITE * copied => {
                 let parts: Vec<(&[u8], bool)> =
                     batch.iter().flat_map(|o| o.reply.parts()).collect();
                 match splice_batch(&mut splicer, fd, &parts).await? {
