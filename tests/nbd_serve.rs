@@ -347,42 +347,58 @@ fn large_reads_are_spliced_unless_turned_off() {
     let raw = env.path("img.raw");
     env.ok(&["image", "export", "img", raw.to_str().unwrap()]);
     let want = std::fs::read(&raw).unwrap();
+    // TCP splices too (`tcp_sendmsg_locked` takes the pages): one copy over each socket.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     for flag in ["", "--no-splice"] {
         let log = env.path(&format!("splice{flag}.log"));
-        let extra: &[&str] = if flag.is_empty() { &[] } else { &[flag] };
+        let tcp = format!("tcp:127.0.0.1:{port}");
+        let mut extra = vec!["--listen", &tcp];
+        if !flag.is_empty() {
+            extra.push(flag);
+        }
         let mut served = Served::start_logged_with(
             &env,
             &format!("splice{flag}.sock"),
             &log,
-            extra,
+            &extra,
             &[("RUST_LOG", "tessera_nbd=info")],
         );
-        // The first copy may find objects not yet mapped or resident; the second is warm.
-        for round in 0..2 {
+        // The first copy may find objects not yet mapped or resident; the others are warm.
+        let tcp_uri = format!("nbd://127.0.0.1:{port}/img");
+        for (round, uri) in [served.uri("img"), served.uri("img"), tcp_uri]
+            .iter()
+            .enumerate()
+        {
             let copy = env.path(&format!("copy{flag}-{round}.raw"));
-            tool(Command::new("nbdcopy").arg(served.uri("img")).arg(&copy));
+            tool(Command::new("nbdcopy").arg(uri).arg(&copy));
             assert!(
                 std::fs::read(&copy).unwrap() == want,
-                "nbdcopy {flag} differs"
+                "nbdcopy {flag} of {uri} differs"
             );
         }
         assert!(served.stop(Duration::from_secs(10)).success());
         let log = std::fs::read_to_string(&log).unwrap();
-        let spliced: u64 = log
-            .lines()
-            .filter(|l| l.contains("connection closed"))
-            .map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("spliced="))
-                    .unwrap_or_else(|| panic!("no spliced= in {l}"))
-                    .parse::<u64>()
-                    .unwrap()
-            })
-            .sum();
+        let spliced_from = |peer: &str| -> u64 {
+            log.lines()
+                .filter(|l| l.contains("connection closed") && l.contains(peer))
+                .map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("spliced="))
+                        .unwrap_or_else(|| panic!("no spliced= in {l}"))
+                        .parse::<u64>()
+                        .unwrap()
+                })
+                .sum()
+        };
+        let (spliced, over_tcp) = (spliced_from("peer="), spliced_from("peer=127.0.0.1"));
         if flag.is_empty() {
             assert!(
-                spliced >= 3 << 20,
-                "only {spliced} bytes were spliced:\n{log}"
+                spliced - over_tcp >= 3 << 20 && over_tcp >= 3 << 20,
+                "only {spliced} bytes were spliced, {over_tcp} over TCP:\n{log}"
             );
         } else {
             assert_eq!(spliced, 0, "{log}");
