@@ -4,6 +4,8 @@
 //! image read over TLS (nbdcopy) has the exported bytes.
 
 mod common;
+#[path = "../crates/nbd/tests/support/mod.rs"]
+mod nbd_support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -122,15 +124,10 @@ fn sighup_reloads_the_client_ca_and_keeps_open_connections() {
     assert!(!nbdinfo_ok(&uri(&served.sock, &theirs)));
     let (raw, copy) = (env.path("img.raw"), env.path("copy.raw"));
     env.ok(&["image", "export", "img", raw.to_str().unwrap()]);
-    let out = Command::new("nbdcopy")
-        .arg(uri(&served.sock, &ours))
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    nbd_support::run(
+        Command::new("nbdcopy")
+            .arg(uri(&served.sock, &ours))
+            .arg(&copy),
     );
     assert!(
         std::fs::read(&copy).unwrap() == std::fs::read(&raw).unwrap(),

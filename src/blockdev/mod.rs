@@ -210,8 +210,9 @@ impl ImageDevice {
                     owned.resize(at + n, 0);
                     slice.copy_to(&mut owned[at..]);
                 }
-                // Zeros that fill a block are referenced, not copied, when the metadata
-                // before them was (copied) and flushed: static memory never changes.
+                // Zeros after file data (nothing copied is pending) are slices of static
+                // memory: no allocation, and, never changing, they may be spliced. Zeros
+                // after metadata join its copied chunk.
                 Piece::Zero(_) if owned.is_empty() => push_zeros(out, n),
                 Piece::Zero(_) => owned.resize(owned.len() + n, 0),
                 Piece::Data {

@@ -75,29 +75,25 @@ struct Taken {
 
 impl Taken {
     fn take() -> io::Result<Option<Taken>> {
-        {
+        let idle = {
             let mut pool = pool();
-            if let Some(pipe) = pool.idle.pop() {
-                return Ok(Some(Taken {
-                    pipe: Some(pipe),
-                    empty: true,
-                }));
+            match pool.idle.pop() {
+                Some(pipe) => Some(pipe),
+                None if pool.alive >= MAX_PIPES => return Ok(None),
+                None => {
+                    pool.alive += 1;
+                    None
+                }
             }
-            if pool.alive >= MAX_PIPES {
-                return Ok(None);
-            }
-            pool.alive += 1;
-        }
-        match Pipe::new() {
-            Ok(pipe) => Ok(Some(Taken {
-                pipe: Some(pipe),
-                empty: true,
-            })),
-            Err(e) => {
-                pool().alive -= 1;
-                Err(e)
-            }
-        }
+        };
+        let pipe = match idle {
+            Some(pipe) => pipe,
+            None => Pipe::new().inspect_err(|_| pool().alive -= 1)?,
+        };
+        Ok(Some(Taken {
+            pipe: Some(pipe),
+            empty: true,
+        }))
     }
 
     fn pipe(&self) -> &Pipe {
@@ -166,43 +162,13 @@ impl Splicer {
             // Fill the pipe until it is full or every part is in.
             while let Some(first) = at.rest(parts) {
                 taken.empty = false;
-                let moved = if parts[at.part].1 {
-                    let mut iov = vec![iovec(first)];
-                    let mut next = at.part + 1;
-                    while next < parts.len() && parts[next].1 && iov.len() < MAX_IOV {
-                        if !parts[next].0.is_empty() {
-                            iov.push(iovec(parts[next].0));
-                        }
-                        next += 1;
-                    }
-                    // SAFETY: the iovecs point into `parts`, which outlive the call; the
-                    // caller vouches (Shared::pages) that the pages never change, so the
-                    // references the pipe keeps stay right after this returns.
-                    cvt(unsafe {
-                        libc::vmsplice(
-                            taken.pipe().write.as_raw_fd(),
-                            iov.as_ptr(),
-                            iov.len(),
-                            libc::SPLICE_F_NONBLOCK,
-                        )
-                    })
-                } else {
-                    // SAFETY: writes from a live slice of the given length.
-                    cvt(unsafe {
-                        libc::write(
-                            taken.pipe().write.as_raw_fd(),
-                            first.as_ptr().cast(),
-                            first.len(),
-                        )
-                    })
-                };
-                match moved {
+                match push(taken.pipe(), parts, at.part, first) {
                     Ok(n) => {
                         in_pipe += n;
                         at.advance(parts, n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe > 0 => break,
-                    Err(e) if on_socket == 0 => return Ok(Sent::Unsupported(e)),
+                    Err(e) if on_socket == 0 && unsupported(&e) => return Ok(Sent::Unsupported(e)),
                     Err(e) => return Err(e),
                 }
             }
@@ -254,6 +220,32 @@ pub fn spliced_bytes() -> u64 {
 
 pub(crate) fn count_spliced(n: u64) {
     SPLICED.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Moves what one call can of `parts` into the pipe, from `first` (the rest of part
+/// `part`): a `vmsplice` of the run of page parts starting there, or a `write` of a part
+/// that must be copied.
+fn push(pipe: &Pipe, parts: &[(&[u8], bool)], part: usize, first: &[u8]) -> io::Result<usize> {
+    let fd = pipe.write.as_raw_fd();
+    if !parts[part].1 {
+        // SAFETY: writes from a live slice of the given length.
+        return cvt(unsafe { libc::write(fd, first.as_ptr().cast(), first.len()) });
+    }
+    let mut iov = [iovec(first); MAX_IOV];
+    let mut n = 1;
+    for &(bytes, pages) in &parts[part + 1..] {
+        if !pages || n == MAX_IOV {
+            break;
+        }
+        if !bytes.is_empty() {
+            iov[n] = iovec(bytes);
+            n += 1;
+        }
+    }
+    // SAFETY: the first `n` iovecs point into `parts`, which outlive the call; the caller
+    // vouches (Shared::pages) that the pages never change, so the references the pipe
+    // keeps stay right after this returns.
+    cvt(unsafe { libc::vmsplice(fd, iov.as_ptr(), n, libc::SPLICE_F_NONBLOCK) })
 }
 
 /// Where the next byte to send is: a part and an offset in it.

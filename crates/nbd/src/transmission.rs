@@ -410,10 +410,13 @@ async fn write_gathered(
                 Err(_) => break,
             }
         }
-        let (pages, copied) = batch
-            .iter()
-            .map(|o| o.reply.page_bytes())
-            .fold((0, 0), |(p, c), (rp, rc)| (p + rp, c + rc));
+        let (pages, copied) = match splice {
+            Some(_) => batch
+                .iter()
+                .map(|o| o.reply.page_bytes())
+                .fold((0, 0), |(p, c), (rp, rc)| (p + rp, c + rc)),
+            None => (0, 0),
+        };
         let spliced = match splice {
             Some(fd) if pages >= SPLICE_MIN_BYTES && pages >= SPLICE_BYTES_PER_WRITE * copied => {
                 let parts: Vec<(&[u8], bool)> =
