@@ -565,6 +565,74 @@ fn a_killed_servers_lease_does_not_block_gc() {
     );
 }
 
+/// `nbdcopy` of export `name` to `to`; panics on failure.
+fn nbdcopy(sock: &Path, name: &str, to: &Path) {
+    let o = Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///{name}?socket={}", sock.display()))
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn packing_while_serving_keeps_loose_what_a_server_leases() {
+    if !can_run("packing_while_serving")
+        || !common::can_run("packing_while_serving", false, &["nbdcopy"])
+    {
+        return;
+    }
+    let env = Env::new();
+    let raw = image(&env, "img", 5, &[3 << 20, 100_000, 5000, 70_000, 1]);
+    let want = fs::read(&raw).unwrap();
+    let before = object_count(&env);
+    let served = Served::start(&env, &[]);
+    let sock = served.sock.display().to_string();
+    let holder = Client::holding(&sock, "img");
+
+    // Leased: the objects are packed, their loose copies stay.
+    let out = env.ok(&["store", "pack", "img"]);
+    assert!(out.starts_with("packed 5 of 6 objects"), "{out}");
+    assert!(!out.contains("removed"), "{out}");
+    assert_eq!(object_count(&env), before);
+    let got = env.path("img.got");
+    nbdcopy(&served.sock, "img", &got);
+    assert!(
+        fs::read(&got).unwrap() == want,
+        "bytes changed while packing"
+    );
+
+    // The lease gone, gc removes them, and the server (its layout of the image kept, with
+    // the objects it found loose) and a new one read the same bytes.
+    assert!(holder.finish());
+    let start = Instant::now();
+    while lease_names_a_tree(&env) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the lease stayed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gc = env.ok(&["store", "gc"]);
+    assert!(gc.contains(", 5 loose copies of packed objects"), "{gc}");
+    assert_eq!(
+        object_count(&env),
+        before - 5,
+        "only the large object stays loose"
+    );
+    nbdcopy(&served.sock, "img", &got);
+    assert!(fs::read(&got).unwrap() == want, "bytes changed after gc");
+    drop(served);
+    let served = Served::start(&env, &[]);
+    nbdcopy(&served.sock, "img", &got);
+    assert!(
+        fs::read(&got).unwrap() == want,
+        "a new server reads other bytes"
+    );
+    let verify = env.ok(&["store", "verify"]);
+    assert!(verify.is_empty(), "{verify}");
+}
+
 /// Whether some lease in the store names a tree.
 fn lease_names_a_tree(env: &Env) -> bool {
     let Ok(dir) = fs::read_dir(env.store.join("run/leases")) else {

@@ -1,6 +1,7 @@
-//! `tessera store pack` through the CLI and a real client: a packed image serves the same
-//! bytes (nbdcopy against `image export`, e2fsck on the copy), `store verify` checks packed
-//! copies, and `store gc` drops packs that hold garbage.
+//! `tessera store pack` through the CLI and a real client: packing removes the loose copies
+//! of packed objects, a packed image serves the same bytes (nbdcopy against `image export`,
+//! e2fsck on the copy), imports and pushes find packed objects, `store verify` checks packed
+//! copies, and `store gc` drops packs of garbage and rewrites packs holding some.
 
 mod common;
 
@@ -24,6 +25,25 @@ fn nbdcopy(served: &Served, export: &str, to: &std::path::Path) {
     );
 }
 
+/// Small loose object files (the packed ones had their loose copy removed).
+fn small_loose(env: &Env) -> usize {
+    env.files("objects")
+        .iter()
+        .filter(|p| fs::metadata(p).unwrap().len() < 256 << 10)
+        .count()
+}
+
+fn export(env: &Env, image: &str) -> Vec<u8> {
+    let to = env.path(&format!("{image}.want"));
+    env.ok(&[
+        "image".as_ref(),
+        "export".as_ref(),
+        image.as_ref(),
+        to.as_os_str(),
+    ]);
+    fs::read(&to).unwrap()
+}
+
 #[test]
 fn a_packed_image_is_served_verified_and_collected() {
     if !common::can_run("a_packed_image_is_served", false, &["nbdcopy", "e2fsck"]) {
@@ -34,11 +54,17 @@ fn a_packed_image_is_served_verified_and_collected() {
     common::fixture::build(&src, false);
     let tree = env.import(&src);
     env.ok(&["image", "create", "sink", "--tree", &tree]);
+    // "two" names two objects no other image has at first; "four" shares one of them.
     let other = env.path("other");
     fs::create_dir_all(&other).unwrap();
     fs::write(
         other.join("only-here"),
         b"an object only the second image names",
+    )
+    .unwrap();
+    fs::write(
+        other.join("shared-later"),
+        b"an object a fourth image names too",
     )
     .unwrap();
     let other_tree = env.import(&other);
@@ -51,54 +77,123 @@ fn a_packed_image_is_served_verified_and_collected() {
         "--tree",
         &other_tree,
     ]);
-    let want = env.path("sink.want");
-    env.ok(&[
-        "image".as_ref(),
-        "export".as_ref(),
-        "sink".as_ref(),
-        want.as_os_str(),
-    ]);
+    let want = export(&env, "sink");
+    let loose_before = small_loose(&env);
 
     let out = env.ok(&["store", "pack", "sink"]);
     assert!(out.starts_with("packed "), "{out}");
+    assert!(out.contains("removed "), "loose copies go: {out}");
+    let packed: usize = out["packed ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(packed > 100, "{out}");
+    // Objects no layout reads (an empty file's) are not packed and stay.
+    let unread = loose_before - packed - 2;
+    assert_eq!(
+        small_loose(&env),
+        unread + 2,
+        "every packed object's loose copy is gone, the two of \"two\" stay"
+    );
     let out = env.ok(&["store", "pack", "two"]);
     assert!(
-        out.starts_with("packed 1 of "),
-        "only the new object: {out}"
+        out.starts_with("packed 2 of "),
+        "only the new objects: {out}"
     );
+    assert_eq!(small_loose(&env), unread);
     assert!(env.ok(&["store", "pack"]).starts_with("nothing to pack"));
     let packs = env.files("packs");
     assert_eq!(packs.len(), 4, "two packs and their indexes: {packs:?}");
+
+    // Importing the same files again writes no loose copy of what a pack holds.
+    assert_eq!(env.import(&src), tree);
+    assert_eq!(
+        small_loose(&env),
+        unread,
+        "an import wrote packed objects again"
+    );
 
     let served = Served::start(&env, &[]);
     let got = env.path("sink.got");
     nbdcopy(&served, "sink", &got);
     assert!(
-        fs::read(&got).unwrap() == fs::read(&want).unwrap(),
+        fs::read(&got).unwrap() == want,
         "a packed image served other bytes than its export"
     );
     common::e2fsck_clean(&got);
+    drop(served);
 
     let stats = env.ok(&["store", "stats"]);
+    let objects = env
+        .open_store()
+        .packs()
+        .packs()
+        .iter()
+        .map(|p| p.len())
+        .sum::<usize>();
     assert!(
-        stats.contains("packs:        2 holding copies of "),
-        "{stats}"
+        stats.contains(&format!(
+            "objects:      {}",
+            objects + env.files("objects").len()
+        )),
+        "every object counted once, loose or packed: {stats}"
     );
+    assert!(stats.contains("packs:        2 holding "), "{stats}");
     let verify = env.ok(&["store", "verify"]);
     assert!(verify.is_empty(), "{verify}");
 
-    drop(served);
+    // Pushed to a remote and pulled into another store, packed objects are whole objects.
+    let remote = format!("file://{}", env.path("remote").display());
+    fs::create_dir_all(env.path("remote")).unwrap();
+    env.ok(&["store", "push", "sink", "--to", &remote]);
+    let elsewhere = Env::new();
+    elsewhere.ok(&["store", "pull", "sink", "--from", &remote]);
+    assert!(export(&elsewhere, "sink") == want, "pulled image differs");
 
-    // Removing "two" makes its object garbage: gc removes the pack holding it (a copy), not
-    // the other, and "sink" is still served from its pack.
+    // "four" shares one of the objects of "two". Removing "two" leaves its pack with one
+    // live object and one dead: gc writes the live one into a new pack and drops the old.
+    let four = env.path("four");
+    fs::create_dir_all(&four).unwrap();
+    fs::write(four.join("same"), b"an object a fourth image names too").unwrap();
+    let four_tree = env.import(&four);
+    env.ok(&["image", "create", "four", "--tree", &four_tree]);
+    let four_want = export(&env, "four");
+    assert_eq!(
+        small_loose(&env),
+        unread,
+        "\"four\" wrote a packed object again"
+    );
     env.ok(&["image", "rm", "two"]);
     let gc = env.ok(&["store", "gc"]);
     assert!(gc.contains(", 1 packs ("), "{gc}");
-    assert_eq!(env.files("packs").len(), 2);
+    assert!(gc.contains("rewrote 1 packs"), "{gc}");
+    assert_eq!(env.files("packs").len(), 4, "sink's pack and the new one");
+    let rewritten = env
+        .open_store()
+        .packs()
+        .packs()
+        .iter()
+        .map(|p| p.len())
+        .min()
+        .unwrap();
+    assert_eq!(rewritten, 1, "the new pack holds the live object only");
+    let verify = env.ok(&["store", "verify"]);
+    assert!(verify.is_empty(), "{verify}");
     let served = Served::start(&env, &[]);
     nbdcopy(&served, "sink", &got);
-    assert!(fs::read(&got).unwrap() == fs::read(&want).unwrap());
+    assert!(fs::read(&got).unwrap() == want);
+    let four_got = env.path("four.got");
+    nbdcopy(&served, "four", &four_got);
+    assert!(fs::read(&four_got).unwrap() == four_want);
     drop(served);
+
+    // Once nothing names them, packs go whole.
+    env.ok(&["image", "rm", "four"]);
+    let gc = env.ok(&["store", "gc"]);
+    assert!(gc.contains(", 1 packs ("), "{gc}");
+    assert!(!gc.contains("rewrote"), "{gc}");
 
     // A damaged packed copy is reported by verify, named by pack and object.
     let pack = env
@@ -110,4 +205,12 @@ fn a_packed_image_is_served_verified_and_collected() {
     f.write_all_at(b"!", 0).unwrap();
     let out = env.fails(&["store", "verify"]);
     assert!(out.contains("holds a corrupt copy of object"), "{out}");
+    // ... and refused by a server that verifies reads, never served.
+    let served = Served::start(&env, &["--verify"]);
+    let o = Command::new("nbdcopy")
+        .arg(served.uri("sink"))
+        .arg(&got)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "a corrupt packed object was served");
 }

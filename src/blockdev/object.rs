@@ -119,6 +119,9 @@ pub(super) struct Object {
     packed: Option<(Arc<Pack>, u64, u64)>,
     /// The object being fetched, once a read found it missing here.
     partial: OnceLock<Arc<Partial>>,
+    /// A small object's packed copy, once its loose file was found gone on opening it
+    /// again: packing removes loose copies (`store::pack`), and reads go to the pack.
+    moved: OnceLock<Window>,
     /// Held while the backing is set up, so that one thread opens (and maps) the object
     /// while others wait for it: a cold sequential read has every I/O thread prefetch the
     /// same objects ahead, and each of them opened, stat'ed and mapped every object once
@@ -155,6 +158,7 @@ impl Object {
             remote: None,
             packed: None,
             partial: OnceLock::new(),
+            moved: OnceLock::new(),
             opening: Mutex::new(()),
         }
     }
@@ -190,32 +194,21 @@ impl Object {
         }
         let len = out.len() as u64;
         match self.backing()? {
-            Backing::Mapped(map) => {
-                if verify {
-                    self.check
-                        .get_or_init(|| Check::load(self.id, &self.path(), map))
-                        .verify_mapped(map, offset, len)?;
-                }
-                let src = offset
-                    .checked_add(len)
-                    .filter(|&end| end <= map.len() as u64)
-                    .map(|end| &map[offset as usize..end as usize])
-                    .ok_or_else(|| self.too_short(map.len() as u64, offset, len))?;
-                // A pack is read like a file, not through page faults: the kernel's
-                // readahead then follows a sequential reader across its objects.
-                if let Some((pack, base)) = map.pack_file().filter(|_| !verify) {
-                    return pack
-                        .read_exact_at(out, base + offset)
-                        .map_err(|e| self.context("read pack of", e));
-                }
-                out.copy_from_slice(src);
-                Ok(())
-            }
+            Backing::Mapped(map) => self.read_mapped(map, out, offset, verify),
             Backing::Small { len: have, fd } => {
                 if offset.checked_add(len).is_none_or(|end| end > *have) {
                     return Err(self.too_short(*have, offset, len));
                 }
-                let open = fd.get_or_open(|| self.open_small())?;
+                if let Some(map) = self.moved.get() {
+                    return self.read_mapped(map, out, offset, verify);
+                }
+                let open = match fd.get_or_open(|| self.open_small()) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let map = self.relocate().ok_or(e)?;
+                        return self.read_mapped(map, out, offset, verify);
+                    }
+                    r => r?,
+                };
                 if verify {
                     return self.read_verified(&open, out, offset);
                 }
@@ -224,6 +217,46 @@ impl Object {
                     .map_err(|e| self.context("read", e))
             }
         }
+    }
+
+    /// The object's packed copy, for a small object whose loose file is gone.
+    fn relocate(&self) -> Option<&Window> {
+        if let Some(map) = self.moved.get() {
+            return Some(map);
+        }
+        let map = packed::relocate(&self.root, &self.id)?;
+        tracing::debug!(object = %self.id, "its loose file is gone: reading its packed copy");
+        Some(self.moved.get_or_init(|| map))
+    }
+
+    /// Reads from a mapping: a large object's own, or a packed object's window of its pack.
+    fn read_mapped(
+        &self,
+        map: &Window,
+        out: &mut [u8],
+        offset: u64,
+        verify: bool,
+    ) -> io::Result<()> {
+        let len = out.len() as u64;
+        if verify {
+            self.check
+                .get_or_init(|| Check::load(self.id, &self.path(), map))
+                .verify_mapped(map, offset, len)?;
+        }
+        let src = offset
+            .checked_add(len)
+            .filter(|&end| end <= map.len() as u64)
+            .map(|end| &map[offset as usize..end as usize])
+            .ok_or_else(|| self.too_short(map.len() as u64, offset, len))?;
+        // A pack is read like a file, not through page faults: the kernel's readahead then
+        // follows a sequential reader across its objects.
+        if let Some((pack, base)) = map.pack_file().filter(|_| !verify) {
+            return pack
+                .read_exact_at(out, base + offset)
+                .map_err(|e| self.context("read pack of", e));
+        }
+        out.copy_from_slice(src);
+        Ok(())
     }
 
     /// For a packed object: its pack and where `offset..offset + len` of it lies there, so
@@ -317,6 +350,7 @@ impl Object {
     ) -> Option<io::Result<()>> {
         let map = match self.backing.get()? {
             Backing::Mapped(map) => map,
+            Backing::Small { .. } if self.moved.get().is_some() => self.moved.get()?,
             Backing::Small { len, fd } => {
                 offset
                     .checked_add(out.len() as u64)
@@ -363,7 +397,13 @@ impl Object {
             }
             tracing::warn!(object = %self.id, "its pack entry lies outside the pack; reading the loose object");
         }
-        let file = self.open()?;
+        let file = match self.open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let map = packed::relocate(&self.root, &self.id).ok_or(e)?;
+                return Ok(self.backing.get_or_init(|| Backing::Mapped(map)));
+            }
+            r => r?,
+        };
         let meta = file.metadata().map_err(|e| self.context("stat", e))?;
         let len = meta.len();
         let backing = if len < MAP_MIN {

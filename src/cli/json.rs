@@ -185,7 +185,8 @@ pub(super) struct StatsView<'a> {
     /// Objects being fetched from a remote (`partial/`), and the disk their chunks take.
     pub partial_objects: u64,
     pub partial_bytes: u64,
-    /// Packs (`store pack`), the object copies they hold, and their bytes.
+    /// Packs (`store pack`), the objects they hold, and their bytes (`objects` counts each
+    /// object once, loose or packed).
     pub packs: usize,
     pub packed_objects: usize,
     pub pack_bytes: u64,
@@ -294,6 +295,11 @@ pub(super) struct GcView {
     /// Packs removed (see `store pack`), and the disk they took.
     pub packs: usize,
     pub pack_bytes: u64,
+    /// Packs written anew without the garbage of old ones.
+    pub repacked: usize,
+    /// Loose copies of packed objects removed, and their bytes.
+    pub loose_copies: usize,
+    pub loose_copy_bytes: u64,
 }
 
 impl GcView {
@@ -308,6 +314,9 @@ impl GcView {
             partial_bytes: r.partial_bytes,
             packs: r.packs,
             pack_bytes: r.pack_bytes,
+            repacked: r.repacked,
+            loose_copies: r.loose_copies,
+            loose_copy_bytes: r.loose_copy_bytes,
         }
     }
 }

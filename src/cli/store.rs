@@ -27,7 +27,8 @@ pub(super) enum StoreCmd {
     },
     /// Copy the small objects of images (every image if none is named) into a pack, in the
     /// order the images read them, so that a cold image reads one file in order; objects
-    /// already packed are skipped, loose objects stay
+    /// already packed are skipped. Then remove the loose copies of packed objects (those
+    /// of images a running server holds go at a later `store gc`)
     Pack { images: Vec<String> },
     /// Upload images (every image if none is named) with their trees and objects to a
     /// remote store; skips what it has, so an interrupted push is finished by running it again
@@ -96,7 +97,7 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             }
             let verb = if dry_run { "would remove" } else { "removed" };
             println!(
-                "{verb} {} objects ({}), {} trees, {} temporary files, {} partial objects ({}), {} packs ({})",
+                "{verb} {} objects ({}), {} trees, {} temporary files, {} partial objects ({}), {} packs ({}), {} loose copies of packed objects ({})",
                 r.objects,
                 human(r.object_bytes),
                 r.trees,
@@ -104,8 +105,14 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 r.partial_objects,
                 human(r.partial_bytes),
                 r.packs,
-                human(r.pack_bytes)
+                human(r.pack_bytes),
+                r.loose_copies,
+                human(r.loose_copy_bytes)
             );
+            if r.repacked > 0 {
+                let verb = if dry_run { "would rewrite" } else { "rewrote" };
+                println!("{verb} {} packs without their garbage", r.repacked);
+            }
             Ok(ExitCode::SUCCESS)
         }
         StoreCmd::Pack { images } => {
@@ -123,6 +130,13 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                     "nothing to pack: {} objects, all large or packed",
                     r.objects
                 ),
+            }
+            if r.loose_copies > 0 {
+                println!(
+                    "removed {} loose copies of packed objects ({})",
+                    r.loose_copies,
+                    human(r.loose_copy_bytes)
+                );
             }
             if r.missing > 0 {
                 eprintln!(
@@ -211,7 +225,7 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 human(s.partial_bytes)
             );
             println!(
-                "packs:        {} holding copies of {} objects ({})",
+                "packs:        {} holding {} objects ({})",
                 s.packs,
                 s.packed_objects,
                 human(s.pack_bytes)

@@ -32,6 +32,12 @@ pub enum StoreError {
     },
     #[error("pack index {path} is damaged: {why}")]
     BadPack { path: PathBuf, why: String },
+    #[error("pack {pack} holds a corrupt copy of object {id}: it hashes to {actual}")]
+    CorruptPackedObject {
+        pack: PathBuf,
+        id: ObjectId,
+        actual: ObjectId,
+    },
     #[error("no image named {name:?}")]
     MissingImage { name: String },
     #[error("content changed while being stored: expected {expected}, got {actual}")]

@@ -17,9 +17,9 @@
 //! │                         written with the tree, or derived from its manifest when first
 //! │                         loaded; disposable, never the name of anything, removed by gc
 //! │                         with its tree
-//! ├── packs/NAME.pack|idx   small objects copied in the order an image reads them, so a
-//! │                         cold image is read from one file in order (see [`pack`]);
-//! │                         derived, the loose objects stay
+//! ├── packs/NAME.pack|idx   small objects moved into one file in the order an image reads
+//! │                         them, so a cold image is read from one file in order (see
+//! │                         [`pack`]); their loose copies are removed
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
 //! ├── partial/ab/cdef…      objects being fetched from a remote store, sparse, with a
@@ -172,8 +172,10 @@ impl Store {
         self.root.join("tmp")
     }
 
+    /// Whether object `id` is here: loose, or only in a pack (`store gc` removes the loose
+    /// copies of packed objects, see [`pack`]).
     pub fn has_object(&self, id: &ObjectId) -> bool {
-        self.object_path(id).exists()
+        self.object_path(id).exists() || self.packs().find(id).is_some()
     }
 
     /// Whether object `id` is here for good: present and not marked as fetched from a
@@ -181,9 +183,37 @@ impl Store {
     /// commit that finds a marked object writes it anew (unmarked) instead of naming the
     /// cache's copy, so its image never loses the object to an eviction. Call holding the
     /// store lock (shared): evictions, which hold it exclusively, cannot run in between.
+    /// A packed object is kept: objects marked as fetched are never packed.
     pub fn has_kept_object(&self, id: &ObjectId) -> bool {
         let path = self.object_path(id);
-        path.exists() && remote::origin::of(&path).is_none()
+        (path.exists() && remote::origin::of(&path).is_none()) || self.packs().find(id).is_some()
+    }
+
+    /// The length of object `id`, loose or packed.
+    pub fn object_len(&self, id: &ObjectId) -> Result<u64, StoreError> {
+        let path = self.object_path(id);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.packs().find(id) {
+                Some(p) => Ok(p.len),
+                None => Err(StoreError::MissingObject { id: *id, path }),
+            },
+            Err(e) => Err(StoreError::io("stat", &path, e)),
+        }
+    }
+
+    /// The bytes of object `id`: its loose file, or else its packed copy, which is checked
+    /// against its name first (a damaged pack is an error, never wrong bytes).
+    pub fn read_object(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+        let path = self.object_path(id);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.packs().find(id) {
+                Some(p) => p.read_checked(id),
+                None => Err(StoreError::MissingObject { id: *id, path }),
+            },
+            Err(e) => Err(StoreError::io("read object", &path, e)),
+        }
     }
 
     pub fn has_tree(&self, id: &ObjectId) -> bool {

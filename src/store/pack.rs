@@ -7,11 +7,19 @@
 //! boundary, so that reading the image reads the pack from start to end and the kernel's
 //! own readahead works across objects; one mapping serves them all.
 //!
-//! A packed object keeps its loose file: imports, gc, `store verify`, push and pull go on
-//! working with loose objects, and a pack is derived data that can be deleted at any time.
-//! Readers that find an object in a pack read it there, and only there, so that every image
-//! naming it shares the same page-cache pages. An object is packed once: a later pack skips
-//! objects already in one.
+//! A pack replaces the loose files of the objects it holds, so that a packed object takes
+//! its disk once: `tessera store pack` removes the loose copies once the pack is written,
+//! and `store gc` the ones a running server still leased then (it may have found the object
+//! loose and open its file again). The store answers for packed objects as for loose ones
+//! ([`Store::has_object`], [`Store::read_object`]): an import finds them and writes no
+//! copy, a push uploads them, `store verify` hashes them. Objects marked as fetched from a
+//! remote are not packed: a bounded cache may evict them. Readers that find an object in a
+//! pack read it there, and only there, so that every image naming it shares the same
+//! page-cache pages; a server that found an object loose and then finds its file gone reads
+//! it from its pack (`blockdev/object.rs`). An object is packed once: a later pack skips
+//! objects already in one. `store gc` removes a pack whose objects are all garbage, and
+//! writes the live objects of a pack that holds some garbage into a new pack before it
+//! removes the old one.
 //!
 //! ```text
 //! packs/NAME.pack   the objects' bytes, each starting at a multiple of 4096, zero-padded
@@ -27,7 +35,8 @@
 //! NAME is the BLAKE3 of the index file. The pack is named before its index, so an index
 //! always has its pack; a pack without an index (a crash in between) is unused, and
 //! removed by `tessera store gc`. Both are written like every store file (under `tmp/`,
-//! fsynced, renamed).
+//! fsynced, renamed), and loose copies are removed only after both are. A pack whose index
+//! is damaged is kept: it may hold the only copy of its objects.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -189,6 +198,11 @@ impl PackSet {
 
     /// Where `id` is packed, if it is.
     pub fn find(&self, id: &ObjectId) -> Option<Packed> {
+        self.find_where(id, |_| true)
+    }
+
+    /// Where `id` is packed in a pack that `pick` accepts, if it is.
+    pub fn find_where(&self, id: &ObjectId, pick: impl Fn(&PackIndex) -> bool) -> Option<Packed> {
         let key = prefix(id);
         let first = self.table.partition_point(|e| e.0 < key);
         self.table[first..]
@@ -197,13 +211,40 @@ impl PackSet {
             .find_map(|&(_, p, i)| {
                 let pack = &self.packs[p as usize];
                 let (at, offset, len) = pack.entry(i as usize);
-                (at == *id).then(|| Packed {
+                (at == *id && pick(pack)).then(|| Packed {
                     index: pack.clone(),
                     offset,
                     len,
                 })
             })
     }
+}
+
+impl Packed {
+    /// The object's bytes, read from its pack and checked against `id`.
+    pub fn read_checked(&self, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.index.pack_path();
+        let file = File::open(path).map_err(|e| StoreError::io("open pack", path, e))?;
+        let mut bytes = vec![0u8; self.len as usize];
+        file.read_exact_at(&mut bytes, self.offset)
+            .map_err(|e| StoreError::io("read pack", path, e))?;
+        let actual = ObjectId::of(&bytes);
+        if actual != *id {
+            return Err(StoreError::CorruptPackedObject {
+                pack: path.to_path_buf(),
+                id: *id,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// Where [`Store::write_pack`] reads an object from.
+enum Source {
+    Loose(PathBuf),
+    Packed(Packed),
 }
 
 fn prefix(id: &ObjectId) -> u64 {
@@ -298,9 +339,21 @@ impl Store {
 
     /// Packs `objects` (in this order; duplicates, large objects, objects already in a pack
     /// and objects not here, such as those a remote cache has not fetched, are skipped) into
-    /// a new pack. Each object is read from its loose file and checked against its name
-    /// first. Call holding the store lock (shared).
+    /// a new pack. Objects marked as fetched from a remote are skipped too: a bounded cache
+    /// may evict them, which it could not do to a packed copy. Each object is read from its
+    /// loose file or, if it has none, from its pack, and checked against its name first.
+    /// Call holding the store lock (shared).
     pub fn write_pack(&self, objects: &[ObjectId]) -> Result<PackWritten, StoreError> {
+        self.write_pack_replacing(objects, &HashSet::new())
+    }
+
+    /// [`Store::write_pack`], with objects held only by the packs named in `retiring`
+    /// counted as not packed: `store gc` copies the live objects of a pack it retires.
+    pub(crate) fn write_pack_replacing(
+        &self,
+        objects: &[ObjectId],
+        retiring: &HashSet<String>,
+    ) -> Result<PackWritten, StoreError> {
         let packs = self.packs();
         let mut seen = HashSet::new();
         let mut entries: Vec<(ObjectId, u64, u64)> = Vec::new();
@@ -310,23 +363,28 @@ impl Store {
         let mut pending = Vec::new();
         let mut missing = 0;
         for id in objects {
-            if !seen.insert(*id) || packs.find(id).is_some() {
+            let packed = packs.find_where(id, |p| !retiring.contains(p.name()));
+            if !seen.insert(*id) || packed.is_some() {
                 continue;
             }
             let path = self.object_path(id);
-            let len = match fs::metadata(&path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    missing += 1;
-                    continue;
-                }
+            let (len, source) = match fs::metadata(&path) {
+                Ok(_) if super::remote::origin::of(&path).is_some() => continue,
+                Ok(m) => (m.len(), Source::Loose(path)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => match packs.find(id) {
+                    Some(p) => (p.len, Source::Packed(p)),
+                    None => {
+                        missing += 1;
+                        continue;
+                    }
+                },
                 Err(e) => return Err(StoreError::io("stat", &path, e)),
             };
             if len >= PACK_MAX {
                 continue;
             }
             entries.push((*id, offset, len));
-            pending.push(path);
+            pending.push(source);
             offset = (offset + len).next_multiple_of(PACK_ALIGN);
         }
         if entries.is_empty() {
@@ -349,9 +407,12 @@ impl Store {
         atomic::write(self, &dir.join(format!("{name}.pack")), 0o444, |f| {
             let mut out = io::BufWriter::with_capacity(1 << 20, f);
             let mut buf = Vec::with_capacity(PACK_MAX as usize);
-            for ((id, offset, len), path) in entries.iter().zip(&pending) {
+            for ((id, offset, len), source) in entries.iter().zip(&pending) {
                 buf.clear();
-                File::open(path)?.read_to_end(&mut buf)?;
+                match source {
+                    Source::Loose(path) => _ = File::open(path)?.read_to_end(&mut buf)?,
+                    Source::Packed(p) => buf = p.read_checked(id).map_err(atomic::Abort::Store)?,
+                }
                 let actual = ObjectId::of(&buf);
                 if actual != *id || buf.len() as u64 != *len {
                     return Err(atomic::Abort::Store(StoreError::HashMismatch {

@@ -5,7 +5,7 @@ use std::fs;
 
 use crate::image::{self, ImageError};
 use crate::store::pack::PackIndex;
-use crate::store::{Area, ObjectId, Store, StoreError};
+use crate::store::{Area, ObjectId, Store, StoreError, StoreLock};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -19,10 +19,16 @@ pub struct GcReport {
     /// are complete in `objects/` by now, and the disk their chunks took.
     pub partial_objects: usize,
     pub partial_bytes: u64,
-    /// Packs removed (one of their objects is garbage, or their index is unusable), and
-    /// the disk they took.
+    /// Packs removed (all of their objects are garbage, or they were rewritten without
+    /// the garbage, or no index names them), and the disk they took.
     pub packs: usize,
     pub pack_bytes: u64,
+    /// Packs written anew with the live objects of packs that also held garbage.
+    pub repacked: usize,
+    /// Loose copies of packed objects removed (their packed copy checked first), and their
+    /// bytes. Objects of trees a running server leases keep theirs.
+    pub loose_copies: usize,
+    pub loose_copy_bytes: u64,
 }
 
 /// Remove every tree no image or running server's lease names, every object no remaining
@@ -38,12 +44,10 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
         live_trees.extend(image::load(store, &name)?.trees);
     }
     // What running servers serve, even if its image is gone or was re-created.
-    live_trees.extend(store.leased_trees(&lock)?);
-    let mut live_objects: HashSet<ObjectId> = HashSet::new();
-    for id in &live_trees {
-        let manifest = image::load_tree(store, id)?;
-        live_objects.extend(manifest.entries.iter().filter_map(|e| e.object));
-    }
+    let leased_trees = store.leased_trees(&lock)?;
+    let leased_objects = objects_of(store, &leased_trees)?;
+    live_trees.extend(leased_trees);
+    let live_objects = objects_of(store, &live_trees)?;
 
     let mut report = GcReport::default();
     let (trees, _) = store.list(Area::Tree)?;
@@ -70,6 +74,7 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
     }
     partial(store, &live_objects, dry_run, &mut report)?;
     packs(store, &live_objects, dry_run, &mut report)?;
+    prune_loose_copies(store, &lock, &leased_objects, dry_run, &mut report)?;
     // A live object being fetched keeps its outboard: its kept chunks are checked
     // against it after a restart.
     let fetching = |id: &ObjectId| {
@@ -98,9 +103,24 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
     Ok(report)
 }
 
-/// Packs are copies: one that holds an object no image needs any more goes whole (the live
-/// objects in it stay loose; `store pack` packs them again), as do packs whose index is
-/// unusable and pack files no index names. A running server keeps its mapping of a removed
+/// The objects the manifests of `trees` name.
+pub(super) fn objects_of<'a>(
+    store: &Store,
+    trees: impl IntoIterator<Item = &'a ObjectId>,
+) -> Result<HashSet<ObjectId>, ImageError> {
+    let mut objects = HashSet::new();
+    for id in trees {
+        let manifest = image::load_tree(store, id)?;
+        objects.extend(manifest.entries.iter().filter_map(|e| e.object));
+    }
+    Ok(objects)
+}
+
+/// A pack whose objects are all garbage goes whole; one holding live objects and garbage is
+/// written anew with the live ones (in its order) before it goes, since they may have no
+/// loose copy left. Pack files no index names (a crash between a pack and its index) go.
+/// A pack whose index is unusable stays: what it holds cannot be known, and it may be the
+/// only copy (`store verify` reports it). A running server keeps its mapping of a removed
 /// pack, so it goes on reading it.
 fn packs(
     store: &Store,
@@ -110,10 +130,34 @@ fn packs(
 ) -> Result<(), StoreError> {
     let dir = store.pack_dir();
     for name in store.pack_names()? {
-        let keep = PackIndex::open(&dir, &name)
-            .is_ok_and(|index| index.entries().all(|(id, _, _)| live.contains(&id)));
-        if keep {
+        let index = match PackIndex::open(&dir, &name) {
+            Ok(index) => index,
+            Err(e) => {
+                tracing::warn!(pack = %name, error = %crate::store::error_chain(&e), "keeping a pack whose index is unusable");
+                continue;
+            }
+        };
+        let mut kept: Vec<(u64, ObjectId)> = index
+            .entries()
+            .filter(|(id, _, _)| live.contains(id))
+            .map(|(id, offset, _)| (offset, id))
+            .collect();
+        if kept.len() == index.len() {
             continue;
+        }
+        if !kept.is_empty() {
+            kept.sort_unstable();
+            let order: Vec<ObjectId> = kept.into_iter().map(|(_, id)| id).collect();
+            if !dry_run {
+                let retiring = HashSet::from([name.clone()]);
+                let written = store.write_pack_replacing(&order, &retiring)?;
+                if written.missing > 0 {
+                    // Never drop the only copy of a live object.
+                    tracing::warn!(pack = %name, missing = written.missing, "keeping a pack whose live objects could not all be copied");
+                    continue;
+                }
+            }
+            report.repacked += 1;
         }
         for ext in ["pack", "idx"] {
             let path = dir.join(format!("{name}.{ext}"));
@@ -128,6 +172,50 @@ fn packs(
         report.pack_bytes += fs::symlink_metadata(&path).map_or(0, |m| m.len());
         remove(&path, dry_run)?;
         report.packs += 1;
+    }
+    Ok(())
+}
+
+/// Removes the loose copy of every packed object whose packed copy hashes to its name,
+/// except for objects in `leased` (trees running servers hold): a server that found such
+/// an object loose may open its file again later (its descriptor is one of a bounded few,
+/// `blockdev/fds.rs`). Needs the store lock exclusively, as the leases were read under it.
+pub(super) fn prune_loose_copies(
+    store: &Store,
+    _exclusive: &StoreLock,
+    leased: &HashSet<ObjectId>,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<(), StoreError> {
+    use std::os::unix::fs::FileExt;
+    let packs = store.packs();
+    for index in packs.packs() {
+        let path = index.pack_path();
+        let pack = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(StoreError::io("open pack", path, e)),
+        };
+        let mut buf = Vec::new();
+        for (id, offset, len) in index.entries() {
+            if leased.contains(&id) {
+                continue;
+            }
+            let loose = store.object_path(&id);
+            let Ok(meta) = fs::symlink_metadata(&loose) else {
+                continue;
+            };
+            buf.resize(len as usize, 0);
+            pack.read_exact_at(&mut buf, offset)
+                .map_err(|e| StoreError::io("read pack", path, e))?;
+            if ObjectId::of(&buf) != id || meta.len() != len {
+                tracing::warn!(pack = %index.name(), object = %id, "keeping the loose copy of an object whose packed copy is corrupt");
+                continue;
+            }
+            remove(&loose, dry_run)?;
+            report.loose_copies += 1;
+            report.loose_copy_bytes += meta.len();
+        }
     }
     Ok(())
 }

@@ -18,12 +18,30 @@ pub struct PackReport {
     pub objects: usize,
     /// Objects not packed because the store does not have them (a remote cache's).
     pub missing: usize,
+    /// Loose copies of packed objects removed afterwards, and their bytes (see
+    /// `gc::prune_loose_copies`).
+    pub loose_copies: usize,
+    pub loose_copy_bytes: u64,
 }
 
 /// Packs the small objects of `images` (every image if empty) not yet in a pack into one
 /// new pack: the first image's in the order its blocks lie, then the next image's new
-/// ones. Holds the store lock shared (gc waits).
+/// ones. Then removes the loose copies of packed objects that no running server leases, so
+/// that a packed object takes its disk once (the others go at a later `store gc`). Writes
+/// holding the store lock shared (gc waits), removes holding it exclusively.
 pub fn pack(store: &Store, images: &[String]) -> Result<PackReport, ImageError> {
+    let mut report = write(store, images)?;
+    let lock = store.lock(true)?;
+    let leased = store.leased_trees(&lock)?;
+    let leased = super::gc::objects_of(store, &leased)?;
+    let mut pruned = super::GcReport::default();
+    super::gc::prune_loose_copies(store, &lock, &leased, false, &mut pruned)?;
+    report.loose_copies = pruned.loose_copies;
+    report.loose_copy_bytes = pruned.loose_copy_bytes;
+    Ok(report)
+}
+
+fn write(store: &Store, images: &[String]) -> Result<PackReport, ImageError> {
     let _lock = store.lock(false)?;
     let names = if images.is_empty() {
         store.list_images()?

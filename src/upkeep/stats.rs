@@ -27,8 +27,8 @@ pub struct StoreStats {
     /// Objects being fetched (`partial/`), and the disk their fetched chunks take.
     pub partial_objects: u64,
     pub partial_bytes: u64,
-    /// Packs (`store pack`): how many, the copies of objects they hold, and their bytes
-    /// (disk taken on top of the loose objects).
+    /// Packs (`store pack`): how many, the objects they hold, and their bytes. Objects
+    /// (and `object_bytes`) count each object once, loose or packed or both.
     pub packs: usize,
     pub packed_objects: usize,
     pub pack_bytes: u64,
@@ -59,10 +59,17 @@ pub fn stats(store: &Store) -> Result<StoreStats, ImageError> {
         }
     }
     (stats.partial_objects, stats.partial_bytes) = cache::partial_objects(store.root());
+    let mut counted: HashSet<_> = objects.iter().copied().collect();
     for pack in store.packs().packs() {
         stats.packs += 1;
         stats.packed_objects += pack.len();
         stats.pack_bytes += pack.pack_len();
+        for (id, _, len) in pack.entries() {
+            if counted.insert(id) {
+                stats.objects += 1;
+                stats.object_bytes += len;
+            }
+        }
     }
     let root = store.root();
     stats.cache = counters::load(root).map_err(|e| StoreError::io("read", root, e))?;

@@ -64,13 +64,14 @@ pub enum Problem {
     OrphanOutboard {
         id: ObjectId,
     },
-    /// A pack whose index cannot be used (servers ignore it; `store gc` removes it).
+    /// A pack whose index cannot be used (servers ignore it and read its objects loose
+    /// where a loose copy is left; `store gc` keeps it, since it may hold the only copies).
     BadPack {
         name: String,
         error: String,
     },
     /// A packed copy of an object that does not hash to its id (servers would serve it
-    /// unless `--verify`; `store gc` does not remove it, `rm packs/NAME.*` does).
+    /// unless `--verify`).
     CorruptPackedObject {
         pack: String,
         id: ObjectId,
@@ -121,20 +122,24 @@ impl fmt::Display for Problem {
             Problem::BadPack { name, error } => {
                 write!(
                     f,
-                    "pack {name} is unusable (`store gc` removes it): {error}"
+                    "pack {name} is unusable (servers read its objects loose where a loose copy is left): {error}"
                 )
             }
             Problem::CorruptPackedObject { pack, id, actual } => write!(
                 f,
                 "pack {pack} holds a corrupt copy of object {id}: it hashes to {actual} \
-                 (remove the pack: it is derived from the loose objects)"
+                 (`serve --verify` refuses to read it)"
             ),
         }
     }
 }
 
 /// Every pack's index, and every packed object's bytes against its id.
-fn verify_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreError> {
+fn verify_packs(
+    store: &Store,
+    report: &mut VerifyReport,
+    sizes: &mut HashMap<ObjectId, u64>,
+) -> Result<(), StoreError> {
     let dir = store.pack_dir();
     for name in store.pack_names()? {
         let index = match PackIndex::open(&dir, &name) {
@@ -177,6 +182,13 @@ fn verify_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErr
             })
             .collect();
         report.packed_objects += entries.len();
+        for &(id, _, len) in &entries {
+            if let std::collections::hash_map::Entry::Vacant(e) = sizes.entry(id) {
+                e.insert(len);
+                report.objects += 1;
+                report.object_bytes += len;
+            }
+        }
         report.problems.extend(corrupt);
     }
     Ok(())
@@ -189,7 +201,7 @@ type HashResult = Result<(ObjectId, u64), String>;
 pub struct VerifyReport {
     pub objects: usize,
     pub object_bytes: u64,
-    /// Objects checked in packs (copies of loose objects).
+    /// Objects checked in packs (`objects` counts each object once, loose or packed).
     pub packed_objects: usize,
     pub outboards: usize,
     pub trees: usize,
@@ -233,6 +245,8 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
         }
     }
     report.objects = objects.len();
+    // Packed objects count as present, whether or not a loose copy is left.
+    verify_packs(store, &mut report, &mut sizes)?;
 
     let (outboards, strays) = store.list(Area::Outboard)?;
     report
@@ -242,7 +256,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     let outboard_problems: Vec<Option<Problem>> = outboards
         .par_iter()
         .map(|id| {
-            if objects.binary_search(id).is_err() {
+            if objects.binary_search(id).is_err() && !sizes.contains_key(id) {
                 return Some(Problem::OrphanOutboard { id: *id });
             }
             store.read_outboard(id).err().map(|e| Problem::BadOutboard {
@@ -254,8 +268,6 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     report
         .problems
         .extend(outboard_problems.into_iter().flatten());
-
-    verify_packs(store, &mut report)?;
 
     let (trees, strays) = store.list(Area::Tree)?;
     report

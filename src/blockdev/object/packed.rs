@@ -13,6 +13,7 @@ use memmap2::Mmap;
 
 use super::resident::{Mapping, Window};
 use crate::store::pack::{PackIndex, Packed};
+use crate::store::{ObjectId, Store};
 
 /// An open, mapped pack.
 #[derive(Debug)]
@@ -81,6 +82,32 @@ impl Opener {
     }
 }
 
+/// Where object `id` of the store at `root` is packed now, as a window of its pack: for an
+/// object that was loose when its image was laid out and whose loose file is gone since
+/// (`store pack` and `store gc` remove the loose copies of packed objects). `None` if no
+/// pack of the store holds it.
+pub(in crate::blockdev) fn relocate(root: &Path, id: &ObjectId) -> Option<Window> {
+    // One store per root for the process, so that its list of packs is read once and again
+    // only when `packs/` changes, however many objects moved.
+    static STORES: OnceLock<Mutex<HashMap<PathBuf, Store>>> = OnceLock::new();
+    let store = {
+        let mut stores = STORES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match stores.get(root) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Store::open(root).ok()?;
+                stores.insert(root.to_path_buf(), s.clone());
+                s
+            }
+        }
+    };
+    let (pack, offset, len) = Opener::new().open(store.packs().find(id))?;
+    pack.window(offset, len)
+}
+
 /// The pack at `path`, opened and mapped once for the process while any object uses it.
 fn open(path: &Path) -> io::Result<Arc<Pack>> {
     static LIVE: OnceLock<Mutex<HashMap<PathBuf, Weak<Pack>>>> = OnceLock::new();
@@ -112,6 +139,7 @@ fn map(path: &Path) -> io::Result<Pack> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
 
     use crate::blockdev::planned::tests::{evict, plan_and_read};
     use crate::blockdev::ImageDevice;
@@ -133,6 +161,70 @@ mod tests {
             .iter()
             .filter(|o| o.packed.is_some())
             .count()
+    }
+
+    #[test]
+    fn objects_packed_after_they_were_opened_loose_are_read_from_their_pack() {
+        use crate::blockdev::object::{Backing, Object};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = crate::demo::store_demo_tree(&store).unwrap();
+        crate::image::create(&store, "demo", &[tree], &CreateOptions::default()).unwrap();
+        let dev = ImageDevice::open(&store, "demo").unwrap();
+        let want = read_all(&dev);
+        let small: Vec<_> = dev
+            .objects
+            .get()
+            .iter()
+            .filter(|o| matches!(o.backing.get(), Some(Backing::Small { .. })))
+            .cloned()
+            .collect();
+        assert!(
+            small.len() > 1,
+            "the demo image has small objects: {} of {}",
+            small.len(),
+            dev.objects.get().len()
+        );
+
+        // No server leases the image: packing removes every packed object's loose copy.
+        let report = crate::upkeep::pack(&store, &[]).unwrap();
+        assert_eq!(report.loose_copies, report.pack.as_ref().unwrap().len());
+        // The descriptor bound closed them all; reads must find the packed copies.
+        for o in &small {
+            if let Some(Backing::Small { fd, .. }) = o.backing.get() {
+                fd.close();
+            }
+        }
+        assert!(read_all(&dev) == want, "reads after packing differ");
+        assert!(
+            small.iter().all(|o| o.moved.get().is_some()),
+            "a small object was read from somewhere other than its pack"
+        );
+        let mut buf = vec![0u8; 4096];
+        let inline = (0..dev.size())
+            .step_by(4096)
+            .filter(|&at| dev.read_at_resident(&mut buf, at).is_some())
+            .count();
+        assert_eq!(
+            inline as u64,
+            dev.size() / 4096,
+            "moved objects are no longer read inline"
+        );
+
+        // One never opened before: its backing is its window of the pack.
+        let id = small[0].id;
+        let fresh = Object::new(id, Arc::from(dir.path()));
+        let len = store.object_len(&id).unwrap() as usize;
+        let mut bytes = vec![0u8; len];
+        fresh.read(&mut bytes, 0, true).unwrap();
+        assert_eq!(crate::store::ObjectId::of(&bytes), id);
+        assert!(matches!(fresh.backing.get(), Some(Backing::Mapped(_))));
+
+        // Not packed and gone: the error names the object, as before.
+        std::fs::remove_dir_all(dir.path().join("packs")).unwrap();
+        let gone = Object::new(id, Arc::from(dir.path()));
+        let err = gone.read(&mut bytes, 0, false).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
     }
 
     #[test]

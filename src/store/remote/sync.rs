@@ -93,13 +93,7 @@ pub fn push(
 
     let sizes: Vec<(ObjectId, u64)> = objects
         .iter()
-        .map(|id| {
-            let path = store.object_path(id);
-            let len = std::fs::metadata(&path)
-                .map_err(|e| StoreError::io("stat", &path, e))?
-                .len();
-            Ok((*id, len))
-        })
+        .map(|id| Ok((*id, store.object_len(id)?)))
         .collect::<Result<_, StoreError>>()?;
     let total: u64 = sizes.iter().map(|(_, l)| l).sum();
     let done = AtomicU64::new(0);
@@ -167,10 +161,7 @@ pub fn push(
 }
 
 fn read_object(store: &Store, id: &ObjectId) -> Result<Bytes, StoreError> {
-    let path = store.object_path(id);
-    std::fs::read(&path)
-        .map(Bytes::from)
-        .map_err(|e| StoreError::io("read object", &path, e))
+    store.read_object(id).map(Bytes::from)
 }
 
 /// Fetch the records of `images` and the trees they name (no object bytes): enough to serve
