@@ -583,7 +583,23 @@ fn packing_while_serving_keeps_loose_what_a_server_leases() {
         return;
     }
     let env = Env::new();
-    let raw = image(&env, "img", 5, &[3 << 20, 100_000, 5000, 70_000, 1]);
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for (i, size) in [3 << 20, 100_000, 5000, 70_000, 1, 2]
+        .into_iter()
+        .enumerate()
+    {
+        fs::write(src.join(format!("f{i}")), vec![i as u8 + 1; size]).unwrap();
+    }
+    let tree = env.import_loose(&src);
+    env.ok(&["image", "create", "img", "--tree", &tree]);
+    let raw = env.path("img.raw");
+    env.ok(&[
+        "image".as_ref(),
+        "export".as_ref(),
+        "img".as_ref(),
+        raw.as_os_str(),
+    ]);
     let want = fs::read(&raw).unwrap();
     let before = object_count(&env);
     let served = Served::start(&env, &[]);

@@ -52,7 +52,8 @@ fn a_packed_image_is_served_verified_and_collected() {
     let env = Env::new();
     let src = env.path("src");
     common::fixture::build(&src, false);
-    let tree = env.import(&src);
+    // Loose at first, as `import --no-pack` (or an older tessera) leaves them.
+    let tree = env.import_loose(&src);
     env.ok(&["image", "create", "sink", "--tree", &tree]);
     // "two" names two objects no other image has at first; "four" shares one of them.
     let other = env.path("other");
@@ -67,7 +68,7 @@ fn a_packed_image_is_served_verified_and_collected() {
         b"an object a fourth image names too",
     )
     .unwrap();
-    let other_tree = env.import(&other);
+    let other_tree = env.import_loose(&other);
     env.ok(&[
         "image",
         "create",
@@ -213,4 +214,105 @@ fn a_packed_image_is_served_verified_and_collected() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "a corrupt packed object was served");
+}
+
+#[test]
+fn imports_pack_their_small_objects_and_no_pack_leaves_them_loose() {
+    if !common::can_run("imports_pack", false, &["nbdcopy", "e2fsck", "tar"]) {
+        return;
+    }
+    let src = Env::new().path("src");
+    common::fixture::build(&src, false);
+
+    let loose = Env::new();
+    let tree = loose.import_loose(&src);
+    loose.ok(&["image", "create", "img", "--tree", &tree]);
+    let want = export(&loose, "img");
+    assert!(loose.files("packs").is_empty(), "--no-pack wrote a pack");
+
+    // `import dir --name`: one pack, in the image's order; the loose copies go.
+    let env = Env::new();
+    let o = env
+        .command()
+        .args(["import", "dir", "--name", "img"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        tree,
+        "stdout is the tree id"
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("packed "))
+        .unwrap_or_else(|| panic!("no packing reported: {stderr}"));
+    let packed: usize = line.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        line.ends_with(&format!("{packed} loose copies removed")),
+        "{line}"
+    );
+    assert_eq!(env.files("packs").len(), 2);
+    let loose_small = small_loose(&loose);
+    assert_eq!(
+        small_loose(&env),
+        loose_small - packed,
+        "packed objects kept their loose copies"
+    );
+    assert!(
+        export(&env, "img") == want,
+        "a packed import lays out other bytes"
+    );
+    let served = Served::start(&env, &[]);
+    let got = env.path("img.got");
+    nbdcopy(&served, "img", &got);
+    assert!(fs::read(&got).unwrap() == want);
+    common::e2fsck_clean(&got);
+    drop(served);
+    let verify = env.ok(&["store", "verify"]);
+    assert!(verify.is_empty(), "{verify}");
+
+    // A tarball of the same files: nothing new, so no second pack.
+    let tar = env.path("src.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    env.ok(&["import".as_ref(), "tar".as_ref(), tar.as_os_str()]);
+    assert_eq!(env.files("packs").len(), 2, "a second pack of nothing new");
+
+    // New small files in a tarball: packed too.
+    let more = env.path("more");
+    fs::create_dir_all(&more).unwrap();
+    fs::write(more.join("a"), b"first new file").unwrap();
+    fs::write(more.join("b"), b"second new file").unwrap();
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&more)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = env
+        .command()
+        .args(["import", "tar"])
+        .arg(&tar)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("packed 2 small objects"),
+        "the tarball's objects: {stderr}"
+    );
+    assert_eq!(env.files("packs").len(), 4);
 }

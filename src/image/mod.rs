@@ -159,12 +159,26 @@ pub fn create(
             name: name.to_owned(),
         });
     }
+    let record = record(name, trees, opts);
+    let planned = plan(store, &record)?;
+    let record = ImageRecord {
+        device_size: Some(planned.summary.size),
+        ..record
+    };
+    let json = serde_json::to_vec_pretty(&record).expect("a record always serializes");
+    store.write_image_bytes(name, &json)?;
+    Ok((record, planned))
+}
+
+/// The record `create` would write for an image `name` of `trees`, not stored: what
+/// `import` lays out to pack a tree's objects in the order an image of it reads them.
+pub fn record(name: &str, trees: &[ObjectId], opts: &CreateOptions) -> ImageRecord {
     let (uuid, hash_seed, checksum_seed) = derive_identity(name, trees);
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let label = opts.label.clone().unwrap_or_else(|| truncate(name, 16));
-    let record = ImageRecord {
+    ImageRecord {
         format: FORMAT,
         name: name.to_owned(),
         trees: trees.to_vec(),
@@ -177,15 +191,7 @@ pub fn create(
         checksum_seed,
         device_size: None,
         runtime: None,
-    };
-    let planned = plan(store, &record)?;
-    let record = ImageRecord {
-        device_size: Some(planned.summary.size),
-        ..record
-    };
-    let json = serde_json::to_vec_pretty(&record).expect("a record always serializes");
-    store.write_image_bytes(name, &json)?;
-    Ok((record, planned))
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -4,7 +4,7 @@
 //! sit above both `store` and `image` in the flow.
 
 mod gc;
-mod pack;
+pub mod pack;
 mod stats;
 mod verify;
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use tessera_ext4::Piece;
 
-use crate::image::{self, ImageError};
+use crate::image::{self, ImageError, ImageRecord};
 use crate::store::pack::PackIndex;
 use crate::store::{ObjectId, Store};
 
@@ -30,30 +30,32 @@ pub struct PackReport {
 /// that a packed object takes its disk once (the others go at a later `store gc`). Writes
 /// holding the store lock shared (gc waits), removes holding it exclusively.
 pub fn pack(store: &Store, images: &[String]) -> Result<PackReport, ImageError> {
-    let mut report = write(store, images)?;
-    let lock = store.lock(true)?;
-    let leased = store.leased_trees(&lock)?;
-    let leased = super::gc::objects_of(store, &leased)?;
-    let mut pruned = super::GcReport::default();
-    super::gc::prune_loose_copies(store, &lock, &leased, false, &mut pruned)?;
-    report.loose_copies = pruned.loose_copies;
-    report.loose_copy_bytes = pruned.loose_copy_bytes;
+    let mut report = {
+        let _lock = store.lock(false)?;
+        let names = if images.is_empty() {
+            store.list_images()?
+        } else {
+            images.to_vec()
+        };
+        let records = names
+            .iter()
+            .map(|name| image::load(store, name))
+            .collect::<Result<Vec<_>, _>>()?;
+        write(store, &records)?
+    };
+    (report.loose_copies, report.loose_copy_bytes) = prune(store)?;
     Ok(report)
 }
 
-fn write(store: &Store, images: &[String]) -> Result<PackReport, ImageError> {
-    let _lock = store.lock(false)?;
-    let names = if images.is_empty() {
-        store.list_images()?
-    } else {
-        images.to_vec()
-    };
+/// Packs the small objects of the images `records` describe (stored or not) that are not
+/// yet in a pack into one new pack, in the order the images read them. The caller holds the
+/// store lock (shared), and calls [`prune`] after letting it go.
+pub fn write(store: &Store, records: &[ImageRecord]) -> Result<PackReport, ImageError> {
     let mut order: Vec<ObjectId> = Vec::new();
     let mut named: HashSet<ObjectId> = HashSet::new();
     let mut report = PackReport::default();
-    for name in &names {
-        let record = image::load(store, name)?;
-        let built = image::build(store, &record)?;
+    for record in records {
+        let built = image::build(store, record)?;
         let layout = &built.layout;
         for piece in layout.pieces(0, layout.size()) {
             if let Piece::Data { handle, .. } = piece {
@@ -69,4 +71,29 @@ fn write(store: &Store, images: &[String]) -> Result<PackReport, ImageError> {
     report.pack = written.index;
     report.missing = written.missing;
     Ok(report)
+}
+
+/// Removes the loose copies of packed objects that no running server leases (see
+/// `gc::prune_loose_copies`); returns how many and their bytes. Takes the store lock
+/// exclusively: do not hold it.
+pub fn prune(store: &Store) -> Result<(usize, u64), ImageError> {
+    let lock = store.lock(true)?;
+    prune_locked(store, &lock)
+}
+
+/// [`prune`] if the store lock is free now; `None` if another process holds it (an import
+/// does not wait for another to end; the next `store pack` or `store gc` prunes).
+pub fn try_prune(store: &Store) -> Result<Option<(usize, u64)>, ImageError> {
+    match store.try_lock(true)? {
+        Some(lock) => prune_locked(store, &lock).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn prune_locked(store: &Store, lock: &crate::store::StoreLock) -> Result<(usize, u64), ImageError> {
+    let leased = store.leased_trees(lock)?;
+    let leased = super::gc::objects_of(store, &leased)?;
+    let mut pruned = super::GcReport::default();
+    super::gc::prune_loose_copies(store, lock, &leased, false, &mut pruned)?;
+    Ok((pruned.loose_copies, pruned.loose_copy_bytes))
 }

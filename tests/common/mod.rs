@@ -74,9 +74,21 @@ impl Env {
         )
     }
 
-    /// `import dir`, returning the tree id.
+    /// `import dir`, returning the tree id. Small objects are packed (the default).
     pub fn import(&self, dir: &Path) -> String {
         let out = self.ok(&[OsStr::new("import"), OsStr::new("dir"), dir.as_os_str()]);
+        out.trim().to_owned()
+    }
+
+    /// `import dir --no-pack`: every object a loose file; returns the tree id.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn import_loose(&self, dir: &Path) -> String {
+        let out = self.ok(&[
+            OsStr::new("import"),
+            OsStr::new("dir"),
+            OsStr::new("--no-pack"),
+            dir.as_os_str(),
+        ]);
         out.trim().to_owned()
     }
 

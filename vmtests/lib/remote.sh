@@ -69,11 +69,13 @@ make_remote_image() {
         --size $((128 + 2 * mib))M > /dev/null
 }
 
-# Bytes of object data a store holds: whole objects (apparent size) plus the chunks of
-# partly fetched ones (allocated, since those files are sparse).
+# Bytes of object data a store holds: whole objects, loose or packed (`store stats`, which
+# counts each once), plus the chunks of partly fetched ones (allocated, since those files
+# are sparse).
 store_data_bytes() {
-    local whole=0 part=0
-    [[ ! -d $1/objects ]] || whole=$(find "$1/objects" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')
+    local whole part=0
+    whole=$("$TESSERA" --store "$1" store stats --json |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["object_bytes"])')
     [[ ! -d $1/partial ]] || part=$(find "$1/partial" -type f ! -name '*.chunks' -printf '%b\n' | awk '{ s += $1 * 512 } END { print s + 0 }')
     echo $((whole + part))
 }
