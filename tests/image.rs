@@ -113,7 +113,9 @@ fn composing_reads_no_file_contents() {
         "src",
         &[("big", &"data".repeat(10_000)), ("dir/small", "s")],
     );
+    // Loose and packed, every object's bytes are gone.
     fs::remove_dir_all(env.store.join("objects")).unwrap();
+    fs::remove_dir_all(env.store.join("packs")).unwrap();
     fs::remove_dir_all(env.path("src")).unwrap();
     env.ok(&["image", "create", "img", "--tree", &t]);
     let show = env.ok(&["image", "show", "img"]);

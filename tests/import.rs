@@ -120,7 +120,10 @@ fn holes_become_segments_and_objects_hold_only_data() {
             ][..]
         )
     );
-    let object = fs::read(env.open_store().object_path(&sparse.object.unwrap())).unwrap();
+    let object = env
+        .open_store()
+        .read_object(&sparse.object.unwrap())
+        .unwrap();
     let source = fs::read(src.join("files/sparse")).unwrap();
     let expected: Vec<u8> = sparse
         .segments

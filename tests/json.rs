@@ -1,5 +1,6 @@
 //! `--json` output of the listing and show commands, parsed and checked against the store's
 //! real state (files on disk, a raw export, an overlay written through a served export).
+//! Imports use `--no-pack`, so that object counts and bytes can be read off `objects/`.
 
 mod common;
 
@@ -34,7 +35,7 @@ fn tree(env: &Env) -> String {
     )
     .unwrap();
     fs::write(src.join("sub/d"), vec![9u8; 3000]).unwrap();
-    env.import(&src)
+    env.import_loose(&src)
 }
 
 fn bytes_on_disk(env: &Env, area: &str) -> u64 {
@@ -114,7 +115,7 @@ fn store_stats_and_gc_count_what_is_on_disk() {
     fs::create_dir_all(&src2).unwrap();
     fs::write(src2.join("a"), vec![1u8; 1000]).unwrap();
     fs::write(src2.join("x"), vec![7u8; 2222]).unwrap();
-    let id2 = env.import(&src2);
+    let id2 = env.import_loose(&src2);
     env.ok(&["image", "create", "other", "--tree", &id2]);
 
     let stats = json(&env, &["store", "stats", "--json"]);
@@ -137,7 +138,8 @@ fn store_stats_and_gc_count_what_is_on_disk() {
         dry,
         serde_json::json!({"dry_run": true, "objects": 1, "object_bytes": 2222,
                            "trees": 1, "tmp_files": 0, "partial_objects": 0,
-                           "partial_bytes": 0, "packs": 0, "pack_bytes": 0})
+                           "partial_bytes": 0, "packs": 0, "pack_bytes": 0,
+                           "repacked": 0, "loose_copies": 0, "loose_copy_bytes": 0})
     );
     assert_eq!(env.files("objects"), before, "a dry run removes nothing");
     let gc = json(&env, &["store", "gc", "--json"]);

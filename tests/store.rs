@@ -1,4 +1,6 @@
-//! The content store through the CLI: dedup, atomicity, verify, gc, stats.
+//! The content store through the CLI: dedup, atomicity, verify, gc, stats. Imports here use
+//! `--no-pack`, so that every object is a loose file these tests can look at; packs have
+//! their own tests (`tests/pack.rs`).
 
 mod common;
 
@@ -21,13 +23,13 @@ fn reimporting_stores_nothing_new_and_gives_the_same_tree() {
     let env = Env::new();
     let src = env.path("src");
     common::fixture::build(&src, false);
-    let first = env.import(&src);
+    let first = env.import_loose(&src);
     let objects = env.files("objects");
     let mtimes: Vec<_> = objects
         .iter()
         .map(|p| fs::metadata(p).unwrap().modified().unwrap())
         .collect();
-    let second = env.import(&src);
+    let second = env.import_loose(&src);
     assert_eq!(first, second, "an unchanged tree must get the same id");
     assert_eq!(env.files("objects"), objects);
     let again: Vec<_> = objects
@@ -46,7 +48,7 @@ fn identical_content_is_stored_once() {
         "src",
         &[("a", b"same bytes"), ("b", b"same bytes"), ("c", b"other")],
     );
-    env.import(&src);
+    env.import_loose(&src);
     // "same bytes", "other" (no empty object: no empty file).
     assert_eq!(env.files("objects").len(), 2);
 }
@@ -55,7 +57,7 @@ fn identical_content_is_stored_once() {
 fn objects_are_named_by_blake3_read_only_and_leave_no_temporaries() {
     let env = Env::new();
     let src = small_tree(&env, "src", &[("a", b"content")]);
-    env.import(&src);
+    env.import_loose(&src);
     let objects = env.files("objects");
     assert_eq!(objects.len(), 1);
     let hex = blake3::hash(b"content").to_hex().to_string();
@@ -75,7 +77,7 @@ fn verify_passes_on_a_healthy_store() {
     let env = Env::new();
     let src = env.path("src");
     common::fixture::build(&src, false);
-    let tree = env.import(&src);
+    let tree = env.import_loose(&src);
     env.ok(&["image", "create", "img", "--tree", &tree]);
     env.ok(&["store", "verify"]);
 }
@@ -88,7 +90,7 @@ fn verify_detects_a_corrupted_object() {
         "src",
         &[("a", b"precious data"), ("b", b"other data")],
     );
-    env.import(&src);
+    env.import_loose(&src);
     let hex = blake3::hash(b"precious data").to_hex().to_string();
     let victim = env.store.join("objects").join(&hex[..2]).join(&hex[2..]);
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
@@ -105,7 +107,7 @@ fn verify_detects_a_corrupted_object() {
 fn verify_detects_a_missing_object_and_a_missing_tree() {
     let env = Env::new();
     let src = small_tree(&env, "src", &[("a", b"will vanish")]);
-    let tree = env.import(&src);
+    let tree = env.import_loose(&src);
     env.ok(&["image", "create", "img", "--tree", &tree]);
     let hex = blake3::hash(b"will vanish").to_hex().to_string();
     fs::remove_file(env.store.join("objects").join(&hex[..2]).join(&hex[2..])).unwrap();
@@ -136,9 +138,9 @@ fn gc_removes_only_unreferenced_objects_and_trees() {
         "dropped",
         &[("shared", b"shared"), ("mine", b"dropped only")],
     );
-    let kept_tree = env.import(&kept);
+    let kept_tree = env.import_loose(&kept);
     env.ok(&["image", "create", "keep", "--tree", &kept_tree]);
-    let dropped_tree = env.import(&dropped);
+    let dropped_tree = env.import_loose(&dropped);
     assert_eq!(env.files("objects").len(), 3);
     fs::write(env.store.join("tmp/12345-0"), b"left by a crash").unwrap();
 
@@ -179,7 +181,7 @@ fn gc_removes_only_unreferenced_objects_and_trees() {
 fn stats_reports_the_dedup_ratio() {
     let env = Env::new();
     let a = small_tree(&env, "a", &[("x", &[7u8; 10_000]), ("y", &[7u8; 10_000])]);
-    let tree = env.import(&a);
+    let tree = env.import_loose(&a);
     env.ok(&["image", "create", "one", "--tree", &tree]);
     env.ok(&["image", "create", "two", "--tree", &tree]);
     let out = env.ok(&["store", "stats"]);
@@ -217,7 +219,7 @@ fn store_location_comes_from_the_environment() {
 fn verify_detects_a_corrupted_tree() {
     let env = Env::new();
     let src = small_tree(&env, "src", &[("a", b"x")]);
-    let tree = env.import(&src);
+    let tree = env.import_loose(&src);
     let path = env.store.join("trees").join(&tree[..2]).join(&tree[2..]);
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
     let text = fs::read_to_string(&path)
@@ -233,7 +235,7 @@ fn verify_detects_a_corrupted_tree() {
 fn gc_refuses_to_run_when_an_image_is_unreadable() {
     let env = Env::new();
     let src = small_tree(&env, "src", &[("a", b"x")]);
-    let tree = env.import(&src);
+    let tree = env.import_loose(&src);
     env.ok(&["image", "create", "good", "--tree", &tree]);
     fs::write(env.store.join("images/broken.json"), b"{not json").unwrap();
     let out = env.fails(&["store", "gc"]);
@@ -248,7 +250,7 @@ fn gc_refuses_to_run_when_an_image_is_unreadable() {
 fn gc_waits_for_a_writer_holding_the_store_lock() {
     let env = Env::new();
     let src = small_tree(&env, "src", &[("a", b"unreferenced")]);
-    env.import(&src);
+    env.import_loose(&src);
     let writer = env.open_store().lock(false).unwrap();
     let mut gc = env
         .command()
@@ -284,7 +286,12 @@ fn concurrent_imports_of_overlapping_trees() {
     };
     let a = small_tree(&env, "a", &as_refs(0));
     let b = small_tree(&env, "b", &as_refs(50));
-    let spawn = |dir: &std::path::Path| env.command().args(["import", "dir"]).arg(dir).output();
+    let spawn = |dir: &std::path::Path| {
+        env.command()
+            .args(["import", "dir", "--no-pack"])
+            .arg(dir)
+            .output()
+    };
     let (ra, rb) = std::thread::scope(|s| {
         let ta = s.spawn(|| spawn(&a));
         let tb = s.spawn(|| spawn(&b));
@@ -314,7 +321,7 @@ fn a_killed_import_leaves_no_partial_object() {
     }
     let mut import = env
         .command()
-        .args(["import", "dir"])
+        .args(["import", "dir", "--no-pack"])
         .arg(&src)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -341,7 +348,7 @@ fn a_killed_import_leaves_no_partial_object() {
     env.ok(&["store", "gc"]);
     assert!(env.files("tmp").is_empty());
     // And the import can simply be run again.
-    let tree = env.import(&src);
+    let tree = env.import_loose(&src);
     env.ok(&["image", "create", "img", "--tree", &tree]);
     env.ok(&["store", "verify"]);
 }

@@ -2,7 +2,8 @@
 //! into EIO, with a log line naming the object, while every other block of the image reads
 //! exactly as `tessera image export` wrote it before the flip. Plus the outboard files'
 //! life cycle: written at import, recomputed for older stores, checked by `store verify`,
-//! removed by `store gc`.
+//! removed by `store gc`. Imports use `--no-pack`: the flipped byte is in a loose object
+//! file (tests/pack.rs flips one in a pack).
 
 mod common;
 #[path = "../crates/nbd/tests/support/mod.rs"]
@@ -52,7 +53,7 @@ fn fixture() -> Fixture {
     fs::write(src.join("small.bin"), &small).unwrap();
     fs::write(src.join("dir/large.bin"), &large).unwrap();
     fs::write(src.join("dir/other.txt"), noise(3000, 3)).unwrap();
-    let tree = env.import(&src);
+    let tree = env.import_loose(&src);
     env.ok(&["image", "create", "img", "--tree", &tree, "--size", "16M"]);
     let raw = env.path("img.raw");
     env.ok(&[

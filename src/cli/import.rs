@@ -101,7 +101,7 @@ pub(super) fn run(store: &Store, cmd: ImportCmd) -> anyhow::Result<ExitCode> {
     let Some(p) = &report.pack else {
         return Ok(ExitCode::SUCCESS);
     };
-    let removed = match crate::upkeep::pack::try_prune(store)
+    let removed = match crate::upkeep::pack::try_prune(store, Some(p))
         .context("imported and packed, but cannot remove the loose copies (`store gc` will)")?
     {
         Some((n, _)) => format!("{n} loose copies removed"),

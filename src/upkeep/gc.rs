@@ -74,7 +74,9 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
     }
     partial(store, &live_objects, dry_run, &mut report)?;
     packs(store, &live_objects, dry_run, &mut report)?;
-    prune_loose_copies(store, &lock, &leased_objects, dry_run, &mut report)?;
+    let packs = store.packs();
+    let packs = packs.packs().iter().map(|p| &**p);
+    prune_loose_copies(store, &lock, packs, &leased_objects, dry_run, &mut report)?;
     // A live object being fetched keeps its outboard: its kept chunks are checked
     // against it after a restart.
     let fetching = |id: &ObjectId| {
@@ -176,20 +178,21 @@ fn packs(
     Ok(())
 }
 
-/// Removes the loose copy of every packed object whose packed copy hashes to its name,
+/// Removes the loose copy of every object of `packs` whose packed copy hashes to its name,
 /// except for objects in `leased` (trees running servers hold): a server that found such
 /// an object loose may open its file again later (its descriptor is one of a bounded few,
-/// `blockdev/fds.rs`). Needs the store lock exclusively, as the leases were read under it.
-pub(super) fn prune_loose_copies(
+/// `blockdev/fds.rs`; it would then find the packed copy, but the lease keeps it from
+/// having to). Needs the store lock exclusively, as the leases were read under it.
+pub(super) fn prune_loose_copies<'a>(
     store: &Store,
     _exclusive: &StoreLock,
+    packs: impl IntoIterator<Item = &'a PackIndex>,
     leased: &HashSet<ObjectId>,
     dry_run: bool,
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
     use std::os::unix::fs::FileExt;
-    let packs = store.packs();
-    for index in packs.packs() {
+    for index in packs {
         let path = index.pack_path();
         let pack = match fs::File::open(path) {
             Ok(f) => f,

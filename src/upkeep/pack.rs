@@ -43,7 +43,7 @@ pub fn pack(store: &Store, images: &[String]) -> Result<PackReport, ImageError> 
             .collect::<Result<Vec<_>, _>>()?;
         write(store, &records)?
     };
-    (report.loose_copies, report.loose_copy_bytes) = prune(store)?;
+    (report.loose_copies, report.loose_copy_bytes) = prune(store, None)?;
     Ok(report)
 }
 
@@ -73,27 +73,40 @@ pub fn write(store: &Store, records: &[ImageRecord]) -> Result<PackReport, Image
     Ok(report)
 }
 
-/// Removes the loose copies of packed objects that no running server leases (see
-/// `gc::prune_loose_copies`); returns how many and their bytes. Takes the store lock
-/// exclusively: do not hold it.
-pub fn prune(store: &Store) -> Result<(usize, u64), ImageError> {
+/// Removes the loose copies of the objects of `only` (of every pack if `None`) that no
+/// running server leases (see `gc::prune_loose_copies`); returns how many and their bytes.
+/// Takes the store lock exclusively: do not hold it.
+pub fn prune(store: &Store, only: Option<&PackIndex>) -> Result<(usize, u64), ImageError> {
     let lock = store.lock(true)?;
-    prune_locked(store, &lock)
+    prune_locked(store, &lock, only)
 }
 
 /// [`prune`] if the store lock is free now; `None` if another process holds it (an import
 /// does not wait for another to end; the next `store pack` or `store gc` prunes).
-pub fn try_prune(store: &Store) -> Result<Option<(usize, u64)>, ImageError> {
+pub fn try_prune(
+    store: &Store,
+    only: Option<&PackIndex>,
+) -> Result<Option<(usize, u64)>, ImageError> {
     match store.try_lock(true)? {
-        Some(lock) => prune_locked(store, &lock).map(Some),
+        Some(lock) => prune_locked(store, &lock, only).map(Some),
         None => Ok(None),
     }
 }
 
-fn prune_locked(store: &Store, lock: &crate::store::StoreLock) -> Result<(usize, u64), ImageError> {
+fn prune_locked(
+    store: &Store,
+    lock: &crate::store::StoreLock,
+    only: Option<&PackIndex>,
+) -> Result<(usize, u64), ImageError> {
     let leased = store.leased_trees(lock)?;
     let leased = super::gc::objects_of(store, &leased)?;
     let mut pruned = super::GcReport::default();
-    super::gc::prune_loose_copies(store, lock, &leased, false, &mut pruned)?;
+    let all = store.packs();
+    // An import prunes its own pack only: a sweep of every pack stats every packed object.
+    let packs: Vec<&PackIndex> = match only {
+        Some(p) => vec![p],
+        None => all.packs().iter().map(|p| &**p).collect(),
+    };
+    super::gc::prune_loose_copies(store, lock, packs, &leased, false, &mut pruned)?;
     Ok((pruned.loose_copies, pruned.loose_copy_bytes))
 }
