@@ -76,7 +76,17 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
     packs(store, &live_objects, dry_run, &mut report)?;
     let packs = store.packs();
     let packs = packs.packs().iter().map(|p| &**p);
-    prune_loose_copies(store, &lock, packs, &leased_objects, dry_run, &mut report)?;
+    // Garbage went with the loose objects above (or would have, in a dry run).
+    let live_packed = |id: &ObjectId| live_objects.contains(id);
+    prune_loose_copies(
+        store,
+        &lock,
+        packs,
+        &leased_objects,
+        &live_packed,
+        dry_run,
+        &mut report,
+    )?;
     // A live object being fetched keeps its outboard: its kept chunks are checked
     // against it after a restart.
     let fetching = |id: &ObjectId| {
@@ -178,8 +188,8 @@ fn packs(
     Ok(())
 }
 
-/// Removes the loose copy of every object of `packs` whose packed copy hashes to its name,
-/// except for objects in `leased` (trees running servers hold): a server that found such
+/// Removes the loose copy of every object of `packs` that `wanted` accepts and whose packed
+/// copy hashes to its name, except for objects in `leased` (trees running servers hold): a server that found such
 /// an object loose may open its file again later (its descriptor is one of a bounded few,
 /// `blockdev/fds.rs`; it would then find the packed copy, but the lease keeps it from
 /// having to). Needs the store lock exclusively, as the leases were read under it.
@@ -188,6 +198,7 @@ pub(super) fn prune_loose_copies<'a>(
     _exclusive: &StoreLock,
     packs: impl IntoIterator<Item = &'a PackIndex>,
     leased: &HashSet<ObjectId>,
+    wanted: &dyn Fn(&ObjectId) -> bool,
     dry_run: bool,
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
@@ -201,7 +212,7 @@ pub(super) fn prune_loose_copies<'a>(
         };
         let mut buf = Vec::new();
         for (id, offset, len) in index.entries() {
-            if leased.contains(&id) {
+            if leased.contains(&id) || !wanted(&id) {
                 continue;
             }
             let loose = store.object_path(&id);
