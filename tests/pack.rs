@@ -167,6 +167,15 @@ fn a_packed_image_is_served_verified_and_collected() {
         "\"four\" wrote a packed object again"
     );
     env.ok(&["image", "rm", "two"]);
+    let packs_before = env.files("packs");
+    let dry: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "gc", "--dry-run", "--json"])).unwrap();
+    assert_eq!(
+        (&dry["packs"], &dry["repacked"], &dry["loose_copies"]),
+        (&1.into(), &1.into(), &0.into()),
+        "{dry}"
+    );
+    assert_eq!(env.files("packs"), packs_before, "a dry run rewrote a pack");
     let gc = env.ok(&["store", "gc"]);
     assert!(gc.contains(", 1 packs ("), "{gc}");
     assert!(gc.contains("rewrote 1 packs"), "{gc}");
