@@ -565,16 +565,6 @@ fn a_killed_servers_lease_does_not_block_gc() {
     );
 }
 
-/// `nbdcopy` of export `name` to `to`; panics on failure.
-fn nbdcopy(sock: &Path, name: &str, to: &Path) {
-    let o = Command::new("nbdcopy")
-        .arg(format!("nbd+unix:///{name}?socket={}", sock.display()))
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 #[test]
 fn packing_while_serving_keeps_loose_what_a_server_leases() {
     if !can_run("packing_while_serving")
@@ -593,14 +583,7 @@ fn packing_while_serving_keeps_loose_what_a_server_leases() {
     }
     let tree = env.import_loose(&src);
     env.ok(&["image", "create", "img", "--tree", &tree]);
-    let raw = env.path("img.raw");
-    env.ok(&[
-        "image".as_ref(),
-        "export".as_ref(),
-        "img".as_ref(),
-        raw.as_os_str(),
-    ]);
-    let want = fs::read(&raw).unwrap();
+    let want = env.export("img");
     let before = object_count(&env);
     let served = Served::start(&env, &[]);
     let sock = served.sock.display().to_string();
@@ -612,9 +595,8 @@ fn packing_while_serving_keeps_loose_what_a_server_leases() {
     assert!(!out.contains("removed"), "{out}");
     assert_eq!(object_count(&env), before);
     let got = env.path("img.got");
-    nbdcopy(&served.sock, "img", &got);
     assert!(
-        fs::read(&got).unwrap() == want,
+        served.nbdcopy("img", &got) == want,
         "bytes changed while packing"
     );
 
@@ -636,13 +618,14 @@ fn packing_while_serving_keeps_loose_what_a_server_leases() {
         before - 5,
         "only the large object stays loose"
     );
-    nbdcopy(&served.sock, "img", &got);
-    assert!(fs::read(&got).unwrap() == want, "bytes changed after gc");
+    assert!(
+        served.nbdcopy("img", &got) == want,
+        "bytes changed after gc"
+    );
     drop(served);
     let served = Served::start(&env, &[]);
-    nbdcopy(&served.sock, "img", &got);
     assert!(
-        fs::read(&got).unwrap() == want,
+        served.nbdcopy("img", &got) == want,
         "a new server reads other bytes"
     );
     let verify = env.ok(&["store", "verify"]);

@@ -12,36 +12,12 @@ use std::process::Command;
 use common::served::Served;
 use common::Env;
 
-fn nbdcopy(served: &Served, export: &str, to: &std::path::Path) {
-    let o = Command::new("nbdcopy")
-        .arg(served.uri(export))
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "nbdcopy {export}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// Small loose object files (the packed ones had their loose copy removed).
 fn small_loose(env: &Env) -> usize {
     env.files("objects")
         .iter()
         .filter(|p| fs::metadata(p).unwrap().len() < 256 << 10)
         .count()
-}
-
-fn export(env: &Env, image: &str) -> Vec<u8> {
-    let to = env.path(&format!("{image}.want"));
-    env.ok(&[
-        "image".as_ref(),
-        "export".as_ref(),
-        image.as_ref(),
-        to.as_os_str(),
-    ]);
-    fs::read(&to).unwrap()
 }
 
 #[test]
@@ -78,7 +54,7 @@ fn a_packed_image_is_served_verified_and_collected() {
         "--tree",
         &other_tree,
     ]);
-    let want = export(&env, "sink");
+    let want = env.export("sink");
     let loose_before = small_loose(&env);
 
     let out = env.ok(&["store", "pack", "sink"]);
@@ -118,9 +94,8 @@ fn a_packed_image_is_served_verified_and_collected() {
 
     let served = Served::start(&env, &[]);
     let got = env.path("sink.got");
-    nbdcopy(&served, "sink", &got);
     assert!(
-        fs::read(&got).unwrap() == want,
+        served.nbdcopy("sink", &got) == want,
         "a packed image served other bytes than its export"
     );
     common::e2fsck_clean(&got);
@@ -151,7 +126,7 @@ fn a_packed_image_is_served_verified_and_collected() {
     env.ok(&["store", "push", "sink", "--to", &remote]);
     let elsewhere = Env::new();
     elsewhere.ok(&["store", "pull", "sink", "--from", &remote]);
-    assert!(export(&elsewhere, "sink") == want, "pulled image differs");
+    assert!(elsewhere.export("sink") == want, "pulled image differs");
 
     // "four" shares one of the objects of "two". Removing "two" leaves its pack with one
     // live object and one dead: gc writes the live one into a new pack and drops the old.
@@ -160,7 +135,7 @@ fn a_packed_image_is_served_verified_and_collected() {
     fs::write(four.join("same"), b"an object a fourth image names too").unwrap();
     let four_tree = env.import(&four);
     env.ok(&["image", "create", "four", "--tree", &four_tree]);
-    let four_want = export(&env, "four");
+    let four_want = env.export("four");
     assert_eq!(
         small_loose(&env),
         unread,
@@ -192,11 +167,9 @@ fn a_packed_image_is_served_verified_and_collected() {
     let verify = env.ok(&["store", "verify"]);
     assert!(verify.is_empty(), "{verify}");
     let served = Served::start(&env, &[]);
-    nbdcopy(&served, "sink", &got);
-    assert!(fs::read(&got).unwrap() == want);
+    assert!(served.nbdcopy("sink", &got) == want);
     let four_got = env.path("four.got");
-    nbdcopy(&served, "four", &four_got);
-    assert!(fs::read(&four_got).unwrap() == four_want);
+    assert!(served.nbdcopy("four", &four_got) == four_want);
     drop(served);
 
     // Once nothing names them, packs go whole.
@@ -236,7 +209,7 @@ fn imports_pack_their_small_objects_and_no_pack_leaves_them_loose() {
     let loose = Env::new();
     let tree = loose.import_loose(&src);
     loose.ok(&["image", "create", "img", "--tree", &tree]);
-    let want = export(&loose, "img");
+    let want = loose.export("img");
     assert!(loose.files("packs").is_empty(), "--no-pack wrote a pack");
 
     // `import dir --name`: one pack, in the image's order; the loose copies go.
@@ -277,13 +250,12 @@ fn imports_pack_their_small_objects_and_no_pack_leaves_them_loose() {
     )
     .unwrap();
     assert!(
-        export(&env, "img") == want,
+        env.export("img") == want,
         "a packed import lays out other bytes"
     );
     let served = Served::start(&env, &[]);
     let got = env.path("img.got");
-    nbdcopy(&served, "img", &got);
-    assert!(fs::read(&got).unwrap() == want);
+    assert!(served.nbdcopy("img", &got) == want);
     common::e2fsck_clean(&got);
     drop(served);
     let verify = env.ok(&["store", "verify"]);

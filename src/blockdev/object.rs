@@ -348,10 +348,10 @@ impl Object {
         offset: u64,
         verify: bool,
     ) -> Option<io::Result<()>> {
-        let map = match self.backing.get()? {
-            Backing::Mapped(map) => map,
-            Backing::Small { .. } if self.moved.get().is_some() => self.moved.get()?,
-            Backing::Small { len, fd } => {
+        // A small object whose loose file went is read from its pack's window (`moved`).
+        let map = match (self.backing.get()?, self.moved.get()) {
+            (Backing::Mapped(map), _) | (Backing::Small { .. }, Some(map)) => map,
+            (Backing::Small { len, fd }, None) => {
                 offset
                     .checked_add(out.len() as u64)
                     .filter(|&e| e <= *len)?;

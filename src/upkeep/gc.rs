@@ -77,16 +77,8 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport, ImageError> {
     let packs = store.packs();
     let packs = packs.packs().iter().map(|p| &**p);
     // Garbage went with the loose objects above (or would have, in a dry run).
-    let live_packed = |id: &ObjectId| live_objects.contains(id);
-    prune_loose_copies(
-        store,
-        &lock,
-        packs,
-        &leased_objects,
-        &live_packed,
-        dry_run,
-        &mut report,
-    )?;
+    let prunable = |id: &ObjectId| live_objects.contains(id) && !leased_objects.contains(id);
+    prune_loose_copies(store, &lock, packs, &prunable, dry_run, &mut report)?;
     // A live object being fetched keeps its outboard: its kept chunks are checked
     // against it after a restart.
     let fetching = |id: &ObjectId| {
@@ -188,17 +180,17 @@ fn packs(
     Ok(())
 }
 
-/// Removes the loose copy of every object of `packs` that `wanted` accepts and whose packed
-/// copy hashes to its name, except for objects in `leased` (trees running servers hold): a server that found such
-/// an object loose may open its file again later (its descriptor is one of a bounded few,
-/// `blockdev/fds.rs`; it would then find the packed copy, but the lease keeps it from
-/// having to). Needs the store lock exclusively, as the leases were read under it.
+/// Removes the loose copy of every object of `packs` that `prunable` accepts and whose
+/// packed copy hashes to its name. Callers leave out the objects of trees running servers
+/// lease: a server that found such an object loose may open its file again later (its
+/// descriptor is one of a bounded few, `blockdev/fds.rs`; it would then find the packed
+/// copy, but the lease keeps it from having to). Needs the store lock exclusively, as the
+/// leases were read under it.
 pub(super) fn prune_loose_copies<'a>(
     store: &Store,
     _exclusive: &StoreLock,
     packs: impl IntoIterator<Item = &'a PackIndex>,
-    leased: &HashSet<ObjectId>,
-    wanted: &dyn Fn(&ObjectId) -> bool,
+    prunable: &dyn Fn(&ObjectId) -> bool,
     dry_run: bool,
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
@@ -212,7 +204,7 @@ pub(super) fn prune_loose_copies<'a>(
         };
         let mut buf = Vec::new();
         for (id, offset, len) in index.entries() {
-            if leased.contains(&id) || !wanted(&id) {
+            if !prunable(&id) {
                 continue;
             }
             let loose = store.object_path(&id);

@@ -107,6 +107,7 @@ fn prune_locked(
         Some(p) => vec![p],
         None => all.packs().iter().map(|p| &**p).collect(),
     };
-    super::gc::prune_loose_copies(store, lock, packs, &leased, &|_| true, false, &mut pruned)?;
+    let prunable = |id: &ObjectId| !leased.contains(id);
+    super::gc::prune_loose_copies(store, lock, packs, &prunable, false, &mut pruned)?;
     Ok((pruned.loose_copies, pruned.loose_copy_bytes))
 }

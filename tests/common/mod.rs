@@ -92,6 +92,19 @@ impl Env {
         out.trim().to_owned()
     }
 
+    /// `image export IMAGE` to a file beside the store; returns its bytes.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn export(&self, image: &str) -> Vec<u8> {
+        let to = self.path(&format!("{image}.export"));
+        self.ok(&[
+            OsStr::new("image"),
+            OsStr::new("export"),
+            OsStr::new(image),
+            to.as_os_str(),
+        ]);
+        std::fs::read(&to).unwrap()
+    }
+
     pub fn open_store(&self) -> Store {
         Store::open(&self.store).expect("open store")
     }

@@ -95,6 +95,22 @@ impl Served {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
     }
 
+    /// The whole of `export`, read by `nbdcopy` (libnbd) into `to`; panics on failure.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn nbdcopy(&self, export: &str, to: &std::path::Path) -> Vec<u8> {
+        let o = Command::new("nbdcopy")
+            .arg(self.uri(export))
+            .arg(to)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nbdcopy {export}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::read(to).unwrap()
+    }
+
     /// SIGTERM, then the exit status (within `limit`).
     pub fn stop(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().unwrap();

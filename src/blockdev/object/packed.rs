@@ -155,6 +155,15 @@ mod tests {
         out
     }
 
+    /// A store holding the demo image "demo", every object loose.
+    fn demo_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tree = crate::demo::store_demo_tree(&store).unwrap();
+        crate::image::create(&store, "demo", &[tree], &CreateOptions::default()).unwrap();
+        (dir, store)
+    }
+
     fn packed_objects(dev: &ImageDevice) -> usize {
         dev.objects
             .get()
@@ -166,10 +175,7 @@ mod tests {
     #[test]
     fn objects_packed_after_they_were_opened_loose_are_read_from_their_pack() {
         use crate::blockdev::object::{Backing, Object};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let tree = crate::demo::store_demo_tree(&store).unwrap();
-        crate::image::create(&store, "demo", &[tree], &CreateOptions::default()).unwrap();
+        let (dir, store) = demo_store();
         let dev = ImageDevice::open(&store, "demo").unwrap();
         let want = read_all(&dev);
         let small: Vec<_> = dev
@@ -229,10 +235,7 @@ mod tests {
 
     #[test]
     fn a_packed_image_reads_the_same_bytes_every_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let tree = crate::demo::store_demo_tree(&store).unwrap();
-        crate::image::create(&store, "demo", &[tree], &CreateOptions::default()).unwrap();
+        let (dir, store) = demo_store();
         let loose = ImageDevice::open(&store, "demo").unwrap();
         let want = read_all(&loose);
         assert_eq!(packed_objects(&loose), 0);
