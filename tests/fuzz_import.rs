@@ -9,6 +9,7 @@ mod driver;
 
 use std::path::PathBuf;
 
+use tessera::import::Packing;
 use tessera::store::Store;
 use tessera::tree::Manifest;
 
@@ -51,10 +52,18 @@ fn tar_import() {
     let store = Store::open(&dir.path().join("store")).unwrap();
     let bar = indicatif::ProgressBar::hidden();
     // The seed must import: otherwise mutations only exercise the refusal paths.
-    tessera::import::import_tar(&store, &seed_tar()[..], "seed.tar", &bar)
-        .expect("the seed tar imports");
+    tessera::import::import_tar(
+        &store,
+        &seed_tar()[..],
+        "seed.tar",
+        Packing::default(),
+        &bar,
+    )
+    .expect("the seed tar imports");
     let check = |input: &[u8]| {
-        if let Ok(summary) = tessera::import::import_tar(&store, input, "fuzz.tar", &bar) {
+        if let Ok(summary) =
+            tessera::import::import_tar(&store, input, "fuzz.tar", Packing::default(), &bar)
+        {
             let bytes = store.read_tree_bytes(&summary.tree).unwrap();
             let manifest = Manifest::from_bytes(&bytes).expect("an imported tree parses");
             assert_eq!(manifest.to_bytes(), bytes, "and serializes back to itself");
@@ -136,15 +145,23 @@ fn deb_import() {
     let file = dir.path().join("fuzz.deb");
     let bar = indicatif::ProgressBar::hidden();
     std::fs::write(&file, seed_deb()).unwrap();
-    let seeded = tessera::import::import_debs(&store, std::slice::from_ref(&file), &bar)
-        .expect("the seed package imports");
-    assert_round_trip(&store, &seeded[0].summary.tree);
+    let seeded = tessera::import::import_debs(
+        &store,
+        std::slice::from_ref(&file),
+        Packing::default(),
+        &bar,
+    )
+    .expect("the seed package imports");
+    assert_round_trip(&store, &seeded.packages[0].summary.tree);
     let check = |input: &[u8]| {
         std::fs::write(&file, input).unwrap();
-        if let Ok(packages) =
-            tessera::import::import_debs(&store, std::slice::from_ref(&file), &bar)
-        {
-            for p in &packages {
+        if let Ok(imported) = tessera::import::import_debs(
+            &store,
+            std::slice::from_ref(&file),
+            Packing::default(),
+            &bar,
+        ) {
+            for p in &imported.packages {
                 assert_round_trip(&store, &p.summary.tree);
             }
         }
@@ -203,15 +220,18 @@ fn oci_import() {
     // The seed must import: otherwise mutations only exercise the refusal paths.
     let layout = dir.path().join("seed");
     write_layout(&layout, &seed_manifest());
-    let seeded = tessera::import::import_oci(&store, layout.to_str().unwrap(), &bar)
-        .expect("the seed layout imports");
+    let seeded =
+        tessera::import::import_oci(&store, layout.to_str().unwrap(), Packing::default(), &bar)
+            .expect("the seed layout imports");
     assert_round_trip(&store, &seeded.summary.tree);
     let n = std::cell::Cell::new(0u64);
     let check = |input: &[u8]| {
         n.set(n.get() + 1);
         let layout = dir.path().join(format!("l{}", n.get()));
         write_layout(&layout, input);
-        if let Ok(imported) = tessera::import::import_oci(&store, layout.to_str().unwrap(), &bar) {
+        if let Ok(imported) =
+            tessera::import::import_oci(&store, layout.to_str().unwrap(), Packing::default(), &bar)
+        {
             assert_round_trip(&store, &imported.summary.tree);
         }
         let _ = std::fs::remove_dir_all(&layout);

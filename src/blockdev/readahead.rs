@@ -186,9 +186,14 @@ mod tests {
             std::fs::write(src.join(format!("f{i:03}")), bytes).unwrap();
         }
         let store = Store::open(&dir.path().join("store")).unwrap();
-        let tree = crate::import::import_dir(&store, &src, &ProgressBar::hidden())
-            .unwrap()
-            .tree;
+        let tree = crate::import::import_dir(
+            &store,
+            &src,
+            crate::import::Packing::Loose,
+            &ProgressBar::hidden(),
+        )
+        .unwrap()
+        .tree;
         let options = CreateOptions {
             size,
             ..Default::default()

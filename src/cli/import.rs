@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{human, progress_bar};
-use crate::image::{self, CreateOptions, ImageRecord};
-use crate::import::{self, ImportSummary};
+use crate::image::{self, CreateOptions};
+use crate::import::{self, ImportSummary, ImportedDebs, PackSummary, Packing};
 use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
@@ -73,62 +73,48 @@ pub(super) fn run(store: &Store, cmd: ImportCmd) -> anyhow::Result<ExitCode> {
             "an image named {name:?} already exists (remove it first)"
         );
     }
-    // Held from import to image creation and packing, so a concurrent gc cannot collect
-    // the new tree.
-    let lock = store.lock(false)?;
+    // Held from import to image creation, so a concurrent gc cannot collect the new tree.
+    let _lock = store.lock(false)?;
     let bar = progress_bar("importing");
-    let images = match cmd {
+    let packing = |merged: Option<&String>| match (no_pack, merged) {
+        (true, _) => Packing::Loose,
+        (false, Some(name)) => Packing::AsImage(name.clone()),
+        (false, None) => Packing::EachTree,
+    };
+    let pack = match cmd {
         ImportCmd::Dir { path, .. } => {
-            let summary = import::import_dir(store, &path, &bar)
+            let summary = import::import_dir(store, &path, packing(None), &bar)
                 .with_context(|| format!("cannot import {}", path.display()))?;
-            one_tree(store, &summary, name)?
+            one_tree(store, &summary, name)?;
+            summary.pack
         }
         ImportCmd::Tar { file, .. } => {
-            let summary = import_tar(store, &file, &bar)?;
-            one_tree(store, &summary, name)?
+            let summary = import_tar(store, &file, packing(None), &bar)?;
+            one_tree(store, &summary, name)?;
+            summary.pack
         }
         ImportCmd::Oci {
             reference, name, ..
-        } => import_oci(store, &reference, name, &bar)?,
-        ImportCmd::Deb { files, name, .. } => import_deb(store, &files, name, &bar)?,
+        } => import_oci(store, &reference, name, packing(None), &bar)?,
+        ImportCmd::Deb { files, name, .. } => {
+            let packing = packing(name.as_ref());
+            import_deb(store, &files, name, packing, &bar)?
+        }
     };
-    if no_pack {
-        return Ok(ExitCode::SUCCESS);
+    if let Some(p) = pack {
+        eprintln!("packed {} small objects ({})", p.objects, human(p.bytes));
     }
-    let report = crate::upkeep::pack::write(store, &images)
-        .context("imported, but cannot pack the new objects (they stay loose)")?;
-    drop(lock);
-    let Some(p) = &report.pack else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    let removed = match crate::upkeep::pack::try_prune(store, Some(p))
-        .context("imported and packed, but cannot remove the loose copies (`store gc` will)")?
-    {
-        Some((n, _)) => format!("{n} loose copies removed"),
-        None => "the store is busy: `store gc` removes the loose copies".to_owned(),
-    };
-    eprintln!(
-        "packed {} small objects ({}), {removed}",
-        p.len(),
-        human(p.pack_len())
-    );
     Ok(ExitCode::SUCCESS)
 }
 
-/// After importing one tree: prints its id, creates the image `name` of it if asked, and
-/// returns the image whose order its objects are packed in (an unstored one without a name).
-fn one_tree(
-    store: &Store,
-    summary: &ImportSummary,
-    name: Option<String>,
-) -> anyhow::Result<Vec<ImageRecord>> {
+/// After importing one tree: prints its id, and creates the image `name` of it if asked.
+fn one_tree(store: &Store, summary: &ImportSummary, name: Option<String>) -> anyhow::Result<()> {
     report(summary);
     println!("{}", summary.tree);
-    let trees = [summary.tree];
-    Ok(vec![match name {
-        Some(name) => create(store, &name, &trees, CreateOptions::default())?,
-        None => image::record("tree", &trees, &CreateOptions::default()),
-    }])
+    if let Some(name) = name {
+        create(store, &name, &[summary.tree], CreateOptions::default())?;
+    }
+    Ok(())
 }
 
 fn report(summary: &ImportSummary) {
@@ -146,16 +132,17 @@ fn create(
     name: &str,
     trees: &[crate::store::ObjectId],
     opts: CreateOptions,
-) -> anyhow::Result<ImageRecord> {
-    let (record, _) = image::create(store, name, trees, &opts)
+) -> anyhow::Result<()> {
+    image::create(store, name, trees, &opts)
         .with_context(|| format!("cannot create image {name:?}"))?;
     eprintln!("created image {name:?}");
-    Ok(record)
+    Ok(())
 }
 
 fn import_tar(
     store: &Store,
     file: &Path,
+    packing: Packing,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<ImportSummary> {
     let (input, label): (Box<dyn Read>, String) = if file == Path::new("-") {
@@ -169,43 +156,45 @@ fn import_tar(
         }
         (Box::new(f), file.display().to_string())
     };
-    import::import_tar(store, input, &label, bar).with_context(|| format!("cannot import {label}"))
+    import::import_tar(store, input, &label, packing, bar)
+        .with_context(|| format!("cannot import {label}"))
 }
 
 fn import_oci(
     store: &Store,
     reference: &str,
     name: Option<String>,
+    packing: Packing,
     bar: &indicatif::ProgressBar,
-) -> anyhow::Result<Vec<ImageRecord>> {
-    let imported = import::import_oci(store, reference, bar)
+) -> anyhow::Result<Option<PackSummary>> {
+    let imported = import::import_oci(store, reference, packing, bar)
         .with_context(|| format!("cannot import {reference}"))?;
     for (i, layer) in imported.layers.iter().enumerate() {
         eprintln!("layer {i}: {} -> tree {}", layer.digest, layer.tree);
     }
     report(&imported.summary);
     println!("{}", imported.summary.tree);
-    let trees = [imported.summary.tree];
-    let Some(name) = name else {
-        return Ok(vec![image::record(
-            "tree",
-            &trees,
-            &CreateOptions::default(),
-        )]);
-    };
-    let record = create(store, &name, &trees, CreateOptions::default())?;
-    import::oci::set_runtime(store, &name, &imported.runtime)
-        .with_context(|| format!("cannot record the run configuration of {name:?}"))?;
-    Ok(vec![record])
+    if let Some(name) = name {
+        create(
+            store,
+            &name,
+            &[imported.summary.tree],
+            CreateOptions::default(),
+        )?;
+        import::oci::set_runtime(store, &name, &imported.runtime)
+            .with_context(|| format!("cannot record the run configuration of {name:?}"))?;
+    }
+    Ok(imported.summary.pack)
 }
 
 fn import_deb(
     store: &Store,
     files: &[PathBuf],
     name: Option<String>,
+    packing: Packing,
     bar: &indicatif::ProgressBar,
-) -> anyhow::Result<Vec<ImageRecord>> {
-    let packages = import::import_debs(store, files, bar)?;
+) -> anyhow::Result<Option<PackSummary>> {
+    let ImportedDebs { packages, pack } = import::import_debs(store, files, packing, bar)?;
     let mut scripted = Vec::new();
     for p in &packages {
         eprintln!(
@@ -227,21 +216,10 @@ fn import_deb(
             scripted.join("; ")
         );
     }
-    let trees: Vec<_> = packages.iter().map(|p| p.summary.tree).collect();
-    match name {
-        Some(name) => {
-            import::deb::check_conflicts(store, &packages)?;
-            Ok(vec![create(
-                store,
-                &name,
-                &trees,
-                CreateOptions::default(),
-            )?])
-        }
-        // Packages' trees may conflict (`check_conflicts`): each is laid out alone.
-        None => Ok(trees
-            .iter()
-            .map(|t| image::record("tree", &[*t], &CreateOptions::default()))
-            .collect()),
+    if let Some(name) = name {
+        let trees: Vec<_> = packages.iter().map(|p| p.summary.tree).collect();
+        import::deb::check_conflicts(store, &packages)?;
+        create(store, &name, &trees, CreateOptions::default())?;
     }
+    Ok(pack)
 }

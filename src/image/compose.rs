@@ -60,6 +60,35 @@ pub fn build_on_demand(
     Ok((layout, meta, objects))
 }
 
+/// The distinct objects of `layout` (whose handles index `objects`) in the order a reader
+/// of the whole image meets them: the order to pack them in.
+pub fn read_order(layout: &Layout, objects: &[ObjectId]) -> Vec<ObjectId> {
+    let mut order = Vec::new();
+    let mut seen = rustc_hash::FxHashSet::default();
+    for piece in layout.pieces(0, layout.size()) {
+        if let tessera_ext4::Piece::Data { handle, .. } = piece {
+            let id = objects[handle.0 as usize];
+            if seen.insert(id) {
+                order.push(id);
+            }
+        }
+    }
+    order
+}
+
+/// [`read_order`] of the image `record` describes, its trees given as `layers` rather
+/// than read from the store: an import packs a tree's objects before it stores the tree.
+pub fn read_order_of(
+    record: &ImageRecord,
+    layers: &[TreeView],
+) -> Result<Vec<ObjectId>, ImageError> {
+    let picks = merge::merge_picks(layers);
+    let composed = compose(&record.name, layers, &picks)?;
+    let (layout, _meta) = tessera_ext4::build_on_demand(composed.tree, &options(record))
+        .map_err(|source| ext4_error(record, source))?;
+    Ok(read_order(&layout, &composed.objects))
+}
+
 /// Check that the image lays out as ext4 and find its size and counts, as [`build`] would,
 /// without generating its metadata.
 pub fn plan(store: &Store, record: &ImageRecord) -> Result<Planned, ImageError> {

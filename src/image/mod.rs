@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use compose::{build, build_on_demand, compose, plan, Built, Composed, Planned};
+pub use compose::{
+    build, build_on_demand, compose, plan, read_order, read_order_of, Built, Composed, Planned,
+};
 pub use record::{derive_identity, format_uuid, ImageRecord, Runtime, FORMAT};
 pub use size::{parse_size, SizeError};
 
@@ -120,15 +122,41 @@ fn load_tree_view_anew(store: &Store, id: &ObjectId) -> Result<TreeView, ImageEr
 /// Store a validated manifest (its JSON names it) together with its binary form, so the
 /// first image made of it needs no parse. Only failing to store the JSON is an error.
 pub fn put_tree(store: &Store, manifest: &Manifest) -> Result<ObjectId, StoreError> {
-    let id = store.put_tree_bytes(&manifest.to_bytes())?;
-    if !store.tree_cache_path(&id).exists() {
-        match binary::encode(manifest, &id) {
-            Ok(bytes) => {
-                if let Err(e) = store.put_tree_cache(&id, &bytes) {
-                    tracing::warn!(tree = %id, error = %e, "cannot write the tree cache");
-                }
+    put_encoded(store, &EncodedTree::new(manifest))
+}
+
+/// A validated manifest serialized, named and in binary form, not yet stored.
+pub struct EncodedTree {
+    pub id: ObjectId,
+    json: Vec<u8>,
+    binary: Option<Vec<u8>>,
+}
+
+impl EncodedTree {
+    pub fn new(manifest: &Manifest) -> EncodedTree {
+        let json = manifest.to_bytes();
+        let id = ObjectId::of(&json);
+        let binary = binary::encode(manifest, &id)
+            .inspect_err(|e| tracing::warn!(tree = %id, error = %e, "no binary form for this tree"))
+            .ok();
+        EncodedTree { id, json, binary }
+    }
+
+    /// The tree read in place, as [`load_tree_view`] would give it once stored.
+    pub fn view(&self) -> Option<TreeView> {
+        TreeView::new(Arc::new(self.binary.clone()?)).ok()
+    }
+}
+
+/// Store an encoded tree: [`put_tree`] with the encoding done.
+pub fn put_encoded(store: &Store, tree: &EncodedTree) -> Result<ObjectId, StoreError> {
+    let id = store.put_tree_bytes(&tree.json)?;
+    debug_assert_eq!(id, tree.id);
+    if let Some(bytes) = &tree.binary {
+        if !store.tree_cache_path(&id).exists() {
+            if let Err(e) = store.put_tree_cache(&id, bytes) {
+                tracing::warn!(tree = %id, error = %e, "cannot write the tree cache");
             }
-            Err(e) => tracing::warn!(tree = %id, error = %e, "no binary form for this tree"),
         }
     }
     Ok(id)

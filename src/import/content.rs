@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::readdir::open_noatime;
 use super::{sparse, ImportError};
-use crate::store::{ObjectId, Staged, Store, StoreError};
+use crate::store::{ObjectId, Spool, Staged, Store, StoreError};
 use crate::tree::Segment;
 
 /// Data up to this size is read once and written from memory; larger data is streamed.
@@ -18,8 +18,8 @@ const BUF: usize = 1 << 20;
 pub(crate) struct Stored {
     pub object: ObjectId,
     pub segments: Option<Vec<Segment>>,
-    /// The new object, to be committed; `None` when the store has it or `claim` said
-    /// another file of this import is writing it.
+    /// The new object, to be committed; `None` when the store has it, `claim` said another
+    /// file of this import is writing it, or it went to the spool.
     pub staged: Option<Staged>,
     /// Bytes written to the store.
     pub new_bytes: u64,
@@ -27,13 +27,15 @@ pub(crate) struct Stored {
 
 /// Stage the data of the regular file `path` of size `size` (from the walk's lstat): hash
 /// it, and copy it into the store only if the object is new and `claim(id)` returns true
-/// (first claim wins). Small data is read once and written from memory; larger data is
+/// (first claim wins): into `spool` if there is one and it takes objects of that size, else
+/// as a staged loose file. Small data is read once and written from memory; larger data is
 /// hashed, then hashed again while copied, so a file modified meanwhile is an error, never
 /// a misnamed object.
 pub(crate) fn store_file(
     store: &Store,
     path: &Path,
     size: u64,
+    spool: Option<&Spool>,
     claim: &dyn Fn(ObjectId) -> bool,
     progress: &dyn Fn(u64),
 ) -> Result<Stored, ImportError> {
@@ -65,13 +67,18 @@ pub(crate) fn store_file(
             Ok(())
         })?;
         progress(data_len);
-        let staged = if is_new(object) {
-            Some(store.stage_object(object, |out| {
+        let staged = if !is_new(object) {
+            Fresh::No
+        } else if let Some(spool) = spool.filter(|_| Spool::takes(data_len)) {
+            spool
+                .append(object, &data)
+                .map_err(|e| ImportError::io("spool the data of", path, e))?;
+            Fresh::Spooled
+        } else {
+            Fresh::Staged(store.stage_object(object, |out| {
                 out.write_all(&data)?;
                 Ok(object)
             })?)
-        } else {
-            None
         };
         (object, staged)
     } else {
@@ -80,18 +87,33 @@ pub(crate) fn store_file(
             Ok(())
         })?;
         let staged = if is_new(object) {
-            Some(stage_copy(store, &file, path, &ranges, object)?)
+            Fresh::Staged(stage_copy(store, &file, path, &ranges, object)?)
         } else {
-            None
+            Fresh::No
         };
         (object, staged)
+    };
+    let new_bytes = if matches!(staged, Fresh::No) {
+        0
+    } else {
+        data_len
     };
     Ok(Stored {
         object,
         segments,
-        new_bytes: if staged.is_some() { data_len } else { 0 },
-        staged,
+        new_bytes,
+        staged: match staged {
+            Fresh::Staged(s) => Some(s),
+            _ => None,
+        },
     })
+}
+
+/// Whether a file's object is new to the store, and where it went.
+enum Fresh {
+    No,
+    Spooled,
+    Staged(Staged),
 }
 
 /// Copy `ranges` of `file` into a new staged object, which must hash to `object`.

@@ -22,7 +22,7 @@ use indicatif::ProgressBar;
 
 use super::tar::object::ObjectSink;
 use super::tar::{checked, decompress, drain, read_archive, ArchiveError, Counted, ReadOptions};
-use super::{ImportError, ImportSummary};
+use super::{ImportError, ImportSummary, PackSummary, Packing};
 use crate::image;
 use crate::store::Store;
 use crate::tree::{Entry, Kind, Manifest};
@@ -40,19 +40,29 @@ pub struct Package {
     pub scripts: Vec<String>,
 }
 
-/// Import each of `files`; nothing is committed unless every package reads cleanly.
+/// What [`import_debs`] imported.
+#[derive(Debug, Clone)]
+pub struct ImportedDebs {
+    pub packages: Vec<Package>,
+    /// The one pack of every package's new small objects.
+    pub pack: Option<PackSummary>,
+}
+
+/// Import each of `files`, packing their new small objects as `packing` says; nothing is
+/// committed unless every package reads cleanly.
 pub fn import_debs(
     store: &Store,
     files: &[PathBuf],
+    packing: Packing,
     progress: &ProgressBar,
-) -> Result<Vec<Package>, ImportError> {
+) -> Result<ImportedDebs, ImportError> {
     let _lock = store.lock(false)?;
     let mut total = 0;
     for f in files {
         total += std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     }
     progress.set_length(total);
-    let mut sink = ObjectSink::new(store);
+    let mut sink = ObjectSink::new(store, packing)?;
     let mut read = Vec::new();
     for file in files {
         let before = (sink.files, sink.data_bytes, sink.new_bytes);
@@ -60,13 +70,13 @@ pub fn import_debs(
         read.push((file, control, manifest, before));
     }
     progress.finish_and_clear();
-    store.commit(std::mem::take(&mut sink.staged))?;
+    let end = (sink.files, sink.data_bytes, sink.new_bytes);
+    let manifests: Vec<_> = read.iter().map(|r| &r.2).collect();
+    let finished = sink.intake.finish(&manifests)?;
     let mut out = Vec::new();
     for (i, (file, control, manifest, before)) in read.iter().enumerate() {
-        let after = read
-            .get(i + 1)
-            .map_or((sink.files, sink.data_bytes, sink.new_bytes), |r| r.3);
-        let tree = crate::image::put_tree(store, manifest)?;
+        let after = read.get(i + 1).map_or(end, |r| r.3);
+        let tree = finished.trees[i];
         out.push(Package {
             package: control.id(file),
             file: file.to_path_buf(),
@@ -76,11 +86,15 @@ pub fn import_debs(
                 files: after.0 - before.0,
                 data_bytes: after.1 - before.1,
                 new_bytes: after.2 - before.2,
+                pack: None,
             },
             scripts: control.scripts.clone(),
         });
     }
-    Ok(out)
+    Ok(ImportedDebs {
+        packages: out,
+        pack: finished.pack.as_ref().map(PackSummary::of),
+    })
 }
 
 #[derive(Default)]

@@ -20,7 +20,8 @@ use std::sync::Mutex;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
-use super::{content, meta, readdir, xattr, ImportError};
+use super::intake::{Intake, Packing};
+use super::{content, meta, readdir, xattr, ImportError, PackSummary};
 use crate::store::{ObjectId, Store};
 use crate::tree::{Bytes, Entry, Kind, Manifest};
 
@@ -34,6 +35,8 @@ pub struct ImportSummary {
     pub data_bytes: u64,
     /// Bytes newly written to the store.
     pub new_bytes: u64,
+    /// The pack the import wrote its new small objects to, if any.
+    pub pack: Option<PackSummary>,
 }
 
 /// A walked entry: its manifest entry, where it is on disk, and its inode identity.
@@ -43,13 +46,16 @@ struct Found {
     inode: (u64, u64),
 }
 
-/// Import the directory `root`. `progress` counts file bytes hashed (its length is set here).
+/// Import the directory `root`, packing its new small objects as `packing` says.
+/// `progress` counts file bytes hashed (its length is set here).
 pub fn import_dir(
     store: &Store,
     root: &Path,
+    packing: Packing,
     progress: &ProgressBar,
 ) -> Result<ImportSummary, ImportError> {
     let _lock = store.lock(false)?;
+    let mut intake = Intake::new(store, packing)?;
     // A symlink naming the root is followed, like `cp -H`; nothing below it is.
     let root = &root
         .canonicalize()
@@ -78,12 +84,14 @@ pub fn import_dir(
     progress.set_length(total);
     let claimed = Mutex::new(HashSet::new());
     let claim = |id| claimed.lock().expect("claim set poisoned").insert(id);
+    let spool = intake.spool();
     let stored = jobs
         .par_iter()
         .map(|&i| {
             let f = &found[i];
             let size = f.entry.size.unwrap_or(0);
-            let s = content::store_file(store, &f.source, size, &claim, &|n| progress.inc(n))?;
+            let s =
+                content::store_file(store, &f.source, size, spool, &claim, &|n| progress.inc(n))?;
             Ok((i, s))
         })
         .collect::<Result<Vec<_>, ImportError>>()?;
@@ -91,7 +99,6 @@ pub fn import_dir(
 
     let mut data_bytes = 0;
     let mut new_bytes = 0;
-    let mut staged = Vec::new();
     let mut by_inode = HashMap::new();
     for (i, s) in stored {
         let f = &mut found[i];
@@ -99,7 +106,7 @@ pub fn import_dir(
         f.entry.segments = s.segments;
         data_bytes += f.entry.data_len();
         new_bytes += s.new_bytes;
-        staged.extend(s.staged);
+        intake.staged.extend(s.staged);
         by_inode.insert(f.inode, (s.object, f.entry.segments.clone()));
     }
     for f in found
@@ -110,19 +117,18 @@ pub fn import_dir(
         f.entry.object = Some(object);
         f.entry.segments = segments;
     }
-    // Objects get their names only now that every file was read, then the tree.
-    store.commit(staged)?;
-
     let files = jobs.len();
     let manifest = Manifest::new(found.into_iter().map(|f| f.entry).collect());
     debug_assert!(manifest.validate().is_ok(), "{:?}", manifest.validate());
-    let tree = crate::image::put_tree(store, &manifest)?;
+    // Objects get their names only now that every file was read, then the tree.
+    let finished = intake.finish(&[&manifest])?;
     Ok(ImportSummary {
-        tree,
+        tree: finished.trees[0],
         entries: manifest.entries.len(),
         files,
         data_bytes,
         new_bytes,
+        pack: finished.pack.as_ref().map(PackSummary::of),
     })
 }
 

@@ -3,6 +3,7 @@
 mod content;
 pub mod deb;
 mod dir;
+mod intake;
 mod meta;
 pub mod oci;
 mod readdir;
@@ -13,11 +14,13 @@ mod xattr;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use self::deb::import_debs;
+pub use self::deb::{import_debs, ImportedDebs};
 pub use self::oci::import_oci;
 pub use self::tar::{import_tar, ArchiveError};
 pub use dir::{import_dir, ImportSummary};
+pub use intake::Packing;
 
+use crate::store::pack::PackIndex;
 use crate::store::StoreError;
 
 /// Why an import failed. Nothing is named in the store for a failed file: objects appear
@@ -47,6 +50,25 @@ impl ImportError {
             op,
             path: path.to_path_buf(),
             source,
+        }
+    }
+}
+
+/// The pack an import wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackSummary {
+    pub name: String,
+    pub objects: usize,
+    /// Bytes of the pack file.
+    pub bytes: u64,
+}
+
+impl PackSummary {
+    pub(crate) fn of(index: &PackIndex) -> PackSummary {
+        PackSummary {
+            name: index.name().to_owned(),
+            objects: index.len(),
+            bytes: index.pack_len(),
         }
     }
 }

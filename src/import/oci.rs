@@ -35,7 +35,7 @@ use self::layout::{check_digest, is_layer, parse_reference, Layout};
 use super::tar::layer::{manifest, remove_below, Layer, Tree};
 use super::tar::object::ObjectSink;
 use super::tar::{checked, drain, read_archive, ArchiveError, Counted, ReadOptions};
-use super::{ImportError, ImportSummary};
+use super::{ImportError, ImportSummary, PackSummary, Packing};
 use crate::image::{self, ImageError, Runtime};
 use crate::store::{ObjectId, Store};
 use crate::tree::{Bytes, Kind};
@@ -55,10 +55,12 @@ pub struct ImportedOci {
     pub runtime: Runtime,
 }
 
-/// Import the image `reference` (`DIR`, `DIR:TAG` or `DIR@sha256:…`).
+/// Import the image `reference` (`DIR`, `DIR:TAG` or `DIR@sha256:…`), packing its new
+/// small objects as `packing` says.
 pub fn import_oci(
     store: &Store,
     reference: &str,
+    packing: Packing,
     progress: &ProgressBar,
 ) -> Result<ImportedOci, ImportError> {
     let _lock = store.lock(false)?;
@@ -81,7 +83,7 @@ pub fn import_oci(
     }
     progress.set_length(m.layers.iter().map(|l| l.size).sum());
 
-    let mut sink = ObjectSink::new(store);
+    let mut sink = ObjectSink::new(store, packing)?;
     let mut chain = Tree::new();
     let mut manifests = Vec::new();
     for (d, diff_id) in m.layers.iter().zip(&config.rootfs.diff_ids) {
@@ -122,15 +124,19 @@ pub fn import_oci(
     }
     progress.finish_and_clear();
 
-    store.commit(std::mem::take(&mut sink.staged))?;
-    let mut layers = Vec::new();
-    for (digest, mf) in &manifests {
-        let tree = crate::image::put_tree(store, mf)?;
-        layers.push(LayerTree {
+    let (files, data_bytes, new_bytes) = (sink.files, sink.data_bytes, sink.new_bytes);
+    // The top layer's tree first: its image is what boots, so its order is the one to
+    // pack in; the lower layers add only objects it no longer shows.
+    let top_first: Vec<_> = manifests.iter().rev().map(|(_, mf)| mf).collect();
+    let finished = sink.intake.finish(&top_first)?;
+    let layers: Vec<LayerTree> = manifests
+        .iter()
+        .zip(finished.trees.iter().rev())
+        .map(|((digest, _), tree)| LayerTree {
             digest: digest.clone(),
-            tree,
-        });
-    }
+            tree: *tree,
+        })
+        .collect();
     let top = layers.last().expect("at least one layer").tree;
     let c = config.config.unwrap_or_default();
     Ok(ImportedOci {
@@ -142,9 +148,10 @@ pub fn import_oci(
                 .1
                 .entries
                 .len(),
-            files: sink.files,
-            data_bytes: sink.data_bytes,
-            new_bytes: sink.new_bytes,
+            files,
+            data_bytes,
+            new_bytes,
+            pack: finished.pack.as_ref().map(PackSummary::of),
         },
         layers,
         runtime: Runtime {

@@ -28,7 +28,7 @@ use indicatif::ProgressBar;
 use self::header::Member;
 use self::layer::{normalize, Layer, Tree};
 use self::object::{ObjectSink, SinkError};
-use super::{ImportError, ImportSummary};
+use super::{ImportError, ImportSummary, PackSummary, Packing};
 use crate::store::Store;
 use crate::tree::Bytes;
 
@@ -98,16 +98,18 @@ impl<R: Read> Read for Counted<'_, R> {
     }
 }
 
-/// Import the tarball read from `input` (named `label` in errors) as one tree. Progress
-/// counts bytes of `input`; the caller sets its length when it knows it.
+/// Import the tarball read from `input` (named `label` in errors) as one tree, packing its
+/// new small objects as `packing` says. Progress counts bytes of `input`; the caller sets
+/// its length when it knows it.
 pub fn import_tar(
     store: &Store,
     input: impl Read,
     label: &str,
+    packing: Packing,
     progress: &ProgressBar,
 ) -> Result<ImportSummary, ImportError> {
     let _lock = store.lock(false)?;
-    let mut sink = ObjectSink::new(store);
+    let mut sink = ObjectSink::new(store, packing)?;
     let input = Counted {
         inner: input,
         bar: progress,
@@ -117,15 +119,16 @@ pub fn import_tar(
     progress.finish_and_clear();
     let manifest = layer.into_manifest();
     checked(label, &manifest)?;
+    let (files, data_bytes, new_bytes) = (sink.files, sink.data_bytes, sink.new_bytes);
     // Objects get their names only once the whole archive was read, then the tree.
-    store.commit(std::mem::take(&mut sink.staged))?;
-    let tree = crate::image::put_tree(store, &manifest)?;
+    let finished = sink.intake.finish(&[&manifest])?;
     Ok(ImportSummary {
-        tree,
+        tree: finished.trees[0],
         entries: manifest.entries.len(),
-        files: sink.files,
-        data_bytes: sink.data_bytes,
-        new_bytes: sink.new_bytes,
+        files,
+        data_bytes,
+        new_bytes,
+        pack: finished.pack.as_ref().map(PackSummary::of),
     })
 }
 

@@ -19,7 +19,8 @@
 //! │                         with its tree
 //! ├── packs/NAME.pack|idx   small objects moved into one file in the order an image reads
 //! │                         them, so a cold image is read from one file in order (see
-//! │                         [`pack`]); their loose copies are removed
+//! │                         [`pack`]); their loose copies are removed. An import writes
+//! │                         its new small objects straight into a pack ([`spool`])
 //! ├── images/NAME.json      named images (JSON, `"format": 1`, see [`crate::image`])
 //! ├── overlays/NAME/        persistent overlays of writable exports (see `blockdev::overlay`)
 //! ├── partial/ab/cdef…      objects being fetched from a remote store, sparse, with a
@@ -49,6 +50,7 @@ mod lock;
 pub mod outboard;
 pub mod pack;
 pub mod remote;
+mod spool;
 mod treecache;
 
 use std::fs::{self, File};
@@ -62,6 +64,7 @@ pub use id::{ObjectId, ParseIdError};
 pub use lease::{LeaseGuard, Leases};
 pub use lock::StoreLock;
 pub use outboard::{GroupMismatch, Outboard, OutboardError};
+pub use spool::Spool;
 
 /// An opened store directory.
 #[derive(Debug, Clone)]

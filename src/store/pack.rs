@@ -38,7 +38,7 @@
 //! fsynced, renamed), and loose copies are removed only after both are. A pack whose index
 //! is damaged is kept: it may hold the only copy of its objects.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -47,6 +47,7 @@ use std::time::SystemTime;
 
 use memmap2::Mmap;
 
+use super::spool::Spool;
 use super::{atomic, ObjectId, Store, StoreError};
 
 /// Objects smaller than this are packed: the size below which the read path keeps a
@@ -357,8 +358,6 @@ impl Store {
         let packs = self.packs();
         let mut seen = HashSet::new();
         let mut entries: Vec<(ObjectId, u64, u64)> = Vec::new();
-        let dir = self.pack_dir();
-        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         let mut offset = 0u64;
         let mut pending = Vec::new();
         let mut missing = 0;
@@ -393,10 +392,81 @@ impl Store {
                 missing,
             });
         }
+        let index = self.write_pack_files(&entries, |i, id, buf| {
+            match &pending[i] {
+                Source::Loose(path) => _ = File::open(path)?.read_to_end(buf)?,
+                Source::Packed(p) => *buf = p.read_checked(id).map_err(atomic::Abort::Store)?,
+            }
+            let actual = ObjectId::of(buf);
+            if actual != *id {
+                return Err(atomic::Abort::Store(StoreError::HashMismatch {
+                    expected: *id,
+                    actual,
+                }));
+            }
+            Ok(())
+        })?;
+        Ok(PackWritten {
+            index: Some(index),
+            missing,
+        })
+    }
+
+    /// Packs the objects of `spool` into a new pack: those named in `order` first, in that
+    /// order, then the rest as they were spooled. Objects a pack holds by now (another
+    /// import's) are left out. `None` if nothing was left to pack. The spooled bytes are
+    /// not hashed again: the import hashed them as it read them, and the spool is its own.
+    /// Call holding the store lock (shared).
+    pub fn write_spooled_pack(
+        &self,
+        spool: &Spool,
+        order: &[ObjectId],
+    ) -> Result<Option<PackIndex>, StoreError> {
+        let spooled = spool.entries();
+        let at: HashMap<ObjectId, (u64, u64)> = spooled
+            .iter()
+            .map(|&(id, at, len)| (id, (at, len)))
+            .collect();
+        let packs = self.packs();
+        let mut seen = HashSet::new();
+        let mut entries = Vec::new();
+        let mut from = Vec::new();
+        let mut offset = 0u64;
+        for id in order.iter().chain(spooled.iter().map(|e| &e.0)) {
+            let Some(&(spooled_at, len)) = at.get(id) else {
+                continue;
+            };
+            if !seen.insert(*id) || packs.find(id).is_some() {
+                continue;
+            }
+            entries.push((*id, offset, len));
+            from.push(spooled_at);
+            offset = (offset + len).next_multiple_of(PACK_ALIGN);
+        }
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let index = self.write_pack_files(&entries, |i, _, buf| {
+            buf.resize(entries[i].2 as usize, 0);
+            Ok(spool.read_at(buf, from[i])?)
+        })?;
+        Ok(Some(index))
+    }
+
+    /// Writes a pack of `entries` (id, offset, length; offsets aligned and increasing) and
+    /// then its index, each durably named; `fill(i, id, buf)` puts entry `i`'s bytes into
+    /// the empty `buf`.
+    fn write_pack_files(
+        &self,
+        entries: &[(ObjectId, u64, u64)],
+        mut fill: impl FnMut(usize, &ObjectId, &mut Vec<u8>) -> Result<(), atomic::Abort>,
+    ) -> Result<PackIndex, StoreError> {
+        let dir = self.pack_dir();
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         let mut idx = Vec::with_capacity(HEADER + entries.len() * ENTRY);
         idx.extend_from_slice(MAGIC);
         idx.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-        let mut sorted = entries.clone();
+        let mut sorted = entries.to_vec();
         sorted.sort_by_key(|e| e.0 .0);
         for (id, offset, len) in &sorted {
             idx.extend_from_slice(&id.0);
@@ -407,17 +477,13 @@ impl Store {
         atomic::write(self, &dir.join(format!("{name}.pack")), 0o444, |f| {
             let mut out = io::BufWriter::with_capacity(1 << 20, f);
             let mut buf = Vec::with_capacity(PACK_MAX as usize);
-            for ((id, offset, len), source) in entries.iter().zip(&pending) {
+            for (i, (id, offset, len)) in entries.iter().enumerate() {
                 buf.clear();
-                match source {
-                    Source::Loose(path) => _ = File::open(path)?.read_to_end(&mut buf)?,
-                    Source::Packed(p) => buf = p.read_checked(id).map_err(atomic::Abort::Store)?,
-                }
-                let actual = ObjectId::of(&buf);
-                if actual != *id || buf.len() as u64 != *len {
+                fill(i, id, &mut buf)?;
+                if buf.len() as u64 != *len {
                     return Err(atomic::Abort::Store(StoreError::HashMismatch {
                         expected: *id,
-                        actual,
+                        actual: ObjectId::of(&buf),
                     }));
                 }
                 out.write_all(&buf)?;
@@ -430,10 +496,7 @@ impl Store {
         atomic::write(self, &dir.join(format!("{name}.idx")), 0o444, |f| {
             Ok(f.write_all(&idx)?)
         })?;
-        Ok(PackWritten {
-            index: Some(PackIndex::open(&dir, &name)?),
-            missing,
-        })
+        PackIndex::open(&dir, &name)
     }
 }
 

@@ -4,8 +4,6 @@
 
 use std::collections::HashSet;
 
-use tessera_ext4::Piece;
-
 use crate::image::{self, ImageError, ImageRecord};
 use crate::store::pack::PackIndex;
 use crate::store::{ObjectId, Store};
@@ -43,26 +41,22 @@ pub fn pack(store: &Store, images: &[String]) -> Result<PackReport, ImageError> 
             .collect::<Result<Vec<_>, _>>()?;
         write(store, &records)?
     };
-    (report.loose_copies, report.loose_copy_bytes) = prune(store, None)?;
+    (report.loose_copies, report.loose_copy_bytes) = prune(store)?;
     Ok(report)
 }
 
-/// Packs the small objects of the images `records` describe (stored or not) that are not
-/// yet in a pack into one new pack, in the order the images read them. The caller holds the
-/// store lock (shared), and calls [`prune`] after letting it go.
-pub fn write(store: &Store, records: &[ImageRecord]) -> Result<PackReport, ImageError> {
+/// Packs the small objects of the images `records` describe that are not yet in a pack into
+/// one new pack, in the order the images read them. The caller holds the store lock
+/// (shared), and calls [`prune`] after letting it go.
+fn write(store: &Store, records: &[ImageRecord]) -> Result<PackReport, ImageError> {
     let mut order: Vec<ObjectId> = Vec::new();
     let mut named: HashSet<ObjectId> = HashSet::new();
     let mut report = PackReport::default();
     for record in records {
         let built = image::build(store, record)?;
-        let layout = &built.layout;
-        for piece in layout.pieces(0, layout.size()) {
-            if let Piece::Data { handle, .. } = piece {
-                let id = built.objects[handle.0 as usize];
-                if named.insert(id) {
-                    order.push(id);
-                }
+        for id in image::read_order(&built.layout, &built.objects) {
+            if named.insert(id) {
+                order.push(id);
             }
         }
     }
@@ -73,41 +67,17 @@ pub fn write(store: &Store, records: &[ImageRecord]) -> Result<PackReport, Image
     Ok(report)
 }
 
-/// Removes the loose copies of the objects of `only` (of every pack if `None`) that no
-/// running server leases (see `gc::prune_loose_copies`); returns how many and their bytes.
-/// Takes the store lock exclusively: do not hold it.
-pub fn prune(store: &Store, only: Option<&PackIndex>) -> Result<(usize, u64), ImageError> {
+/// Removes the loose copies of packed objects that no running server leases (see
+/// `gc::prune_loose_copies`); returns how many and their bytes. Takes the store lock
+/// exclusively: do not hold it.
+pub fn prune(store: &Store) -> Result<(usize, u64), ImageError> {
     let lock = store.lock(true)?;
-    prune_locked(store, &lock, only)
-}
-
-/// [`prune`] if the store lock is free now; `None` if another process holds it (an import
-/// does not wait for another to end; the next `store pack` or `store gc` prunes).
-pub fn try_prune(
-    store: &Store,
-    only: Option<&PackIndex>,
-) -> Result<Option<(usize, u64)>, ImageError> {
-    match store.try_lock(true)? {
-        Some(lock) => prune_locked(store, &lock, only).map(Some),
-        None => Ok(None),
-    }
-}
-
-fn prune_locked(
-    store: &Store,
-    lock: &crate::store::StoreLock,
-    only: Option<&PackIndex>,
-) -> Result<(usize, u64), ImageError> {
-    let leased = store.leased_trees(lock)?;
+    let leased = store.leased_trees(&lock)?;
     let leased = super::gc::objects_of(store, &leased)?;
     let mut pruned = super::GcReport::default();
-    let all = store.packs();
-    // An import prunes its own pack only: a sweep of every pack stats every packed object.
-    let packs: Vec<&PackIndex> = match only {
-        Some(p) => vec![p],
-        None => all.packs().iter().map(|p| &**p).collect(),
-    };
+    let packs = store.packs();
+    let packs = packs.packs().iter().map(|p| &**p);
     let prunable = |id: &ObjectId| !leased.contains(id);
-    super::gc::prune_loose_copies(store, lock, packs, &prunable, false, &mut pruned)?;
+    super::gc::prune_loose_copies(store, &lock, packs, &prunable, false, &mut pruned)?;
     Ok((pruned.loose_copies, pruned.loose_copy_bytes))
 }

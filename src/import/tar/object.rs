@@ -10,7 +10,9 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-use crate::store::{ObjectId, Staged, Store, StoreError};
+use crate::import::intake::{Intake, Packing};
+use crate::import::ImportError;
+use crate::store::{ObjectId, Spool, Store, StoreError};
 use crate::tree::Segment;
 
 /// Entries up to this size are buffered in memory.
@@ -18,11 +20,12 @@ const IN_MEMORY: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
 const CHUNK: usize = 1 << 20;
 
-/// Objects staged by one import, committed together before any tree names them.
+/// Objects stored by one import (in its [`Intake`]), named together before any tree names
+/// them.
 pub(crate) struct ObjectSink<'s> {
     store: &'s Store,
     pending: HashSet<ObjectId>,
-    pub staged: Vec<Staged>,
+    pub intake: Intake<'s>,
     /// Bytes of file data read (holes excluded).
     pub data_bytes: u64,
     /// Bytes staged as new objects.
@@ -61,15 +64,15 @@ impl Buffer {
 }
 
 impl<'s> ObjectSink<'s> {
-    pub fn new(store: &'s Store) -> Self {
-        ObjectSink {
+    pub fn new(store: &'s Store, packing: Packing) -> Result<Self, ImportError> {
+        Ok(ObjectSink {
             store,
             pending: HashSet::new(),
-            staged: Vec::new(),
+            intake: Intake::new(store, packing)?,
             data_bytes: 0,
             new_bytes: 0,
             files: 0,
-        }
+        })
     }
 
     /// Read exactly `size` bytes of `data` and stage them as an object unless the store has
@@ -119,6 +122,16 @@ impl<'s> ObjectSink<'s> {
         self.files += 1;
         self.data_bytes += len;
         if !self.store.has_kept_object(&id) && self.pending.insert(id) {
+            self.new_bytes += len;
+            if let Some(spool) = self.intake.spool().filter(|_| Spool::takes(len)) {
+                let Buffer::Mem(bytes) = &buf else {
+                    unreachable!("objects a spool takes are smaller than IN_MEMORY")
+                };
+                let spool_err =
+                    |e| SinkError::Store(StoreError::io("spool to", &self.store.tmp_dir(), e));
+                spool.append(id, bytes).map_err(spool_err)?;
+                return Ok((id, segments));
+            }
             let staged = self
                 .store
                 .stage_object(id, |out| {
@@ -133,8 +146,7 @@ impl<'s> ObjectSink<'s> {
                     Ok(id)
                 })
                 .map_err(SinkError::Store)?;
-            self.staged.push(staged);
-            self.new_bytes += len;
+            self.intake.staged.push(staged);
         }
         Ok((id, segments))
     }
@@ -161,7 +173,7 @@ mod tests {
     fn sparse_blocks_and_spill() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut sink = ObjectSink::new(&store);
+        let mut sink = ObjectSink::new(&store, Packing::Loose).ok().unwrap();
         let mut data = vec![0u8; 3 * 4096 + 100];
         data[4096] = 1;
         data[3 * 4096 + 99] = 2;
@@ -184,7 +196,9 @@ mod tests {
             .unwrap();
         assert_eq!(segs, None);
         assert_eq!(id, ObjectId::of(&big));
-        store.commit(std::mem::take(&mut sink.staged)).unwrap();
+        store
+            .commit(std::mem::take(&mut sink.intake.staged))
+            .unwrap();
         assert_eq!(std::fs::read(store.object_path(&id)).unwrap(), big);
 
         let short = [1u8; 10];
