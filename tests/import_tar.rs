@@ -223,45 +223,64 @@ fn reimporting_stores_nothing_new() {
 }
 
 /// An import killed halfway (here: stdin still open, half the archive sent) leaves no tree
-/// and no named object: what it staged is under `tmp/`, which `store gc` clears.
+/// and no named object, packing or not: what it staged is under `tmp/`, which `store gc`
+/// clears, and its spool is an unlinked file there, gone with the process.
 #[test]
 fn an_interrupted_import_leaves_nothing_referenced() {
-    let env = Env::new();
-    let data = archive(|b| {
-        for i in 0..20 {
-            add_file(
-                b,
-                &format!("f{i}"),
-                &fixture::pseudo_random(200_000 + i),
-                0o644,
-            );
+    for flags in [&["--no-pack"][..], &[]] {
+        let env = Env::new();
+        let data = archive(|b| {
+            for i in 0..20 {
+                add_file(
+                    b,
+                    &format!("f{i}"),
+                    &fixture::pseudo_random(200_000 + i),
+                    0o644,
+                );
+            }
+        });
+        let mut child = env
+            .command()
+            .args(["import", "tar"])
+            .args(flags)
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&data[..data.len() / 2]).unwrap();
+        stdin.flush().unwrap();
+        // Wait until it has written something under tmp/ (a staged file, or bytes in its
+        // unlinked spool), then kill it without warning.
+        let tmp = env.store.join("tmp");
+        let writing = || {
+            !env.files("tmp").is_empty()
+                || std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|fd| fd.ok().map(|fd| fd.path()))
+                    .any(|fd| {
+                        std::fs::read_link(&fd).is_ok_and(|t| t.starts_with(&tmp))
+                            && std::fs::metadata(&fd).is_ok_and(|m| m.len() > 0)
+                    })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !writing() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-    });
-    let mut child = env
-        .command()
-        .args(["import", "tar", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&data[..data.len() / 2]).unwrap();
-    stdin.flush().unwrap();
-    // Wait until it has staged something, then kill it without warning.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while env.files("tmp").is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(writing(), "the import {flags:?} wrote nothing under tmp/");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(stdin);
+        assert!(env.files("trees").is_empty());
+        assert!(env.files("objects").is_empty());
+        assert!(env.files("packs").is_empty());
+        env.ok(&["store", "verify"]);
+        env.ok(&["store", "gc"]);
+        assert!(env.files("tmp").is_empty());
     }
-    assert!(!env.files("tmp").is_empty(), "the import staged nothing");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    drop(stdin);
-    assert!(env.files("trees").is_empty());
-    assert!(env.files("objects").is_empty());
-    env.ok(&["store", "verify"]);
-    env.ok(&["store", "gc"]);
-    assert!(env.files("tmp").is_empty());
 }
 
 /// GNU sparse members keep their holes; PAX-encoded sparse files are refused by name.

@@ -27,12 +27,11 @@ fn view(root: &Path) -> BTreeMap<Vec<u8>, Info> {
     snap
 }
 
-/// Total bytes of the store's object files.
+/// Total bytes of the store's objects, loose or packed.
 fn object_bytes(env: &Env) -> u64 {
-    env.files("objects")
-        .iter()
-        .map(|p| fs::metadata(p).unwrap().len())
-        .sum()
+    let stats: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "stats", "--json"])).unwrap();
+    stats["object_bytes"].as_u64().unwrap()
 }
 
 fn remove_xattr(path: &Path, name: &str) {
@@ -94,6 +93,7 @@ fn commit_carries_every_change_and_stores_only_new_data() {
     let tree = env.import(&src);
     env.ok(&["image", "create", "img", "--tree", &tree, "--size", "64M"]);
     let before = object_bytes(&env);
+    let loose_before = env.files("objects").len();
 
     let mut served = Served::start(&env, &["--export", "img:persistent=vm"]);
     {
@@ -124,6 +124,10 @@ fn commit_carries_every_change_and_stores_only_new_data() {
         "only the new data is stored"
     );
     assert!(out.contains("stored 3 objects"), "{out}");
+    assert!(
+        env.files("objects").len() == loose_before,
+        "the commit's small objects were written loose, not packed"
+    );
     let err = env.fails(&["overlay", "commit", "vm", "--name", "next"]);
     assert!(err.contains("already exists"), "{err}");
     env.ok(&["store", "verify"]);

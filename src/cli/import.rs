@@ -78,7 +78,10 @@ pub(super) fn run(store: &Store, cmd: ImportCmd) -> anyhow::Result<ExitCode> {
     let bar = progress_bar("importing");
     let packing = |merged: Option<&String>| match (no_pack, merged) {
         (true, _) => Packing::Loose,
-        (false, Some(name)) => Packing::AsImage(name.clone()),
+        (false, Some(name)) => Packing::AsImage {
+            name: name.clone(),
+            below: Vec::new(),
+        },
         (false, None) => Packing::EachTree,
     };
     let pack = match cmd {

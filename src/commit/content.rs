@@ -4,7 +4,7 @@
 use blake3::Hasher;
 use tessera_ext4::read::{FileExtent, Filesystem, Inode, ReadAt, ReadError};
 
-use crate::store::{ObjectId, Staged, Store, StoreError};
+use crate::store::{ObjectId, Spool, Staged, Store, StoreError};
 use crate::tree::Segment;
 
 const CHUNK: u64 = 1 << 20;
@@ -14,8 +14,10 @@ const BS: u64 = 4096;
 pub(crate) struct Content {
     pub object: ObjectId,
     pub segments: Option<Vec<Segment>>,
-    /// The new object to commit, when the store lacked it.
+    /// The new object to commit, when the store lacked it and it did not go to the spool.
     pub staged: Option<Staged>,
+    /// Whether the object is new: staged, or gone to the spool.
+    pub new: bool,
     pub new_bytes: u64,
 }
 
@@ -77,14 +79,16 @@ fn each_chunk<R: ReadAt>(
     Ok(())
 }
 
-/// Hash the file's data and stage it as an object if the store lacks it and `pending`
-/// (objects already staged by this commit) does not hold it. The data is read
-/// twice when new (hash, then copy while hashing again): the overlay is locked, so both
-/// passes see the same bytes, and [`Store::stage_object`] checks they did.
+/// Hash the file's data and store it as an object if the store lacks it and `pending`
+/// (objects already stored by this commit) does not hold it: into `spool` if there is one
+/// and it takes objects of this size, else as a staged loose file. The data is read twice
+/// when new (hash, then copy while hashing again): the overlay is locked, so both passes
+/// see the same bytes, and the second hash is checked against the first.
 pub(crate) fn store_file<R: ReadAt>(
     store: &Store,
     fs: &Filesystem<R>,
     inode: &Inode,
+    spool: Option<&Spool>,
     pending: &dyn Fn(&ObjectId) -> bool,
 ) -> Result<Content, ContentError> {
     let extents = fs.extents(inode)?;
@@ -103,7 +107,32 @@ pub(crate) fn store_file<R: ReadAt>(
             object,
             segments,
             staged: None,
+            new: false,
             new_bytes: 0,
+        });
+    }
+    let new_bytes = ranges.iter().map(|r| r.1).sum();
+    if let Some(spool) = spool.filter(|_| Spool::takes(new_bytes)) {
+        let mut bytes = Vec::with_capacity(new_bytes as usize);
+        each_chunk(fs, inode, &extents, &ranges, &mut |c| {
+            bytes.extend_from_slice(c);
+            Ok(())
+        })?;
+        let actual = ObjectId::of(&bytes);
+        if actual != object {
+            return Err(StoreError::HashMismatch {
+                expected: object,
+                actual,
+            }
+            .into());
+        }
+        spool.append(object, &bytes).map_err(ContentError::Copy)?;
+        return Ok(Content {
+            object,
+            segments,
+            staged: None,
+            new: true,
+            new_bytes,
         });
     }
     let mut failed = None;
@@ -127,7 +156,8 @@ pub(crate) fn store_file<R: ReadAt>(
         object,
         segments,
         staged: Some(staged?),
-        new_bytes: ranges.iter().map(|r| r.1).sum(),
+        new: true,
+        new_bytes,
     })
 }
 

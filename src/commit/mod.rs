@@ -24,6 +24,8 @@ use crate::blockdev::overlay::detached;
 use crate::blockdev::overlay::named::{self, OverlayError};
 use crate::blockdev::overlay::Overlay;
 use crate::image::{self, CreateOptions, ImageError, ImageRecord};
+use crate::import::intake::Intake;
+use crate::import::Packing;
 use crate::store::{ObjectId, Store, StoreError};
 use crate::tree::{Entry, Kind, Manifest, Segment, TreeError};
 pub use content::ContentError;
@@ -151,9 +153,14 @@ pub fn commit(store: &Store, overlay: &str, name: &str) -> Result<CommitReport, 
         .collect();
     let merged = image::merged_entries(store, &record)?;
 
-    // Objects are staged, then named, then the tree and image that use them: the store
-    // lock (shared) keeps `store gc` from removing them in between.
+    // Objects are stored (small ones into a pack in the new image's order), then named,
+    // then the tree and image that use them: the store lock (shared) keeps `store gc` from
+    // removing them in between.
     let _lock = store.lock(false)?;
+    let packing = Packing::AsImage {
+        name: name.to_owned(),
+        below: record.trees.clone(),
+    };
     let mut source = OverlaySource {
         store,
         overlay,
@@ -161,25 +168,24 @@ pub fn commit(store: &Store, overlay: &str, name: &str) -> Result<CommitReport, 
         fs: &over_fs,
         base_fs: &base_fs,
         base_walk: &base_walk,
-        staged: Vec::new(),
+        intake: Intake::new(store, packing)?,
         pending: HashSet::new(),
         new_objects: 0,
         new_bytes: 0,
     };
     let changes = diff::changes(&over_walk, &merged, &base_inos, &mut source)?;
     let OverlaySource {
-        staged,
+        intake,
         new_objects,
         new_bytes,
         ..
     } = source;
-    store.commit(staged)?;
     let manifest = Manifest::new(changes.entries);
     manifest.validate().map_err(|source| CommitError::Tree {
         overlay: overlay.to_owned(),
         source,
     })?;
-    let tree = image::put_tree(store, &manifest)?;
+    let tree = intake.finish(&[&manifest])?.trees[0];
     let mut trees = record.trees.clone();
     trees.push(tree);
     let opts = CreateOptions {
@@ -208,8 +214,8 @@ struct OverlaySource<'a> {
     fs: &'a Filesystem<DeviceReader<'a>>,
     base_fs: &'a Filesystem<DeviceReader<'a>>,
     base_walk: &'a HashMap<Vec<u8>, WalkEntry>,
-    staged: Vec<crate::store::Staged>,
-    /// Ids of `staged`, so two new files with equal data stage one object.
+    intake: Intake<'a>,
+    /// Ids of the objects stored so far, so two new files with equal data store one object.
     pending: HashSet<ObjectId>,
     new_objects: usize,
     new_bytes: u64,
@@ -259,11 +265,14 @@ impl diff::Source for OverlaySource<'_> {
             }
         }
         let pending = &self.pending;
-        let c = content::store_file(self.store, self.fs, &w.inode, &|id| pending.contains(id))
-            .map_err(|e| self.err(w, e))?;
-        if let Some(staged) = c.staged {
+        let spool = self.intake.spool();
+        let c = content::store_file(self.store, self.fs, &w.inode, spool, &|id| {
+            pending.contains(id)
+        })
+        .map_err(|e| self.err(w, e))?;
+        if c.new {
             self.pending.insert(c.object);
-            self.staged.push(staged);
+            self.intake.staged.extend(c.staged);
             self.new_objects += 1;
             self.new_bytes += c.new_bytes;
         }

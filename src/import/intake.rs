@@ -8,11 +8,9 @@
 
 use crate::image::{self, CreateOptions, EncodedTree};
 use crate::store::pack::PackIndex;
-use crate::store::{ObjectId, Spool, Staged, Store};
+use crate::store::{ObjectId, Spool, Staged, Store, StoreError};
 use crate::tree::binary::TreeView;
 use crate::tree::Manifest;
-
-use super::ImportError;
 
 /// Whether an import packs its new small objects, and in which order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -20,9 +18,10 @@ pub enum Packing {
     /// In the order an image of each tree alone reads them, tree after tree.
     #[default]
     EachTree,
-    /// In the order the image of all the trees merged, named NAME, reads them (`import deb
-    /// --name`); tree after tree if they do not merge.
-    AsImage(String),
+    /// In the order the image `name` of the stored trees `below` and then all the new
+    /// trees merged reads them (`import deb --name`, `overlay commit`); tree after tree if
+    /// they do not merge.
+    AsImage { name: String, below: Vec<ObjectId> },
     /// Not at all: every object stays a loose file (`--no-pack`; `store pack` packs later).
     Loose,
 }
@@ -44,7 +43,7 @@ pub(crate) struct Finished {
 }
 
 impl<'s> Intake<'s> {
-    pub fn new(store: &'s Store, packing: Packing) -> Result<Intake<'s>, ImportError> {
+    pub fn new(store: &'s Store, packing: Packing) -> Result<Intake<'s>, StoreError> {
         let spool = match packing {
             Packing::Loose => None,
             _ => Some(Spool::new(store)?),
@@ -65,7 +64,7 @@ impl<'s> Intake<'s> {
 
     /// Names the new objects and then the trees of `manifests` (each validated), and
     /// returns the trees' ids.
-    pub fn finish(mut self, manifests: &[&Manifest]) -> Result<Finished, ImportError> {
+    pub fn finish(mut self, manifests: &[&Manifest]) -> Result<Finished, StoreError> {
         let encoded: Vec<EncodedTree> = manifests.iter().map(|m| EncodedTree::new(m)).collect();
         self.store.commit(std::mem::take(&mut self.staged))?;
         let pack = match &self.spool {
@@ -90,22 +89,33 @@ impl<'s> Intake<'s> {
             return Vec::new();
         };
         let opts = CreateOptions::default();
-        let order_of = |name: &str, trees: &[&EncodedTree], views: &[TreeView]| {
-            let ids: Vec<ObjectId> = trees.iter().map(|t| t.id).collect();
-            image::read_order_of(&image::record(name, &ids, &opts), views)
+        let order_of = |name: &str, ids: &[ObjectId], views: &[TreeView]| {
+            image::read_order_of(&image::record(name, ids, &opts), views)
                 .inspect_err(|e| tracing::debug!(error = %e, "no image order to pack in"))
                 .unwrap_or_default()
         };
-        if let Packing::AsImage(name) = &self.packing {
-            let order = order_of(name, &trees.iter().collect::<Vec<_>>(), &views);
-            if !order.is_empty() {
-                return order;
+        if let Packing::AsImage { name, below } = &self.packing {
+            let below = below
+                .iter()
+                .map(|id| image::load_tree_view(self.store, id))
+                .collect::<Result<Vec<_>, _>>();
+            match below {
+                Ok(mut layers) => {
+                    let mut ids: Vec<ObjectId> = layers.iter().map(|v| *v.tree()).collect();
+                    ids.extend(trees.iter().map(|t| t.id));
+                    layers.extend(views.iter().cloned());
+                    let order = order_of(name, &ids, &layers);
+                    if !order.is_empty() {
+                        return order;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "no image order to pack in"),
             }
         }
         trees
             .iter()
             .zip(views)
-            .flat_map(|(tree, view)| order_of("tree", &[tree], &[view]))
+            .flat_map(|(tree, view)| order_of("tree", &[tree.id], &[view]))
             .collect()
     }
 }

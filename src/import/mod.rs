@@ -3,7 +3,7 @@
 mod content;
 pub mod deb;
 mod dir;
-mod intake;
+pub(crate) mod intake;
 mod meta;
 pub mod oci;
 mod readdir;

@@ -7,6 +7,10 @@
 //! boundary, so that reading the image reads the pack from start to end and the kernel's
 //! own readahead works across objects; one mapping serves them all.
 //!
+//! An import writes its new small objects into a pack directly: it spools them ([`Spool`])
+//! until it knows the image order, then writes the pack from the spool
+//! ([`Store::write_spooled_pack`]) before it names the trees.
+//!
 //! A pack replaces the loose files of the objects it holds, so that a packed object takes
 //! its disk once: `tessera store pack` removes the loose copies once the pack is written,
 //! and `store gc` the ones a running server still leased then (it may have found the object
