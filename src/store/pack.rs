@@ -564,6 +564,46 @@ mod tests {
     }
 
     #[test]
+    fn a_spool_is_packed_in_the_order_asked_then_as_spooled() {
+        let (_dir, store) = store();
+        let bytes: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 100 + 5000 * i as usize]).collect();
+        let ids: Vec<ObjectId> = bytes.iter().map(|b| ObjectId::of(b)).collect();
+        // Object 5 is packed already (by another import, say).
+        let loose = store.put_object_bytes(&bytes[5]).unwrap();
+        store.write_pack(&[loose]).unwrap().index.unwrap();
+        let spool = Spool::new(&store).unwrap();
+        for (id, b) in ids.iter().zip(&bytes) {
+            spool.append(*id, b).unwrap();
+        }
+        assert!(!store.has_object(&ids[0]), "spooled is not stored");
+        let never_spooled = ObjectId::of(b"not in the spool");
+        let order = [ids[3], never_spooled, ids[1], ids[3]];
+        let index = store.write_spooled_pack(&spool, &order).unwrap().unwrap();
+        assert_eq!(
+            index.len(),
+            5,
+            "every spooled object but the packed one, once"
+        );
+        let packs = store.packs();
+        let offsets: Vec<u64> = [3, 1, 0, 2, 4]
+            .iter()
+            .map(|&i| {
+                let p = packs.find(&ids[i]).expect("packed");
+                assert_eq!(p.index.name(), index.name());
+                assert_eq!(p.read_checked(&ids[i]).unwrap(), bytes[i]);
+                p.offset
+            })
+            .collect();
+        assert!(
+            offsets.is_sorted(),
+            "asked order, then spool order: {offsets:?}"
+        );
+        assert_ne!(packs.find(&ids[5]).unwrap().index.name(), index.name());
+        let empty = Spool::new(&store).unwrap();
+        assert!(store.write_spooled_pack(&empty, &ids).unwrap().is_none());
+    }
+
+    #[test]
     fn objects_are_found_among_many_packs_by_their_whole_id() {
         let (dir, store) = store();
         let mut all = Vec::new();
