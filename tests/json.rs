@@ -139,7 +139,8 @@ fn store_stats_and_gc_count_what_is_on_disk() {
         serde_json::json!({"dry_run": true, "objects": 1, "object_bytes": 2222,
                            "trees": 1, "tmp_files": 0, "partial_objects": 0,
                            "partial_bytes": 0, "packs": 0, "pack_bytes": 0,
-                           "repacked": 0, "loose_copies": 0, "loose_copy_bytes": 0})
+                           "repacked": 0, "loose_copies": 0, "loose_copy_bytes": 0,
+                           "kept_corrupt": 0})
     );
     assert_eq!(env.files("objects"), before, "a dry run removes nothing");
     let gc = json(&env, &["store", "gc", "--json"]);

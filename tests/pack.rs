@@ -314,3 +314,108 @@ fn imports_pack_their_small_objects_and_no_pack_leaves_them_loose() {
     );
     assert_eq!(env.files("packs").len(), 4);
 }
+
+/// A corrupt packed copy blocks neither gc nor its own replacement: gc keeps the pack that
+/// holds it, `store verify --repair` rewrites the pack without it, and importing the source
+/// again restores the object.
+#[test]
+fn a_corrupt_packed_copy_is_dropped_by_repair_and_restored_by_an_import() {
+    if !common::can_run("a_corrupt_packed_copy", false, &["nbdcopy", "e2fsck"]) {
+        return;
+    }
+    let env = Env::new();
+    let a = b"the object that goes bad".repeat(100);
+    let both = env.path("both");
+    fs::create_dir_all(&both).unwrap();
+    fs::write(both.join("a"), &a).unwrap();
+    fs::write(both.join("b"), b"an object that becomes garbage").unwrap();
+    env.ok(&[
+        "import".as_ref(),
+        "dir".as_ref(),
+        both.as_os_str(),
+        "--name".as_ref(),
+        "two".as_ref(),
+    ]);
+    let only_a = env.path("only-a");
+    fs::create_dir_all(&only_a).unwrap();
+    fs::write(only_a.join("a"), &a).unwrap();
+    let tree = env.import(&only_a);
+    env.ok(&["image", "create", "img", "--tree", &tree]);
+    let want = env.export("img");
+    env.ok(&["image", "rm", "two"]);
+    assert_eq!(env.files("packs").len(), 2, "one pack holds a and b");
+
+    let id = tessera::store::ObjectId::of(&a);
+    let at = env.open_store().packs().find(&id).expect("a is packed");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(at.index.pack_path())
+        .unwrap();
+    f.write_all_at(b"!", at.offset).unwrap();
+    drop(f);
+    let out = env.fails(&["store", "verify"]);
+    assert!(
+        out.contains(&format!("holds a corrupt copy of object {id}")),
+        "{out}"
+    );
+    // The pack holds garbage (b) and a live object it cannot copy: gc keeps it and goes on.
+    let gc = env.ok(&["store", "gc"]);
+    assert!(gc.contains("kept 1 packs with garbage"), "{gc}");
+    // An import finds the object present and writes nothing.
+    env.import(&only_a);
+    assert!(env.fails(&["store", "verify"]).contains("corrupt copy"));
+
+    let repair = env.fails(&["store", "verify", "--repair"]);
+    assert!(
+        repair.contains(&format!("object {id} has no good copy left")),
+        "{repair}"
+    );
+    let out = env.fails(&["store", "verify"]);
+    assert!(out.contains(&format!("names missing object {id}")), "{out}");
+    assert!(!out.contains("corrupt"), "{out}");
+    let o = env.run(&["store", "verify", "--repair", "--json"]);
+    assert!(!o.status.success(), "a missing object is still a problem");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        json["repair"]["packed"], 0,
+        "nothing corrupt is left: {json}"
+    );
+
+    // Importing the source again restores it, and the image reads as before.
+    env.import(&only_a);
+    let verify = env.ok(&["store", "verify"]);
+    assert!(verify.is_empty(), "{verify}");
+    assert!(env.export("img") == want);
+    let served = Served::start(&env, &["--verify"]);
+    let got = env.path("img.got");
+    assert!(served.nbdcopy("img", &got) == want);
+    common::e2fsck_clean(&got);
+    drop(served);
+    // The rewritten pack holds only b, now garbage, and goes whole.
+    let gc = env.ok(&["store", "gc"]);
+    assert!(gc.contains(", 1 packs ("), "{gc}");
+    assert!(!gc.contains("kept"), "{gc}");
+
+    // A corrupt loose object goes the same way.
+    let c = env.path("c");
+    fs::create_dir_all(&c).unwrap();
+    fs::write(c.join("c"), b"a loose object that goes bad").unwrap();
+    let tree = env.import_loose(&c);
+    env.ok(&["image", "create", "c", "--tree", &tree]);
+    let id = tessera::store::ObjectId::of(b"a loose object that goes bad");
+    let path = env.open_store().object_path(&id);
+    fs::write(&path, b"a loose object that went bad").unwrap();
+    let repair = env.fails(&["store", "verify", "--repair"]);
+    assert!(
+        repair.contains(&format!("object {id} is corrupt")),
+        "{repair}"
+    );
+    assert!(
+        repair.contains("removed 1 corrupt loose objects"),
+        "{repair}"
+    );
+    assert!(!path.exists());
+    env.import_loose(&c);
+    let verify = env.ok(&["store", "verify"]);
+    assert!(verify.is_empty(), "{verify}");
+}

@@ -23,7 +23,7 @@ use crate::blockdev::overlay::named::OverlayInfo;
 use crate::image::{format_uuid, Built, ImageRecord, Runtime};
 use crate::store::remote::counters::Counts;
 use crate::store::ObjectId;
-use crate::upkeep::{GcReport, Problem, StoreStats, VerifyReport};
+use crate::upkeep::{GcReport, Problem, RepairReport, StoreStats, VerifyReport};
 
 /// Writes `value` as one pretty-printed JSON document and a newline on stdout.
 pub(super) fn print<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
@@ -230,6 +230,29 @@ pub(super) struct VerifyView {
     pub trees: usize,
     pub images: usize,
     pub problems: Vec<ProblemView>,
+    /// With `--repair`: the corrupt copies removed afterwards.
+    pub repair: Option<RepairView>,
+}
+
+/// `store verify --repair`: corrupt loose files removed, packs rewritten without their
+/// corrupt copies, and the objects left with no good copy (to import or pull again).
+#[derive(Debug, Serialize)]
+pub(super) struct RepairView {
+    pub loose: usize,
+    pub packs: usize,
+    pub packed: usize,
+    pub missing: Vec<ObjectId>,
+}
+
+impl From<&RepairReport> for RepairView {
+    fn from(r: &RepairReport) -> Self {
+        RepairView {
+            loose: r.loose,
+            packs: r.packs,
+            packed: r.packed,
+            missing: r.missing.clone(),
+        }
+    }
 }
 
 /// One problem `store verify` found.
@@ -243,8 +266,8 @@ pub(super) struct ProblemView {
     pub message: String,
 }
 
-impl From<&VerifyReport> for VerifyView {
-    fn from(r: &VerifyReport) -> Self {
+impl VerifyView {
+    pub fn new(r: &VerifyReport, repair: Option<&RepairReport>) -> Self {
         VerifyView {
             objects: r.objects,
             object_bytes: r.object_bytes,
@@ -259,6 +282,7 @@ impl From<&VerifyReport> for VerifyView {
                     message: p.to_string(),
                 })
                 .collect(),
+            repair: repair.map(RepairView::from),
         }
     }
 }
@@ -300,6 +324,8 @@ pub(super) struct GcView {
     /// Loose copies of packed objects removed, and their bytes.
     pub loose_copies: usize,
     pub loose_copy_bytes: u64,
+    /// Packs holding garbage kept because a live object in them is corrupt.
+    pub kept_corrupt: usize,
 }
 
 impl GcView {
@@ -317,6 +343,7 @@ impl GcView {
             repacked: r.repacked,
             loose_copies: r.loose_copies,
             loose_copy_bytes: r.loose_copy_bytes,
+            kept_corrupt: r.kept_corrupt,
         }
     }
 }

@@ -15,6 +15,11 @@ pub(super) enum StoreCmd {
         /// Report as one JSON object, problems included (fields: src/cli/json.rs)
         #[arg(long)]
         json: bool,
+        /// Then remove the corrupt copies found (loose files, and copies in packs, which
+        /// are rewritten without them), so that importing the source again or `store pull`
+        /// can restore the objects; lists those left with no good copy
+        #[arg(long)]
+        repair: bool,
     },
     /// Remove trees and objects no image references, and stale temporary files
     Gc {
@@ -63,11 +68,18 @@ pub(super) enum StoreCmd {
 pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     let root = store.root().display();
     match cmd {
-        StoreCmd::Verify { json } => {
+        StoreCmd::Verify { json, repair } => {
             let report = crate::upkeep::verify(store)
                 .with_context(|| format!("cannot verify the store at {root}"))?;
+            let repaired = match repair {
+                true => Some(
+                    crate::upkeep::repair(store, &report.problems)
+                        .with_context(|| format!("cannot repair the store at {root}"))?,
+                ),
+                false => None,
+            };
             if json {
-                print_json(&VerifyView::from(&report))?;
+                print_json(&VerifyView::new(&report, repaired.as_ref()))?;
             } else {
                 for p in &report.problems {
                     println!("{p}");
@@ -82,6 +94,15 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 report.images,
                 report.problems.len()
             );
+            if let (Some(r), false) = (&repaired, json) {
+                eprintln!(
+                    "removed {} corrupt loose objects and {} corrupt packed copies ({} packs rewritten)",
+                    r.loose, r.packed, r.packs
+                );
+                for id in &r.missing {
+                    println!("object {id} has no good copy left: import its source again or `store pull` it");
+                }
+            }
             Ok(if report.problems.is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -112,6 +133,12 @@ pub(super) fn run(store: &Store, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             if r.repacked > 0 {
                 let verb = if dry_run { "would rewrite" } else { "rewrote" };
                 println!("{verb} {} packs without their garbage", r.repacked);
+            }
+            if r.kept_corrupt > 0 {
+                println!(
+                    "kept {} packs with garbage: they hold corrupt copies of live objects (`store verify --repair`)",
+                    r.kept_corrupt
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -401,6 +401,12 @@ impl Store {
                 Source::Loose(path) => _ = File::open(path)?.read_to_end(buf)?,
                 Source::Packed(p) => *buf = p.read_checked(id).map_err(atomic::Abort::Store)?,
             }
+            // A corrupt loose copy of an object whose packed copy is good: take that one.
+            if let (Source::Loose(_), Some(p)) = (&pending[i], packs.find(id)) {
+                if ObjectId::of(buf) != *id {
+                    *buf = p.read_checked(id).map_err(atomic::Abort::Store)?;
+                }
+            }
             let actual = ObjectId::of(buf);
             if actual != *id {
                 return Err(atomic::Abort::Store(StoreError::HashMismatch {

@@ -29,6 +29,9 @@ pub struct GcReport {
     /// bytes. Objects of trees a running server leases keep theirs.
     pub loose_copies: usize,
     pub loose_copy_bytes: u64,
+    /// Packs holding garbage that were kept because a live object in them is corrupt and
+    /// has no good copy elsewhere (`store verify --repair`).
+    pub kept_corrupt: usize,
 }
 
 /// Remove every tree no image or running server's lease names, every object no remaining
@@ -154,7 +157,16 @@ fn packs(
             let order: Vec<ObjectId> = kept.into_iter().map(|(_, id)| id).collect();
             if !dry_run {
                 let retiring = HashSet::from([name.clone()]);
-                let written = store.write_pack_replacing(&order, &retiring)?;
+                let written = match store.write_pack_replacing(&order, &retiring) {
+                    Ok(written) => written,
+                    Err(e @ StoreError::CorruptPackedObject { .. }) => {
+                        // Its garbage stays too; repair first.
+                        tracing::warn!(pack = %name, error = %crate::store::error_chain(&e), "keeping a pack holding a corrupt copy of a live object (`store verify --repair` drops it)");
+                        report.kept_corrupt += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if written.missing > 0 {
                     // Never drop the only copy of a live object.
                     tracing::warn!(pack = %name, missing = written.missing, "keeping a pack whose live objects could not all be copied");

@@ -5,10 +5,12 @@
 
 mod gc;
 pub mod pack;
+mod repair;
 mod stats;
 mod verify;
 
 pub use gc::{gc, GcReport};
 pub use pack::{pack, PackReport};
+pub use repair::{repair, RepairReport};
 pub use stats::{stats, StoreStats};
 pub use verify::{verify, Problem, VerifyReport};

@@ -83,7 +83,10 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::CorruptObject { id, actual } => {
-                write!(f, "object {id} is corrupt: its content hashes to {actual}")
+                write!(
+                    f,
+                    "object {id} is corrupt: its content hashes to {actual} (`store verify --repair` removes it)"
+                )
             }
             Problem::UnreadableObject { id, error } => {
                 write!(f, "object {id} cannot be read: {error}")
@@ -128,7 +131,7 @@ impl fmt::Display for Problem {
             Problem::CorruptPackedObject { pack, id, actual } => write!(
                 f,
                 "pack {pack} holds a corrupt copy of object {id}: it hashes to {actual} \
-                 (`serve --verify` refuses to read it)"
+                 (`serve --verify` refuses to read it; `store verify --repair` drops it)"
             ),
         }
     }
