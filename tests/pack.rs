@@ -419,3 +419,48 @@ fn a_corrupt_packed_copy_is_dropped_by_repair_and_restored_by_an_import() {
     let verify = env.ok(&["store", "verify"]);
     assert!(verify.is_empty(), "{verify}");
 }
+
+/// Two imports that run at once may both pack an object; gc keeps the copy readers use (the
+/// first pack by name) and drops the other.
+#[test]
+fn gc_drops_a_second_packed_copy_of_an_object() {
+    if !common::can_run("gc_drops_a_second_packed_copy", false, &["nbdcopy"]) {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    common::fixture::build(&src, false);
+    let o = env
+        .command()
+        .args(["import", "dir", "--name", "img"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let want = env.export("img");
+    let original = env.open_store().packs().packs()[0].name().to_owned();
+    // The same objects again, in a pack whose name sorts first: readers move to it.
+    let dir = env.store.join("packs");
+    let copy = "0".repeat(64);
+    for ext in ["pack", "idx"] {
+        fs::copy(
+            dir.join(format!("{original}.{ext}")),
+            dir.join(format!("{copy}.{ext}")),
+        )
+        .unwrap();
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["store", "gc", "--json"])).unwrap();
+    assert_eq!(
+        (&json["packs"], &json["repacked"]),
+        (&1.into(), &0.into()),
+        "{json}"
+    );
+    let names = env.open_store().pack_names().unwrap();
+    assert_eq!(names, [copy], "the copy readers use stays");
+    let verify = env.ok(&["store", "verify"]);
+    assert!(verify.is_empty(), "{verify}");
+    let served = Served::start(&env, &[]);
+    let got = env.path("img.got");
+    assert!(served.nbdcopy("img", &got) == want);
+}

@@ -125,7 +125,8 @@ pub(super) fn objects_of<'a>(
 
 /// A pack whose objects are all garbage goes whole; one holding live objects and garbage is
 /// written anew with the live ones (in its order) before it goes, since they may have no
-/// loose copy left. Pack files no index names (a crash between a pack and its index) go.
+/// loose copy left. A second copy of an object, in a pack after the one readers use, is
+/// garbage. Pack files no index names (a crash between a pack and its index) go.
 /// A pack whose index is unusable stays: what it holds cannot be known, and it may be the
 /// only copy (`store verify` reports it). A running server keeps its mapping of a removed
 /// pack, so it goes on reading it.
@@ -136,6 +137,7 @@ fn packs(
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
     let dir = store.pack_dir();
+    let set = store.packs();
     for name in store.pack_names()? {
         let index = match PackIndex::open(&dir, &name) {
             Ok(index) => index,
@@ -144,9 +146,14 @@ fn packs(
                 continue;
             }
         };
+        // A copy of an object that an earlier pack (by name) holds too is garbage: readers
+        // use the first (two imports that ran at once may both have packed it).
+        let kept_here = |id: &ObjectId| {
+            live.contains(id) && set.find(id).is_none_or(|p| p.index.name() == name)
+        };
         let mut kept: Vec<(u64, ObjectId)> = index
             .entries()
-            .filter(|(id, _, _)| live.contains(id))
+            .filter(|(id, _, _)| kept_here(id))
             .map(|(id, offset, _)| (offset, id))
             .collect();
         if kept.len() == index.len() {
