@@ -21,7 +21,8 @@
 //! pack read it there, and only there, so that every image naming it shares the same
 //! page-cache pages; a server that found an object loose and then finds its file gone reads
 //! it from its pack (`blockdev/object.rs`). An object is packed once: a later pack skips
-//! objects already in one. `store gc` removes a pack whose objects are all garbage, and
+//! objects already in one (two imports that run at once may both pack an object; `store gc`
+//! drops the copy readers do not use, which is in the later pack by name). `store gc` removes a pack whose objects are all garbage, and
 //! writes the live objects of a pack that holds some garbage into a new pack before it
 //! removes the old one.
 //!
