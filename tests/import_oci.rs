@@ -12,6 +12,7 @@ use std::process::Command;
 use common::{snapshot, Env, LoopMount};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tessera::image;
 use tessera::tree::{Kind, Manifest};
 
 #[derive(Clone, Copy)]
@@ -286,6 +287,27 @@ fn layers_whiteouts_and_opaque_dirs_merge_as_oci_says() {
     assert!(
         shown.contains(r#""entrypoint":["/usr/bin/tool"]"#),
         "{shown}"
+    );
+
+    // Every object went into one pack: the top image's in the order it reads them, then
+    // those only lower layers name.
+    assert!(
+        env.files("objects").is_empty(),
+        "objects were written loose"
+    );
+    let store = tessera::store::Store::open(&env.store).unwrap();
+    let built = image::build(&store, &image::load(&store, "app").unwrap()).unwrap();
+    let offset = |id| store.packs().find(&id).expect("packed").offset;
+    let top_offsets: Vec<u64> = image::read_order(&built.layout, &built.objects)
+        .into_iter()
+        .map(offset)
+        .collect();
+    assert!(top_offsets.is_sorted(), "{top_offsets:?}");
+    let lower_only =
+        ["gone", "v1", "x"].map(|d| offset(tessera::store::ObjectId::of(d.as_bytes())));
+    assert!(
+        lower_only.iter().all(|o| o > top_offsets.last().unwrap()),
+        "{lower_only:?} after {top_offsets:?}"
     );
 
     // Idempotent: the same trees, nothing new stored.

@@ -64,12 +64,24 @@ impl<'s> Intake<'s> {
 
     /// Names the new objects and then the trees of `manifests` (each validated), and
     /// returns the trees' ids.
-    pub fn finish(mut self, manifests: &[&Manifest]) -> Result<Finished, StoreError> {
+    pub fn finish(self, manifests: &[&Manifest]) -> Result<Finished, StoreError> {
+        self.finish_ordered_by(manifests, manifests.len())
+    }
+
+    /// [`Intake::finish`], packing in the order of the first `ordering` trees only (the
+    /// objects only the others name follow in the order they were read): an OCI image's
+    /// lower layers hold little its top layer does not, and laying each out would cost
+    /// about as much as the top.
+    pub fn finish_ordered_by(
+        mut self,
+        manifests: &[&Manifest],
+        ordering: usize,
+    ) -> Result<Finished, StoreError> {
         let encoded: Vec<EncodedTree> = manifests.iter().map(|m| EncodedTree::new(m)).collect();
         self.store.commit(std::mem::take(&mut self.staged))?;
         let pack = match &self.spool {
             Some(spool) if !spool.is_empty() => {
-                let order = self.order(&encoded);
+                let order = self.order(&encoded[..ordering.min(encoded.len())]);
                 self.store.write_spooled_pack(spool, &order)?
             }
             _ => None,

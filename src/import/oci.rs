@@ -125,10 +125,10 @@ pub fn import_oci(
     progress.finish_and_clear();
 
     let (files, data_bytes, new_bytes) = (sink.files, sink.data_bytes, sink.new_bytes);
-    // The top layer's tree first: its image is what boots, so its order is the one to
-    // pack in; the lower layers add only objects it no longer shows.
+    // The top layer's image is what boots, so its order is the one to pack in; the lower
+    // layers add only objects it no longer shows.
     let top_first: Vec<_> = manifests.iter().rev().map(|(_, mf)| mf).collect();
-    let finished = sink.intake.finish(&top_first)?;
+    let finished = sink.intake.finish_ordered_by(&top_first, 1)?;
     let layers: Vec<LayerTree> = manifests
         .iter()
         .zip(finished.trees.iter().rev())
