@@ -430,13 +430,13 @@ fn gc_drops_a_second_packed_copy_of_an_object() {
     let env = Env::new();
     let src = env.path("src");
     common::fixture::build(&src, false);
-    let o = env
-        .command()
-        .args(["import", "dir", "--name", "img"])
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    env.ok(&[
+        "import".as_ref(),
+        "dir".as_ref(),
+        src.as_os_str(),
+        "--name".as_ref(),
+        "img".as_ref(),
+    ]);
     let want = env.export("img");
     let original = env.open_store().packs().packs()[0].name().to_owned();
     // The same objects again, in a pack whose name sorts first: readers move to it.
