@@ -353,9 +353,28 @@ impl Store {
         self.write_pack_replacing(objects, &HashSet::new())
     }
 
+    /// Writes the objects of the pack `index` that `keep` accepts into a new pack, in their
+    /// order there, before the caller removes that pack (`store gc` dropping garbage,
+    /// `store verify --repair` dropping corrupt copies): the old pack does not count as
+    /// holding them. Remove the old pack only if nothing was `missing`.
+    pub(crate) fn rewrite_pack(
+        &self,
+        index: &PackIndex,
+        keep: impl Fn(&ObjectId) -> bool,
+    ) -> Result<PackWritten, StoreError> {
+        let mut kept: Vec<(u64, ObjectId)> = index
+            .entries()
+            .filter(|(id, _, _)| keep(id))
+            .map(|(id, offset, _)| (offset, id))
+            .collect();
+        kept.sort_unstable();
+        let order: Vec<ObjectId> = kept.into_iter().map(|(_, id)| id).collect();
+        self.write_pack_replacing(&order, &HashSet::from([index.name().to_owned()]))
+    }
+
     /// [`Store::write_pack`], with objects held only by the packs named in `retiring`
-    /// counted as not packed: `store gc` copies the live objects of a pack it retires.
-    pub(crate) fn write_pack_replacing(
+    /// counted as not packed.
+    fn write_pack_replacing(
         &self,
         objects: &[ObjectId],
         retiring: &HashSet<String>,

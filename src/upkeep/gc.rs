@@ -151,20 +151,13 @@ fn packs(
         let kept_here = |id: &ObjectId| {
             live.contains(id) && set.find(id).is_none_or(|p| p.index.name() == name)
         };
-        let mut kept: Vec<(u64, ObjectId)> = index
-            .entries()
-            .filter(|(id, _, _)| kept_here(id))
-            .map(|(id, offset, _)| (offset, id))
-            .collect();
-        if kept.len() == index.len() {
+        let kept = index.entries().filter(|(id, _, _)| kept_here(id)).count();
+        if kept == index.len() {
             continue;
         }
-        if !kept.is_empty() {
-            kept.sort_unstable();
-            let order: Vec<ObjectId> = kept.into_iter().map(|(_, id)| id).collect();
+        if kept > 0 {
             if !dry_run {
-                let retiring = HashSet::from([name.clone()]);
-                let written = match store.write_pack_replacing(&order, &retiring) {
+                let written = match store.rewrite_pack(&index, kept_here) {
                     Ok(written) => written,
                     Err(e @ StoreError::CorruptPackedObject { .. }) => {
                         // Its garbage stays too; repair first.

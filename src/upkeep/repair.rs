@@ -63,32 +63,26 @@ pub fn repair(store: &Store, problems: &[Problem]) -> Result<RepairReport, Store
     }
     for (name, named) in by_pack {
         let index = Arc::new(PackIndex::open(&store.pack_dir(), name)?);
-        let mut good: Vec<(u64, ObjectId)> = Vec::new();
-        let mut corrupt = Vec::new();
-        for (id, offset, len) in index.entries() {
-            let packed = Packed {
-                index: index.clone(),
-                offset,
-                len,
-            };
-            let bad = named.contains(&id)
-                && matches!(
-                    packed.read_checked(&id),
-                    Err(StoreError::CorruptPackedObject { .. })
-                );
-            if bad {
-                corrupt.push(id);
-            } else {
-                good.push((offset, id));
-            }
-        }
+        let corrupt: Vec<ObjectId> = index
+            .entries()
+            .filter(|&(id, offset, len)| {
+                let packed = Packed {
+                    index: index.clone(),
+                    offset,
+                    len,
+                };
+                named.contains(&id)
+                    && matches!(
+                        packed.read_checked(&id),
+                        Err(StoreError::CorruptPackedObject { .. })
+                    )
+            })
+            .map(|(id, _, _)| id)
+            .collect();
         if corrupt.is_empty() {
             continue;
         }
-        good.sort_unstable();
-        let order: Vec<ObjectId> = good.into_iter().map(|(_, id)| id).collect();
-        let retiring = HashSet::from([name.to_owned()]);
-        let written = store.write_pack_replacing(&order, &retiring)?;
+        let written = store.rewrite_pack(&index, |id| !corrupt.contains(id))?;
         if written.missing > 0 {
             tracing::warn!(pack = %name, missing = written.missing, "keeping a pack whose good objects could not all be copied");
             continue;
