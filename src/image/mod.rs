@@ -10,7 +10,7 @@ mod size;
 pub mod views;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use compose::{
@@ -125,26 +125,40 @@ pub fn put_tree(store: &Store, manifest: &Manifest) -> Result<ObjectId, StoreErr
     put_encoded(store, &EncodedTree::new(manifest))
 }
 
-/// A validated manifest serialized, named and in binary form, not yet stored.
-pub struct EncodedTree {
+/// A validated manifest serialized and named, not yet stored, with its binary form made
+/// when first needed (re-importing a tree whose cache exists needs none).
+pub struct EncodedTree<'m> {
     pub id: ObjectId,
+    manifest: &'m Manifest,
     json: Vec<u8>,
-    binary: Option<Vec<u8>>,
+    binary: OnceLock<Option<Arc<Vec<u8>>>>,
 }
 
-impl EncodedTree {
-    pub fn new(manifest: &Manifest) -> EncodedTree {
+impl<'m> EncodedTree<'m> {
+    pub fn new(manifest: &'m Manifest) -> EncodedTree<'m> {
         let json = manifest.to_bytes();
-        let id = ObjectId::of(&json);
-        let binary = binary::encode(manifest, &id)
-            .inspect_err(|e| tracing::warn!(tree = %id, error = %e, "no binary form for this tree"))
-            .ok();
-        EncodedTree { id, json, binary }
+        EncodedTree {
+            id: ObjectId::of(&json),
+            manifest,
+            json,
+            binary: OnceLock::new(),
+        }
+    }
+
+    fn binary(&self) -> Option<&Arc<Vec<u8>>> {
+        self.binary
+            .get_or_init(|| {
+                binary::encode(self.manifest, &self.id)
+                    .inspect_err(|e| tracing::warn!(tree = %self.id, error = %e, "no binary form for this tree"))
+                    .ok()
+                    .map(Arc::new)
+            })
+            .as_ref()
     }
 
     /// The tree read in place, as [`load_tree_view`] would give it once stored.
     pub fn view(&self) -> Option<TreeView> {
-        TreeView::new(Arc::new(self.binary.clone()?)).ok()
+        TreeView::new(self.binary()?.clone()).ok()
     }
 }
 
@@ -152,8 +166,8 @@ impl EncodedTree {
 pub fn put_encoded(store: &Store, tree: &EncodedTree) -> Result<ObjectId, StoreError> {
     let id = store.put_tree_bytes(&tree.json)?;
     debug_assert_eq!(id, tree.id);
-    if let Some(bytes) = &tree.binary {
-        if !store.tree_cache_path(&id).exists() {
+    if !store.tree_cache_path(&id).exists() {
+        if let Some(bytes) = tree.binary() {
             if let Err(e) = store.put_tree_cache(&id, bytes) {
                 tracing::warn!(tree = %id, error = %e, "cannot write the tree cache");
             }

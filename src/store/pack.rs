@@ -22,9 +22,9 @@
 //! page-cache pages; a server that found an object loose and then finds its file gone reads
 //! it from its pack (`blockdev/object.rs`). An object is packed once: a later pack skips
 //! objects already in one (two imports that run at once may both pack an object; `store gc`
-//! drops the copy readers do not use, which is in the later pack by name). `store gc` removes a pack whose objects are all garbage, and
-//! writes the live objects of a pack that holds some garbage into a new pack before it
-//! removes the old one.
+//! drops the copy readers do not use, which is in the later pack by name). `store gc`
+//! removes a pack whose objects are all garbage, and writes the live objects of a pack that
+//! holds some garbage into a new pack before it removes the old one.
 //!
 //! ```text
 //! packs/NAME.pack   the objects' bytes, each starting at a multiple of 4096, zero-padded
@@ -63,6 +63,8 @@ pub const PACK_MAX: u64 = 256 << 10;
 pub const PACK_ALIGN: u64 = 4096;
 
 const MAGIC: &[u8; 8] = b"TSRPACK1";
+/// How old the `packs/` mtime must be for a listing to be reused ([`Store::packs`]).
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
 const HEADER: usize = 16;
 const ENTRY: usize = 48;
 
@@ -297,7 +299,11 @@ impl Store {
                 }
             }
         }
-        list.listed = mtime;
+        // File times tick with the kernel's coarse clock (a few ms): a pack named in the
+        // same tick as this listing would leave the mtime unchanged. Trust a listing only
+        // once its mtime is old enough that no change can share it.
+        let settled = |m: &SystemTime| m.elapsed().is_ok_and(|age| age > SETTLED);
+        list.listed = mtime.filter(settled);
         list.set = Arc::new(PackSet::new(packs));
         list.set.clone()
     }
@@ -391,17 +397,17 @@ impl Store {
                 continue;
             }
             let path = self.object_path(id);
-            let (len, source) = match fs::metadata(&path) {
-                Ok(_) if super::remote::origin::of(&path).is_some() => continue,
-                Ok(m) => (m.len(), Source::Loose(path)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match packs.find(id) {
-                    Some(p) => (p.len, Source::Packed(p)),
-                    None => {
-                        missing += 1;
-                        continue;
-                    }
-                },
-                Err(e) => return Err(StoreError::io("stat", &path, e)),
+            // A retiring pack's copy first: its length is in the index, its bytes are
+            // checked as they are read, and a loose copy (if any) is the fallback.
+            let (len, source) = match (packs.find(id), fs::metadata(&path)) {
+                (Some(p), _) => (p.len, Source::Packed(p)),
+                (None, Ok(_)) if super::remote::origin::of(&path).is_some() => continue,
+                (None, Ok(m)) => (m.len(), Source::Loose(path)),
+                (None, Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                    missing += 1;
+                    continue;
+                }
+                (None, Err(e)) => return Err(StoreError::io("stat", &path, e)),
             };
             if len >= PACK_MAX {
                 continue;
@@ -418,21 +424,27 @@ impl Store {
         }
         let index = self.write_pack_files(&entries, |i, id, buf| {
             match &pending[i] {
-                Source::Loose(path) => _ = File::open(path)?.read_to_end(buf)?,
-                Source::Packed(p) => *buf = p.read_checked(id).map_err(atomic::Abort::Store)?,
-            }
-            // A corrupt loose copy of an object whose packed copy is good: take that one.
-            if let (Source::Loose(_), Some(p)) = (&pending[i], packs.find(id)) {
-                if ObjectId::of(buf) != *id {
-                    *buf = p.read_checked(id).map_err(atomic::Abort::Store)?;
+                Source::Packed(p) => match p.read_checked(id) {
+                    Ok(bytes) => *buf = bytes,
+                    // A corrupt packed copy: take a good loose one, if there is one.
+                    Err(e @ StoreError::CorruptPackedObject { .. }) => {
+                        match fs::read(self.object_path(id)) {
+                            Ok(bytes) if ObjectId::of(&bytes) == *id => *buf = bytes,
+                            _ => return Err(atomic::Abort::Store(e)),
+                        }
+                    }
+                    Err(e) => return Err(atomic::Abort::Store(e)),
+                },
+                Source::Loose(path) => {
+                    File::open(path)?.read_to_end(buf)?;
+                    let actual = ObjectId::of(buf);
+                    if actual != *id {
+                        return Err(atomic::Abort::Store(StoreError::HashMismatch {
+                            expected: *id,
+                            actual,
+                        }));
+                    }
                 }
-            }
-            let actual = ObjectId::of(buf);
-            if actual != *id {
-                return Err(atomic::Abort::Store(StoreError::HashMismatch {
-                    expected: *id,
-                    actual,
-                }));
             }
             Ok(())
         })?;
@@ -706,5 +718,33 @@ mod tests {
         assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
         assert!(store.pack_names().unwrap().is_empty());
         assert!(store.orphan_pack_files().unwrap().is_empty());
+
+        // An object both packed and loose, one copy damaged: a rewrite of its pack copies
+        // the good one, either way round.
+        for damage_pack in [false, true] {
+            let bytes = format!("good copies, damaging the pack: {damage_pack}");
+            let good = store.put_object_bytes(bytes.as_bytes()).unwrap();
+            // A second object the rewrite drops, so the new pack is not the old one again.
+            let dropped = store.put_object_bytes(&[damage_pack as u8; 9]).unwrap();
+            let old = store.write_pack(&[good, dropped]).unwrap().index.unwrap();
+            if damage_pack {
+                let at = store.packs().find(&good).unwrap();
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(old.pack_path())
+                    .unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, b"!", at.offset).unwrap();
+            } else {
+                let path = store.object_path(&good);
+                fs::remove_file(&path).unwrap();
+                fs::write(&path, b"a longer and damaged loose copy").unwrap();
+            }
+            let new = store.rewrite_pack(&old, |id| *id == good).unwrap();
+            let new = new.index.unwrap();
+            store.remove_pack(old.name()).unwrap();
+            let p = store.packs().find(&good).unwrap();
+            assert_eq!(p.index.name(), new.name());
+            assert_eq!(p.read_checked(&good).unwrap(), bytes.as_bytes());
+        }
     }
 }

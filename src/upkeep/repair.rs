@@ -66,14 +66,14 @@ pub fn repair(store: &Store, problems: &[Problem]) -> Result<RepairReport, Store
         let corrupt: Vec<ObjectId> = index
             .entries()
             .filter(|&(id, offset, len)| {
-                let packed = Packed {
+                let packed = || Packed {
                     index: index.clone(),
                     offset,
                     len,
                 };
                 named.contains(&id)
                     && matches!(
-                        packed.read_checked(&id),
+                        packed().read_checked(&id),
                         Err(StoreError::CorruptPackedObject { .. })
                     )
             })
